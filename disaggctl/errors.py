@@ -1,0 +1,81 @@
+"""Errors that carry where in the user's files they come from.
+
+Every error a user can cause ends up as a `SpecError`: a list of issues, each with the spec
+path it concerns (`("prefill", "tensor_parallel")`), a message and a hint. The loader knows
+the file, line and column of every path and formats them as
+`spec.yaml:14:5 prefill.tensor_parallel: must be >= 1 (got 0)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Path_ = tuple[str | int, ...]
+
+
+def dotted(path: Path_) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(spec)"
+
+
+@dataclass(frozen=True)
+class Location:
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem with the spec, at a path inside it."""
+
+    path: Path_
+    message: str
+    hint: str | None = None
+    location: Location | None = None
+
+    def format(self) -> str:
+        where = f"{self.location} " if self.location else ""
+        text = f"{where}{dotted(self.path)}: {self.message}"
+        if self.hint:
+            text += f"\n    hint: {self.hint}"
+        return text
+
+
+class DisaggError(Exception):
+    """Base of the errors disaggctl reports to users without a traceback."""
+
+    exit_code = 1
+
+
+class SpecError(DisaggError):
+    """The spec (or a file it names) is invalid. Exit code 2: bad input, nothing was changed."""
+
+    exit_code = 2
+
+    def __init__(self, issues: list[Issue], file: str | None = None) -> None:
+        self.issues = issues
+        self.file = file
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        return "\n".join(i.format() for i in self.issues)
+
+
+@dataclass
+class IssueList:
+    """Collects issues from the rule checks, then raises them together."""
+
+    issues: list[Issue] = field(default_factory=list)
+
+    def add(self, path: Path_, message: str, hint: str | None = None) -> None:
+        self.issues.append(Issue(tuple(path), message, hint))
+
+    def raise_if_any(self) -> None:
+        if self.issues:
+            raise SpecError(self.issues)
