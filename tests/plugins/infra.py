@@ -1,0 +1,96 @@
+"""Session fixtures that start REAL test infrastructure with the scripts in tests/infra/:
+sshd hosts in network namespaces, systemd in systemd-nspawn containers, and a Slurm cluster.
+
+They never skip: a real-component test that cannot get its infrastructure fails (CI must
+provide it; `.ci/run` installs the packages). Each is started once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "infra"
+BASE = Path(os.environ.get("INFRA_BASE", "/tmp/dctl-infra"))
+
+
+def _sh(*args: object, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([str(a) for a in args], env=e, text=True, capture_output=True, timeout=timeout)
+
+
+@dataclass
+class TestHosts:
+    """Hosts reachable over SSH as root with `key`; host keys pinned in `known_hosts`."""
+
+    base: Path
+    hosts: list[tuple[str, str]]  # (name, ip)
+    key: Path
+    known_hosts: Path
+
+    def ip(self, name: str) -> str:
+        return dict(self.hosts)[name]
+
+    def fs(self, name: str) -> Path:
+        """Where a fakehost's private dirs (/root /opt /srv /home /var/tmp) are visible from here."""
+        return self.base / name / "fs"
+
+
+def _inventory(base: Path) -> list[tuple[str, str]]:
+    out = []
+    for line in (base / "inventory").read_text().splitlines():
+        if line.strip():
+            name, ip = line.split()[:2]
+            out.append((name, ip))
+    return out
+
+
+def _hosts(base: Path) -> TestHosts:
+    return TestHosts(base, _inventory(base), base / "client_key", base / "known_hosts")
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts() -> Iterator[TestHosts]:
+    """8 sshd hosts h1..h8 at 10.200.0.11.. (own netns, hostname, private /root /opt /srv /home /var/tmp)."""
+    base = BASE / "hosts"
+    env = {"FAKEHOSTS_BASE": str(base)}
+    r = _sh(SCRIPTS / "fakehosts.sh", "up", os.environ.get("INFRA_SSH_HOSTS", "8"), env=env)
+    if r.returncode:
+        pytest.fail(f"fakehosts.sh up failed (needs root, iproute2, openssh-server):\n{r.stdout}{r.stderr}")
+    yield _hosts(base)
+    _sh(SCRIPTS / "fakehosts.sh", "down", env=env)
+
+
+@pytest.fixture(scope="session")
+def systemd_hosts() -> Iterator[TestHosts]:
+    """2 hosts s1, s2 at 10.201.0.11.. with a real systemd as PID 1 (systemd-nspawn) and sshd."""
+    base = BASE / "syshosts"
+    env = {"SYSHOSTS_BASE": str(base), "SYSHOSTS_ROOTFS": os.environ.get("INFRA_ROOTFS", str(BASE / "rootfs"))}
+    r = _sh(SCRIPTS / "systemd_hosts.sh", "up", os.environ.get("INFRA_SYSTEMD_HOSTS", "2"), env=env)
+    if r.returncode:
+        pytest.fail(f"systemd_hosts.sh up failed:\n{r.stdout}{r.stderr}")
+    yield _hosts(base)
+    _sh(SCRIPTS / "systemd_hosts.sh", "down", env=env)
+
+
+@dataclass
+class SlurmCluster:
+    env: dict[str, str]  # os.environ plus SLURM_CONF
+    base: Path
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """munge + slurmctld + 2 slurmd (n1, n2), 4 fake GPUs each (gres)."""
+    sb = BASE / "slurm"
+    env = {"SLURM_BASE": str(sb), "SLURM_NODES": os.environ.get("INFRA_SLURM_NODES", "2")}
+    r = _sh(SCRIPTS / "slurm_up.sh", "up", env=env)
+    if r.returncode:
+        pytest.fail(f"slurm_up.sh up failed:\n{r.stdout}{r.stderr}")
+    yield SlurmCluster(dict(os.environ, SLURM_CONF=str(sb / "etc" / "slurm.conf")), sb)
+    _sh(SCRIPTS / "slurm_up.sh", "down", env=env)

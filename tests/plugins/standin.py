@@ -1,0 +1,1 @@
+"""Fixtures for stand-in OpenAI-compatible engines (owned by the router work)."""
