@@ -1,0 +1,306 @@
+"""Health gates shared by every target: wait for `/health`, then one canary request end to end.
+
+    wait_healthy   poll each instance's /health until all answer 200 (or a process dies, or time runs out)
+    run_canary     one /v1/completions through the router; decode's metrics must show that the KV came
+                   from prefill (external KV transfer) and that decode did not recompute the prompt
+    kv_received    the KV-transfer counter from a vLLM Prometheus text
+
+Stdlib HTTP only (urllib): this runs in the CLI and must stay light. Clocks and sleeps are
+injected so tests never wait for real time.
+
+Metric names, from vLLM 0.32 (`vllm/v1/metrics/loggers.py`, `stats.py`):
+  vllm:prompt_tokens_by_source_total{source="local_compute"|"local_cache_hit"|"external_kv_transfer"}
+  vllm:external_prefix_cache_hits_total   tokens a KV connector supplied
+Both count the same tokens (the connector's external hits); `kv_received` takes the larger so it
+works whichever one a build exports, without counting a token twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from disaggctl.errors import DisaggError
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+# probe(url, timeout_s) -> (healthy, detail)
+Probe = Callable[[str, float], tuple[bool, str]]
+
+PROMPT_BY_SOURCE = "vllm:prompt_tokens_by_source_total"
+EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
+
+
+class HealthError(DisaggError):
+    """An instance never became healthy, its process died, or the canary failed."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        self.name = name
+        self.detail = detail
+        super().__init__(f"{name}: {detail}")
+
+
+@dataclass(frozen=True)
+class HealthProgress:
+    """One observation of one target while waiting (for progress displays)."""
+
+    name: str
+    healthy: bool
+    elapsed_s: float
+    detail: str  # "200 OK", "connection refused", ...
+
+
+# --------------------------------------------------------------------------- /health
+
+
+def http_probe(url: str, timeout_s: float) -> tuple[bool, str]:
+    """GET url; healthy on HTTP 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status == 200, f"{r.status}"
+    except urllib.error.HTTPError as e:
+        return False, f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return False, str(reason)
+
+
+def wait_healthy(
+    targets: Mapping[str, str],
+    timeout_s: float,
+    interval_s: float,
+    *,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = time.sleep,
+    alive: Callable[[str], bool] | None = None,
+    on_progress: Callable[[HealthProgress], None] | None = None,
+    probe: Probe = http_probe,
+) -> dict[str, float]:
+    """Poll every target (name -> /health URL) until each answers 200.
+
+    Returns name -> seconds from the start until it was first healthy. Raises HealthError
+    naming the first target that is still unhealthy at `timeout_s`, or whose process `alive`
+    reports dead (checked before each probe, so a crash is reported at once, not at timeout).
+    """
+    start = clock()
+    ready: dict[str, float] = {}
+    last: dict[str, str] = {name: "not checked yet" for name in targets}
+    while True:
+        for name, url in targets.items():
+            if name in ready:
+                continue
+            if alive is not None and not alive(name):
+                raise HealthError(name, f"process exited before {url} answered (last: {last[name]})")
+            per_try = max(0.5, min(5.0, interval_s * 2))
+            ok, detail = probe(url, per_try)
+            last[name] = detail
+            elapsed = clock() - start
+            if ok:
+                ready[name] = elapsed
+            if on_progress is not None:
+                on_progress(HealthProgress(name, ok, elapsed, detail))
+        if len(ready) == len(targets):
+            return ready
+        if clock() - start >= timeout_s:
+            name = next(n for n in targets if n not in ready)
+            raise HealthError(name, f"{targets[name]} not healthy after {timeout_s:g} s (last: {last[name]})")
+        sleep(interval_s)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Samples of a Prometheus text exposition: (name, labels, value); comments skipped."""
+    out: list[tuple[str, dict[str, str], float]] = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        try:
+            value = float(m.group(4))
+        except ValueError:
+            continue
+        labels = dict(_LABEL.findall(m.group(3) or ""))
+        out.append((m.group(1), labels, value))
+    return out
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of every sample `name` whose labels include `labels` (all engines, all models)."""
+    total = 0.0
+    for n, lab, v in parse_metrics(text):
+        if n == name and all(lab.get(k) == want for k, want in labels.items()):
+            total += v
+    return total
+
+
+def kv_received(metrics_text: str) -> float:
+    """Prompt tokens whose KV this instance loaded from elsewhere (a KV connector), cumulative."""
+    by_source = metric_sum(metrics_text, PROMPT_BY_SOURCE, source="external_kv_transfer")
+    hits = metric_sum(metrics_text, EXTERNAL_HITS)
+    return max(by_source, hits)
+
+
+def computed_locally(metrics_text: str) -> float:
+    """Prompt tokens this instance prefilled itself (no cache, no connector), cumulative."""
+    return metric_sum(metrics_text, PROMPT_BY_SOURCE, source="local_compute")
+
+
+# --------------------------------------------------------------------------- canary
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    """What the canary request saw. Token counts are deltas over all decode instances."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    kv_tokens: float  # prompt tokens decode received from prefill
+    computed_tokens: float  # prompt tokens decode prefilled itself
+    request_id: str
+
+    @property
+    def kv_transferred(self) -> bool:
+        return self.kv_tokens > 0
+
+    @property
+    def recomputed(self) -> bool:
+        """Decode prefilled the prompt itself instead of loading prefill's KV.
+
+        With NIXL decode still computes the last prompt token; with the shared-storage
+        connector it computes the tail after the last full block: both are far fewer than
+        the tokens it loaded, which is what "no recompute" means here.
+        """
+        return self.kv_tokens <= 0 or self.computed_tokens > self.kv_tokens
+
+
+def _get(url: str, timeout_s: float) -> str:
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        body: bytes = r.read()
+        return body.decode()
+
+
+def _metrics(urls: list[str], timeout_s: float) -> tuple[float, float, float]:
+    """(kv received, computed locally, local prefix-cache hits) summed over `urls`."""
+    kv = computed = cached = 0.0
+    for url in urls:
+        try:
+            text = _get(url, timeout_s)
+        except (urllib.error.URLError, OSError) as e:
+            raise HealthError("canary", f"cannot read decode metrics at {url}: {e}") from e
+        kv += kv_received(text)
+        computed += computed_locally(text)
+        cached += metric_sum(text, PROMPT_BY_SOURCE, source="local_cache_hit")
+    return kv, computed, cached
+
+
+def _post_json(url: str, body: dict[str, object], timeout_s: float, request_id: str) -> dict[str, object]:
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "X-Request-Id": request_id},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")[:500]
+        raise HealthError("canary", f"POST {url} answered HTTP {e.code}: {detail}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise HealthError("canary", f"POST {url} failed: {getattr(e, 'reason', e)}") from e
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise HealthError("canary", f"POST {url} returned no JSON: {raw[:200]!r}") from e
+    if not isinstance(data, dict):
+        raise HealthError("canary", f"POST {url} returned {type(data).__name__}, not an object")
+    return data
+
+
+def run_canary(
+    router_url: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    decode_metrics_urls: list[str],
+    timeout_s: float,
+    require_kv_transfer: bool = True,
+    *,
+    unique: bool = True,
+    settle_s: float = 5.0,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = time.sleep,
+) -> CanaryResult:
+    """Send one completion through the router and check decode's metrics around it.
+
+    `unique` puts a fresh tag in front of the prompt: a prompt decode has seen before would be
+    served from its own prefix cache and show no transfer on the second apply.
+    Raises HealthError when the request fails or returns no text, and, when
+    `require_kv_transfer`, when decode did not receive the KV or recomputed the prompt.
+    Metrics are re-read for up to `settle_s` because vLLM may count a request's tokens just
+    after the response is sent.
+    """
+    request_id = f"disaggctl-canary-{uuid.uuid4().hex[:12]}"
+    text_in = f"[{request_id}] {prompt}" if unique else prompt
+    kv0, comp0, cache0 = _metrics(decode_metrics_urls, timeout_s)
+    url = router_url.rstrip("/") + "/v1/completions"
+    body: dict[str, object] = {
+        "model": model,
+        "prompt": text_in,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "seed": 0,
+        "stream": False,
+    }
+    t0 = clock()
+    data = _post_json(url, body, timeout_s, request_id)
+    latency = clock() - t0
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise HealthError("canary", f"router answered without choices: {json.dumps(data)[:300]}")
+    text = str(choices[0].get("text") or "")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    assert isinstance(usage, dict)
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    completion_tokens = int(usage.get("completion_tokens") or 0)
+    if completion_tokens <= 0 and not text:
+        raise HealthError("canary", f"router answered with no tokens: {json.dumps(data)[:300]}")
+
+    deadline = clock() + settle_s
+    while True:
+        kv1, comp1, cache1 = _metrics(decode_metrics_urls, timeout_s)
+        kv, comp = kv1 - kv0, comp1 - comp0
+        # Settled once decode accounted for the whole prompt (loaded, computed or cached).
+        if prompt_tokens and kv + comp + (cache1 - cache0) >= prompt_tokens:
+            break
+        if clock() >= deadline:
+            break
+        sleep(0.2)
+    result = CanaryResult(text, prompt_tokens, completion_tokens, latency, kv, comp, request_id)
+    if require_kv_transfer:
+        if not result.kv_transferred:
+            raise HealthError(
+                "canary",
+                f"decode received no KV from prefill ({comp:g} of {prompt_tokens} prompt tokens computed on decode); "
+                "check the router's local-prefill threshold and the kv_transfer settings",
+            )
+        if result.recomputed:
+            raise HealthError(
+                "canary", f"decode recomputed the prompt: {comp:g} tokens computed locally, {kv:g} received"
+            )
+    return result
