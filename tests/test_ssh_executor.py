@@ -84,7 +84,7 @@ def test_accept_new_pins_unknown_key_then_refuses_changed_key(ssh_hosts: TestHos
 
 def test_strict_refuses_unknown_key(ssh_hosts: TestHosts, tmp_path: Path) -> None:
     kh = tmp_path / "known_hosts"
-    with pytest.raises(HostKeyError, match="h2: host key ssh-ed25519 SHA256:.* strict"):
+    with pytest.raises(HostKeyError, match=r"h2: host key ssh-ed25519 SHA256:.* strict"):
         connect(_target(ssh_hosts, "h2", kh, strict=True))
     assert not kh.exists()
     shutil.copy(ssh_hosts.known_hosts, kh)
