@@ -1,0 +1,66 @@
+"""The `disaggctl` command line. The one error boundary: user errors print without a traceback."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from disaggctl import __version__
+
+app = typer.Typer(
+    name="disaggctl",
+    help="Deploy disaggregated prefill/decode vLLM serving on your own GPU clusters from one spec.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Command groups register themselves; each module imports only typer and the standard library.
+COMMAND_MODULES = ["core", "probe", "size", "demo", "router"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"disaggctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """disaggctl: one cluster spec -> prefill, decode and router processes on systemd, Slurm or this machine."""
+
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(f"disaggctl.commands.{_name}")
+    except ModuleNotFoundError as _e:  # a command group not built yet
+        if _e.name != f"disaggctl.commands.{_name}":
+            raise
+        continue
+    _module.register(app)
+
+
+def main() -> None:
+    from disaggctl.errors import DisaggError, SpecError
+
+    try:
+        app()
+    except SpecError as e:
+        n = len(e.issues)
+        where = f" in {e.file}" if e.file else ""
+        sys.stderr.write(f"error: {n} problem{'s' if n != 1 else ''}{where}; nothing was changed\n{e}\n")
+        sys.exit(e.exit_code)
+    except DisaggError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

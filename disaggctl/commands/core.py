@@ -1,0 +1,258 @@
+"""Core commands: validate, schema, render, plan, apply, status, destroy, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from disaggctl.deployment import DesiredState
+    from disaggctl.loader import LoadedSpec
+    from disaggctl.targets import OpsContext
+    from disaggctl.topology import TopologyFile
+
+SPEC = typer.Argument(..., help="The cluster spec (YAML).", metavar="SPEC")
+PROFILE = typer.Option([], "--profile", "-p", help="Profile merged under the spec (repeatable).")
+TOPOLOGY = typer.Option(None, "--topology", "-t", help="Topology file from `disaggctl probe`/`topology`.")
+DEGRADED = typer.Option(False, "--allow-degraded", help="Place onto GPUs/hosts the probe reported as degraded.")
+YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+
+
+def _load(spec: Path, profiles: list[str]) -> LoadedSpec:
+    from disaggctl.loader import load_spec
+
+    return load_spec(spec, profiles)
+
+
+def _topology(path: Path | None) -> TopologyFile | None:
+    if path is None:
+        return None
+    from disaggctl.errors import DisaggError
+    from disaggctl.topology import load_topology
+
+    try:
+        return load_topology(path)
+    except (OSError, ValueError) as e:
+        raise DisaggError(f"cannot read topology file {path}: {e}") from None
+
+
+def _compile(loaded: LoadedSpec, topology: TopologyFile | None, allow_degraded: bool) -> DesiredState:
+    from disaggctl.compile import compile_spec
+
+    return compile_spec(loaded, topology, allow_degraded=allow_degraded)
+
+
+def _context(spec: Path, profiles: list[str], topology: Path | None, allow_degraded: bool, **kw: Any) -> OpsContext:
+    from rich.console import Console
+
+    from disaggctl.targets import OpsContext
+
+    loaded = _load(spec, profiles)
+    topo = _topology(topology)
+    desired = _compile(loaded, topo, allow_degraded)
+    return OpsContext(loaded=loaded, desired=desired, console=Console(stderr=kw.pop("stderr", False)),
+                      topology=topo, **kw)
+
+
+def _read_plan(path: Path) -> dict[str, Any]:
+    from disaggctl.errors import DisaggError
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DisaggError(f"cannot read plan file {path}: {e}") from None
+    if not isinstance(data, dict) or "spec_file" not in data:
+        raise DisaggError(f"{path} is not a saved plan (no spec_file); create one with `disaggctl plan SPEC -o FILE`")
+    return data
+
+
+def plan_json(desired: DesiredState) -> dict[str, Any]:
+    """The machine-readable plan: every process with host, role, argv (a list) and env."""
+    return {
+        "name": desired.name,
+        "vllm_version": desired.vllm_version,
+        "model": desired.model_name,
+        "kv_transfer": desired.kv_kind,
+        "router_url": desired.router_url,
+        "config_dir": desired.config_dir,
+        "processes": [
+            {
+                "name": p.name, "instance": p.instance, "role": p.role.value, "host": p.host, "address": p.address,
+                "gpus": p.gpus, "numa_node": p.numa_node, "http_port": p.http_port, "node_rank": p.node_rank,
+                "argv": p.argv, "env": p.env, "files": p.files,
+            }
+            for p in desired.processes
+        ],
+        "files": {h: [{"name": f.name, "sha256": f.sha256} for f in fs] for h, fs in desired.files.items()},
+        "ports": {h: {str(k): v for k, v in ports.items()} for h, ports in desired.placement.ports.items()},
+        "warnings": desired.placement.warnings,
+    }
+
+
+def print_plan_table(desired: DesiredState, show_commands: bool = True) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from disaggctl.quoting import shell_line
+
+    console = Console()
+    table = Table(title=f"{desired.name}: {len(desired.processes)} processes, router {desired.router_url}")
+    for col in ("process", "role", "host", "GPUs", "port", "NUMA"):
+        table.add_column(col)
+    for p in desired.processes:
+        table.add_row(p.name, p.role.value, f"{p.host} ({p.address})", ",".join(map(str, p.gpus)) or "-",
+                      str(p.http_port or "-"), "-" if p.numa_node is None else str(p.numa_node))
+    console.print(table)
+    for w in desired.placement.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    if show_commands:
+        for p in desired.processes:
+            env = " ".join(f"{k}={v}" for k, v in p.env.items())
+            console.print(f"[bold]{p.name}[/] on {p.host}:", highlight=False)
+            console.print(f"  {shell_line([f'{k}={v}' for k, v in p.env.items()])} {shell_line(p.argv)}"
+                          if env else f"  {shell_line(p.argv)}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def validate(
+        spec: Path = SPEC,
+        profile: list[str] = PROFILE,
+        topology: Path | None = TOPOLOGY,
+        allow_degraded: bool = DEGRADED,
+    ) -> None:
+        """Check a spec (schema, cross-field rules and placement). Exit 2 with file:line:col on errors."""
+        loaded = _load(spec, profile)
+        desired = _compile(loaded, _topology(topology), allow_degraded)
+        for w in desired.placement.warnings:
+            typer.echo(f"warning: {w}", err=True)
+        typer.echo(f"{spec}: OK ({len(desired.placement.instances)} instances, {len(desired.processes)} processes)")
+
+    @app.command()
+    def schema(
+        markdown: bool = typer.Option(False, "--markdown", help="Print the spec reference (docs/spec-reference.md)."),
+    ) -> None:
+        """Print the JSON Schema of the cluster spec (for editors), or the Markdown reference."""
+        from disaggctl.docgen import spec_json_schema, spec_reference_markdown
+
+        if markdown:
+            sys.stdout.write(spec_reference_markdown())
+        else:
+            sys.stdout.write(json.dumps(spec_json_schema(), indent=2) + "\n")
+
+    @app.command()
+    def render(
+        spec: Path = SPEC,
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder: one subfolder per host."),
+        profile: list[str] = PROFILE,
+        topology: Path | None = TOPOLOGY,
+        allow_degraded: bool = DEGRADED,
+    ) -> None:
+        """Write every artifact (units, batch scripts, LMCache YAML, router config) per host."""
+        from disaggctl.render import render as do_render
+        from disaggctl.render.output import write_rendered
+
+        loaded = _load(spec, profile)
+        desired = _compile(loaded, _topology(topology), allow_degraded)
+        secrets = {k: os.environ.get(k, "") for k in getattr(loaded.spec.target, "secrets", [])}
+        rendered = do_render(desired, loaded.spec, secrets)
+        written = write_rendered(rendered, out)
+        typer.echo(f"wrote {len(written)} files under {out}")
+
+    @app.command()
+    def plan(
+        spec: Path = SPEC,
+        profile: list[str] = PROFILE,
+        topology: Path | None = TOPOLOGY,
+        allow_degraded: bool = DEGRADED,
+        offline: bool = typer.Option(False, "--offline", help="Do not contact hosts: show what would run."),
+        output: str = typer.Option("text", "--output", help="text or json."),
+        diff: bool = typer.Option(False, "--diff", help="Show unified diffs of changed files."),
+        out_file: str | None = typer.Option(None, "--out", "-o", help="Save the plan to apply it later."),
+        detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode", help="Exit 2 when there are changes."),
+    ) -> None:
+        """Show what would run and (unless --offline) what would change on the hosts."""
+        if offline:
+            loaded = _load(spec, profile)
+            desired = _compile(loaded, _topology(topology), allow_degraded)
+            if output == "json":
+                sys.stdout.write(json.dumps(plan_json(desired), indent=2) + "\n")
+            else:
+                print_plan_table(desired)
+            return
+        from disaggctl.targets import get_backend
+
+        ctx = _context(spec, profile, topology, allow_degraded, output=output, diff=diff)
+        raise typer.Exit(get_backend(ctx.loaded.spec.target.kind).plan(ctx, out_file, detailed_exitcode))
+
+    @app.command()
+    def apply(
+        spec: Path = typer.Argument(..., help="The cluster spec, or a plan saved with `plan -o plan.json`."),
+        plan_file: str | None = typer.Option(None, "--plan", help="Apply exactly this saved plan (plan -o FILE)."),
+        profile: list[str] = PROFILE,
+        topology: Path | None = TOPOLOGY,
+        allow_degraded: bool = DEGRADED,
+        yes: bool = YES,
+    ) -> None:
+        """Push files, start decode, prefill and router, and wait until a request flows end to end."""
+        from disaggctl.targets import get_backend
+
+        if spec.suffix == ".json":  # `apply plan.json`: the plan names its spec, profiles and topology
+            plan_file = str(spec)
+            saved = _read_plan(spec)
+            spec = Path(saved["spec_file"])
+            profile = list(saved.get("profiles", [])) or profile
+            topology = Path(saved["topology_file"]) if saved.get("topology_file") else topology
+
+        ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
+        raise typer.Exit(get_backend(ctx.loaded.spec.target.kind).apply(ctx, plan_file))
+
+    @app.command()
+    def status(
+        spec: Path = SPEC,
+        profile: list[str] = PROFILE,
+        topology: Path | None = TOPOLOGY,
+        allow_degraded: bool = DEGRADED,
+        output: str = typer.Option("text", "--output", help="text or json."),
+    ) -> None:
+        """Show each instance's state, health, GPUs, ports and drift from the spec."""
+        from disaggctl.targets import get_backend
+
+        ctx = _context(spec, profile, topology, allow_degraded, output=output)
+        raise typer.Exit(get_backend(ctx.loaded.spec.target.kind).status(ctx))
+
+    @app.command()
+    def destroy(
+        spec: Path = SPEC,
+        profile: list[str] = PROFILE,
+        topology: Path | None = TOPOLOGY,
+        allow_degraded: bool = DEGRADED,
+        yes: bool = YES,
+    ) -> None:
+        """Stop and remove exactly what disaggctl owns for this deployment."""
+        from disaggctl.targets import get_backend
+
+        ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
+        raise typer.Exit(get_backend(ctx.loaded.spec.target.kind).destroy(ctx))
+
+    @app.command()
+    def logs(
+        spec: Path = SPEC,
+        role: str | None = typer.Option(None, "--role", help="prefill, decode or router."),
+        instance: int | None = typer.Option(None, "--instance", help="Instance number within the role."),
+        follow: bool = typer.Option(False, "--follow", "-f", help="Keep following."),
+        lines: int = typer.Option(100, "--lines", "-n", help="Lines of history."),
+        profile: list[str] = PROFILE,
+        topology: Path | None = TOPOLOGY,
+        allow_degraded: bool = DEGRADED,
+    ) -> None:
+        """Show (or follow) the logs of the deployment's processes."""
+        from disaggctl.targets import get_backend
+
+        ctx = _context(spec, profile, topology, allow_degraded)
+        raise typer.Exit(get_backend(ctx.loaded.spec.target.kind).logs(ctx, role, instance, follow, lines))

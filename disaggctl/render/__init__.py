@@ -1,0 +1,28 @@
+"""Render a compiled deployment into the files its target needs (pure).
+
+One renderer per target kind; each returns a `Rendered` (files per host plus start order).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+from disaggctl.deployment import DesiredState, Rendered
+from disaggctl.spec import ClusterSpec
+
+_RENDERERS = {
+    "systemd": ("disaggctl.render.systemd", "render_systemd"),
+    "slurm": ("disaggctl.render.slurm", "render_slurm"),
+    "local": ("disaggctl.render.local", "render_local"),
+}
+
+
+def render(desired: DesiredState, spec: ClusterSpec, secrets: Mapping[str, str] | None = None) -> Rendered:
+    module_name, func_name = _RENDERERS[spec.target.kind]
+    func = getattr(importlib.import_module(module_name), func_name)
+    if spec.target.kind == "systemd":
+        result: Rendered = func(desired, spec, secrets)
+    else:
+        result = func(desired, spec)
+    return result
