@@ -97,7 +97,8 @@ def test_hardening_and_order() -> None:
     # the decode on s2 has nothing to wait for on its own host
     assert "After=network-online.target\n" in _file(r, "s2", "decode-1.service")
     target = _file(r, "s1", "demo.target")
-    assert "Wants=disaggctl-demo-decode-0.service disaggctl-demo-prefill-0.service disaggctl-demo-router.service" in target
+    wants = "Wants=disaggctl-demo-decode-0.service disaggctl-demo-prefill-0.service disaggctl-demo-router.service"
+    assert wants in target
 
 
 def test_exec_start_quotes_systemd_specials() -> None:
@@ -132,14 +133,19 @@ def test_numa_and_cpu_binding_from_placement() -> None:
 
 def test_newline_in_free_text_is_rejected_naming_process() -> None:
     desired, spec = _state()
-    procs = [p.model_copy(update={"env": {**p.env, "X": "a\nb"}}) if p.name == "decode-1" else p for p in desired.processes]
-    with pytest.raises(DisaggError, match="process decode-1 on s2: .*newline"):
+    procs = [
+        p.model_copy(update={"env": {**p.env, "X": "a\nb"}}) if p.name == "decode-1" else p for p in desired.processes
+    ]
+    with pytest.raises(DisaggError, match=r"process decode-1 on s2: .*newline"):
         render_systemd(desired.model_copy(update={"processes": procs}), spec, {"HF_TOKEN": "x"})  # type: ignore[arg-type]
 
 
 def test_every_unit_passes_strict_systemd_analyze_verify(tmp_path: Path) -> None:
     desired, spec = _state()
-    procs = [p.model_copy(update={"numa_node": 0, "cpus": "0-3"}) if p.role.value != "router" else p for p in desired.processes]
+    procs = [
+        p.model_copy(update={"numa_node": 0, "cpus": "0-3"}) if p.role.value != "router" else p
+        for p in desired.processes
+    ]
     r = render_systemd(desired.model_copy(update={"processes": procs}), spec, {"HF_TOKEN": "x"})  # type: ignore[arg-type]
     units = []
     for host in ("s1", "s2"):
