@@ -11,10 +11,12 @@ CLI stays fast.
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from disaggctl.errors import DisaggError
 
@@ -32,7 +34,7 @@ _WORDS = (
     "city river mountain forest ocean island road bridge house garden window door table chair book "
     "write read speak listen think know learn teach build make find give take send receive open close "
     "user assistant question answer explain describe summarize translate compute count list show tell"
-).split()
+).split()  # noqa: SIM905 - a word list reads better as text
 _PUNCT = [".", ",", "!", "?", ":", ";"]
 
 
@@ -79,15 +81,18 @@ def build(out: Path, *, vocab_size: int = 2048, force: bool = False) -> dict[str
     if out.exists() and not out.is_dir():
         raise DisaggError(f"{out} exists and is not a folder")
     try:
-        import torch
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+        # Typed as Any: these libraries' stubs are partial and not worth fighting for a build script.
+        torch: Any = importlib.import_module("torch")
+        tk: Any = importlib.import_module("tokenizers")
+        tf: Any = importlib.import_module("transformers")
     except ImportError as e:  # pragma: no cover - depends on the install
         raise DisaggError(
             f"demo-model needs torch, transformers and tokenizers (installed with vllm): {e}; "
             "run scripts/bootstrap.sh first"
         ) from e
 
+    Tokenizer, models, trainers = tk.Tokenizer, tk.models, tk.trainers
+    pre_tokenizers, decoders, processors = tk.pre_tokenizers, tk.decoders, tk.processors
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -105,7 +110,7 @@ def build(out: Path, *, vocab_size: int = 2048, force: bool = False) -> dict[str
         pair="<|begin_of_text|> $A $B",
         special_tokens=[("<|begin_of_text|>", bos)],
     )
-    hf_tok = PreTrainedTokenizerFast(
+    hf_tok = tf.PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",
         eos_token="<|end_of_text|>",
@@ -117,7 +122,7 @@ def build(out: Path, *, vocab_size: int = 2048, force: bool = False) -> dict[str
     hf_tok.save_pretrained(str(out))
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    cfg = tf.LlamaConfig(
         vocab_size=len(hf_tok),
         hidden_size=128,
         intermediate_size=256,
@@ -132,7 +137,7 @@ def build(out: Path, *, vocab_size: int = 2048, force: bool = False) -> dict[str
         tie_word_embeddings=False,
         torch_dtype="bfloat16",
     )
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(str(out), safe_serialization=True)
     info = {
         "version": VERSION,
