@@ -39,7 +39,11 @@ class RouterConfig(BaseModel):
     max_prefill_queue: int | None = None  # more waiting prefills than this: prefill locally
     request_timeout_s: float = 600
     retries: int = 1
-    chars_per_token: float = 4.0  # token estimate for chat prompts when no tokenizer answers
+    chars_per_token: float = 4.0  # token estimate (prompt characters / this) when no tokenizer is configured
+    # optional exact count for the local-prefill decision: a tokenizer.json (needs the `tokenizers` package)
+    tokenizer: str | None = None
+    health_interval_s: float = 2.0  # how often each upstream's /health is polled
+    connect_timeout_s: float = 5.0  # a connect that takes longer counts as an upstream failure
     # LMCache: the router binds a ZMQ PULL socket here and waits for one message per decoder TP rank
     lmcache_proxy_bind: str | None = None  # "0.0.0.0"
     lmcache_proxy_port: int | None = None

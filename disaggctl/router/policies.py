@@ -1,0 +1,97 @@
+"""Upstream pools and the policies that pick one instance per request.
+
+`in_flight` is the router's own count of requests it has open on an instance: it is exact for
+this router, costs nothing to read, and is what `least_loaded`, `power_of_two` and the
+prefill-queue limit use (no polling of engine metrics on the request path).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from disaggctl.router.config import Policy, Upstream
+
+
+@dataclass(eq=False)
+class Instance:
+    up: Upstream
+    role: str  # "prefill" | "decode"
+    in_flight: int = 0
+    healthy: bool = True  # optimistic until the first health poll says otherwise
+    last_error: str | None = None
+    failures: int = field(default=0)
+
+    @property
+    def name(self) -> str:
+        return self.up.name
+
+    @property
+    def url(self) -> str:
+        return self.up.url.rstrip("/")
+
+
+Picker = Callable[[Sequence[Instance]], Instance]
+
+
+def make_picker(policy: Policy, rng: random.Random | None = None) -> Picker:
+    """A function choosing among candidates (never empty). cache_aware has no prefix index here:
+    it falls back to least_loaded (documented in docs/router.md)."""
+    r = rng or random.Random()
+    counter = itertools.count()
+
+    def round_robin(c: Sequence[Instance]) -> Instance:
+        return c[next(counter) % len(c)]
+
+    def least_loaded(c: Sequence[Instance]) -> Instance:
+        # rotate the start so ties (the common idle case) spread over instances
+        start = next(counter) % len(c)
+        best = c[start]
+        for i in range(1, len(c)):
+            cand = c[(start + i) % len(c)]
+            if cand.in_flight < best.in_flight:
+                best = cand
+        return best
+
+    def rand(c: Sequence[Instance]) -> Instance:
+        return c[r.randrange(len(c))]
+
+    def power_of_two(c: Sequence[Instance]) -> Instance:
+        if len(c) == 1:
+            return c[0]
+        a, b = r.sample(range(len(c)), 2)
+        return c[a] if c[a].in_flight <= c[b].in_flight else c[b]
+
+    pickers: dict[str, Picker] = {
+        "round_robin": round_robin,
+        "least_loaded": least_loaded,
+        "cache_aware": least_loaded,
+        "random": rand,
+        "power_of_two": power_of_two,
+    }
+    return pickers[policy]
+
+
+class Pool:
+    def __init__(self, role: str, ups: Sequence[Upstream], policy: Policy, rng: random.Random | None = None) -> None:
+        self.role = role
+        self.instances = [Instance(u, role) for u in ups]
+        self.pick_from = make_picker(policy, rng)
+
+    def pick(self, exclude: Sequence[Instance] = ()) -> Instance | None:
+        """Choose among healthy instances not yet tried; if none is healthy, try the untried
+        unhealthy ones too (health is polled, so it can be stale)."""
+        untried = [i for i in self.instances if i not in exclude]
+        if not untried:
+            return None
+        healthy = [i for i in untried if i.healthy]
+        return self.pick_from(healthy or untried)
+
+    def min_in_flight(self) -> int:
+        healthy = [i.in_flight for i in self.instances if i.healthy]
+        return min(healthy) if healthy else 0
+
+    def any_healthy(self) -> bool:
+        return any(i.healthy for i in self.instances)
