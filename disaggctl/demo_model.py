@@ -23,7 +23,7 @@ from disaggctl.errors import DisaggError
 MARKER = "disaggctl-demo-model.json"
 VERSION = 1
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - a word list reads better as text
     "the quick brown fox jumps over lazy dog a an of to in is it that for on with as was at by from "
     "prefill decode cache token model server request response router instance pool cluster host node "
     "memory transfer block prompt output input batch queue latency throughput first time per second "
@@ -34,7 +34,7 @@ _WORDS = (
     "city river mountain forest ocean island road bridge house garden window door table chair book "
     "write read speak listen think know learn teach build make find give take send receive open close "
     "user assistant question answer explain describe summarize translate compute count list show tell"
-).split()  # noqa: SIM905 - a word list reads better as text
+).split()
 _PUNCT = [".", ",", "!", "?", ":", ";"]
 
 
