@@ -36,7 +36,8 @@ class Gpu(Model):
     compute_capability: str | None = None  # "10.0"
     memory_total_mib: int | None = None
     pci_bus_id: str | None = None
-    numa_node: int | None = None
+    numa_node: int | None = None  # the CPU-side NUMA node (the one NICs report in sysfs)
+    gpu_numa_node: int | None = None  # the GPU memory's own NUMA node on coherent (Grace) systems
     cpu_affinity: str | None = None  # cpulist, e.g. "0-71"
     mig_enabled: bool | None = None
     persistence_mode: bool | None = None
@@ -50,6 +51,7 @@ class Gpu(Model):
     )
     fabric_state: str | None = None  # "completed", "in_progress", "not_started", "not_supported"
     fabric_status: str | None = None  # "success" or an error name
+    fabric_health: str | None = None  # health summary: "healthy", "unhealthy", "limited_capacity"
     clique_id: int | None = None
     cluster_uuid: str | None = None
     c2c_mode: str | None = None  # Grace-Blackwell chip-to-chip link: "enabled"/"disabled"
