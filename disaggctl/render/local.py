@@ -1,0 +1,154 @@
+"""The local target's layout: everything of a deployment lives in one state folder on this machine.
+
+    <state>/processes.json        the process table the supervisor runs (argv, env, log and pid paths)
+    <state>/<config files>        router.json, lmcache-*.yaml (the ConfigFiles of the DesiredState)
+    <state>/logs/<process>.log    stdout and stderr of each process (appended across restarts)
+    <state>/run/<process>.pid     pid of each running process (its process-group id too)
+    <state>/run/supervisor.pid    the supervisor; <state>/run/supervisor.json its view of the processes
+    <state>/work/<process>/       TMPDIR and VLLM_CACHE_ROOT of each process: vLLM instances on one
+                                  machine must not share compile caches or temp files
+
+Pure: DesiredState in, RenderedFile list out; the paths and `~` are resolved here so that the
+supervisor runs exactly what the table says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
+from disaggctl.spec import LocalTarget, Role
+
+TABLE = "processes.json"
+TABLE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProcSpec:
+    """One row of the process table."""
+
+    name: str
+    role: str
+    instance: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    log: str
+    pid_file: str
+    http_port: int | None
+    health_url: str | None
+    start_order: int
+
+
+@dataclass(frozen=True)
+class Table:
+    """What the supervisor reads: the processes plus the restart policy."""
+
+    name: str
+    state_dir: str
+    restart_on_crash: bool
+    max_restarts: int
+    processes: list[ProcSpec] = field(default_factory=list)
+    restart_delay_s: float = 1.0  # times the restart number: 1 s, 2 s, 3 s ...
+    stop_timeout_s: float = 20.0  # SIGTERM, then SIGKILL after this
+    version: int = TABLE_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Table:
+        raw = json.loads(text)
+        procs = [ProcSpec(**p) for p in raw.pop("processes")]
+        return cls(processes=procs, **raw)
+
+    def proc(self, name: str) -> ProcSpec:
+        for p in self.processes:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def paths(state_dir: str) -> dict[str, Path]:
+    s = Path(state_dir)
+    return {
+        "table": s / TABLE,
+        "logs": s / "logs",
+        "run": s / "run",
+        "work": s / "work",
+        "supervisor_pid": s / "run" / "supervisor.pid",
+        "supervisor_state": s / "run" / "supervisor.json",
+        "supervisor_log": s / "logs" / "supervisor.log",
+    }
+
+
+def _resolve_bin(argv0: str) -> str:
+    """A relative executable: the one next to this Python first (the venv disaggctl runs from), then PATH."""
+    if "/" in argv0:
+        return os.path.abspath(os.path.expanduser(argv0))
+    beside = Path(sys.executable).parent / argv0
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(argv0)
+    return found or argv0
+
+
+def _expand(arg: str) -> str:
+    # A shell would expand these; the supervisor runs argv without one. Only a leading "~/".
+    return os.path.expanduser(arg) if arg.startswith("~/") or arg == "~" else arg
+
+
+def proc_spec(p: Process, state_dir: str) -> ProcSpec:
+    pth = paths(state_dir)
+    work = pth["work"] / p.name
+    argv = [_resolve_bin(p.argv[0]), *(_expand(a) for a in p.argv[1:])]
+    env = dict(p.env)
+    if p.role is not Role.ROUTER:
+        env.setdefault("TMPDIR", str(work / "tmp"))
+        env.setdefault("VLLM_CACHE_ROOT", str(work / "cache"))
+    return ProcSpec(
+        name=p.name,
+        role=p.role.value,
+        instance=p.instance,
+        argv=argv,
+        env=env,
+        cwd=str(work),
+        log=str(pth["logs"] / f"{p.name}.log"),
+        pid_file=str(pth["run"] / f"{p.name}.pid"),
+        http_port=p.http_port,
+        health_url=p.health_url,
+        start_order=p.start_order,
+    )
+
+
+def table(desired: DesiredState, target: LocalTarget) -> Table:
+    state_dir = desired.config_dir
+    procs = [proc_spec(p, state_dir) for p in sorted(desired.processes, key=lambda p: p.start_order)]
+    return Table(
+        name=desired.name,
+        state_dir=state_dir,
+        restart_on_crash=target.restart_on_crash,
+        max_restarts=target.max_restarts,
+        processes=procs,
+    )
+
+
+def render(desired: DesiredState, target: LocalTarget) -> Rendered:
+    """The files of the state folder: config files and the process table."""
+    state_dir = desired.config_dir
+    files: list[RenderedFile] = []
+    host = desired.hosts[0] if desired.hosts else "localhost"
+    for cfs in desired.files.values():
+        for cf in cfs:
+            path = str(Path(state_dir) / cf.name)
+            if any(f.path == path for f in files):
+                continue
+            files.append(RenderedFile(host=host, path=path, content=cf.content, mode=cf.mode))
+    tbl = table(desired, target)
+    files.append(RenderedFile(host=host, path=str(paths(state_dir)["table"]), content=tbl.to_json()))
+    return Rendered(target="local", files=files, units={host: [p.name for p in tbl.processes]})
