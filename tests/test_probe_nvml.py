@@ -109,7 +109,8 @@ def test_degraded_captures_over_nvml(fake: ModuleType, monkeypatch: pytest.Monke
     assert found(t, 4) == [("fabric_incomplete", i, "error") for i in range(4)]
 
     t = nvml_topo(fake, monkeypatch, "gb200_fabric_unhealthy")
-    assert {(g.fabric_health, g.cluster_uuid) for g in t.gpus} == {("unhealthy", "dc6e40c4-d722-4357-9ba6-5291dd461278")}
+    uuid = "dc6e40c4-d722-4357-9ba6-5291dd461278"
+    assert {(g.fabric_health, g.cluster_uuid) for g in t.gpus} == {("unhealthy", uuid)}
     assert found(t, 4) == [("fabric_unhealthy", i, "warning") for i in range(4)]
 
 
@@ -205,7 +206,7 @@ class _Bad:
 
 
 def test_bad_agent_output() -> None:
-    with pytest.raises(ProbeFailed, match="(?s)exited 1.*boom"):
+    with pytest.raises(ProbeFailed, match=r"(?s)exited 1.*boom"):
         run_agent(_Bad(1, b"", b"Traceback\nboom"))
     with pytest.raises(ProbeFailed, match="no valid topology"):
         run_agent(_Bad(0, b"not json", b""))

@@ -45,7 +45,9 @@ def test_b200_xml() -> None:
 def test_gb200_tray_xml_fabric_and_c2c() -> None:
     t = topo_of("nvidia-smi-q-x_gb200.xml", expected=4)
     assert len(t.gpus) == 4 and t.driver_version == "580.173.02"
-    assert [g.pci_bus_id for g in t.gpus] == ["00000000:29:00.0", "00000000:3F:00.0", "00000000:9C:00.0", "00000000:B2:00.0"]
+    assert [g.pci_bus_id for g in t.gpus] == [
+        "00000000:29:00.0", "00000000:3F:00.0", "00000000:9C:00.0", "00000000:B2:00.0",
+    ]
     for g in t.gpus:
         assert (g.name, g.architecture, g.memory_total_mib) == ("NVIDIA GB200", "blackwell", 189471)
         assert (g.fabric_state, g.fabric_status, g.fabric_health) == ("completed", "success", "healthy")
