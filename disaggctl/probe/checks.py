@@ -28,7 +28,7 @@ def _gpu_missing(topo: HostTopology, expected: int | None) -> list[Problem]:
     n = len(topo.gpus)
     if expected is not None and n < expected:
         return [Problem(code="gpu_missing", message=f"found {n} of {expected} GPUs the spec expects", severity="error")]
-    if expected is None and n > 1 and n % 2:
+    if expected is None and n > 1 and n % 2 and topo.source != "count":  # "count": the spec's own number
         return [Problem(code="gpu_missing", severity="warning",
                         message=f"found {n} GPUs, an odd count: a GPU may be missing ({_ODD_COUNT_HINT})")]
     return []
