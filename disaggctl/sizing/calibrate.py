@@ -212,27 +212,37 @@ class Fit:
 
 
 def fit(models: dict[str, ModelInfo], gpu: GpuSpec, ms: list[Measurement], start: Efficiency) -> Fit:
-    """Coordinate descent: memory factor against TPOT, compute factor against TTFT, three rounds."""
+    """Joint grid search of (compute, memory) on the summed squared log error, coarse then fine.
 
-    def total(eff: Efficiency, which: int | None = None) -> float:
-        s = [0.0, 0.0]
+    TTFT mostly constrains the compute factor and TPOT the memory factor, but a step that mixes
+    prefill and decode depends on both, so they are fitted together.
+    """
+
+    def total(eff: Efficiency) -> float:
+        e_ttft, e_tpot = 0.0, 0.0
         for m in ms:
             a, b = _error(models[m.model], gpu, eff, [m])
-            s[0] += a
-            s[1] += b
-        return s[0] + s[1] if which is None else s[which]
+            e_ttft += a
+            e_tpot += b
+        return e_ttft + e_tpot
 
-    eff = replace(start, source="calibrated")
-    before = total(start)
+    def search(cs: list[float], ms_: list[float]) -> tuple[float, float]:
+        best = min(((total(replace(start, compute=c, memory=m)), c, m) for c in cs for m in ms_))
+        return best[1], best[2]
+
     has_ttft = any(m.ttft_ms is not None for m in ms)
-    for _ in range(3):
-        eff = replace(eff, memory=min(GRID, key=lambda v: total(replace(eff, memory=v), 1)))
-        if has_ttft:
-            eff = replace(eff, compute=min(GRID, key=lambda v: total(replace(eff, compute=v), 0)))
+    coarse = GRID[::8] + [GRID[-1]]
+    c0, m0 = search(coarse if has_ttft else [start.compute], coarse)
+
+    def around(v: float) -> list[float]:
+        i = min(range(len(GRID)), key=lambda j: abs(GRID[j] - v))
+        return GRID[max(0, i - 8): i + 9]
+
+    c1, m1 = search(around(c0) if has_ttft else [start.compute], around(m0))
+    eff = replace(start, compute=c1, memory=m1, source="calibrated")
     n = max(1, len(ms))
-    after = total(eff)
-    return Fit(eff, math.sqrt(before / n), math.sqrt(after / n), len(ms),
-               at_limit=eff.memory >= GRID[-1] or eff.compute >= GRID[-1])
+    return Fit(eff, math.sqrt(total(start) / n), math.sqrt(total(eff) / n), len(ms),
+               at_limit=eff.memory >= GRID[-1] or (has_ttft and eff.compute >= GRID[-1]))
 
 
 # --------------------------------------------------------------------------- the store
