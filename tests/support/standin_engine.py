@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -109,7 +110,9 @@ def msgpack_str(s: str) -> bytes:
         return bytes([0xA0 | len(b)]) + b
     if len(b) < 256:
         return bytes([0xD9, len(b)]) + b
-    return bytes([0xDA]) + struct.pack(">H", len(b)) + b
+    if len(b) < 65536:
+        return bytes([0xDA]) + struct.pack(">H", len(b)) + b
+    return bytes([0xDB]) + struct.pack(">I", len(b)) + b
 
 
 def proxy_notif(req_id: str) -> bytes:
@@ -144,10 +147,8 @@ def zmq_push(host: str, port: int, messages: list[bytes], timeout: float = 5.0) 
                 s.sendall(b"\x02" + struct.pack(">Q", len(m)) + m)
         # ZMQ has no ack: linger briefly so the frames leave before the close
         s.shutdown(socket.SHUT_WR)
-        try:
+        with contextlib.suppress(OSError):
             s.recv(1)
-        except OSError:
-            pass
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:
@@ -365,10 +366,8 @@ class Server:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            try:
+            with contextlib.suppress(Exception):
                 writer.close()
-            except Exception:
-                pass
 
     async def dispatch(self, conn: Conn, method: str, path: str, headers: dict[str, str], raw: bytes) -> bool:
         e = self.e
@@ -384,15 +383,26 @@ class Server:
                 ok = not e.fail_health and time.monotonic() - e.started >= e.health_delay
                 await conn.send(200 if ok else 503, b"" if ok else _err(503, "stand-in health knob"))
             elif path == "/v1/models":
-                data = [{"id": n, "object": "model", "created": 0, "owned_by": "standin", "root": e.model,
-                         "max_model_len": 4096} for n in e.served]
+                data = [
+                    {
+                        "id": n,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "standin",
+                        "root": e.model,
+                        "max_model_len": 4096,
+                    }
+                    for n in e.served
+                ]
                 await conn.send(200, json.dumps({"object": "list", "data": data}).encode())
             elif path == "/metrics":
                 await conn.send(200, e.metrics().encode(), "text/plain; version=0.0.4")
             elif path == "/tokenize" and method == "POST":
                 ids = self.prompt_ids(body or {}, chat="messages" in (body or {}))
-                await conn.send(200, json.dumps({"count": len(ids), "max_model_len": 4096, "tokens": ids,
-                                                 "token_strs": None}).encode())
+                await conn.send(
+                    200,
+                    json.dumps({"count": len(ids), "max_model_len": 4096, "tokens": ids, "token_strs": None}).encode(),
+                )
             elif path in ("/v1/completions", "/v1/chat/completions") and method == "POST":
                 return await self.generate(conn, path.endswith("chat/completions"), headers, body or {})
             elif path == "/standin/requests":
@@ -454,15 +464,31 @@ class Server:
             usage = {"prompt_tokens": len(ids), "total_tokens": len(ids) + n, "completion_tokens": n}
             choice: dict[str, Any]
             if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                          "finish_reason": "length", "stop_reason": None}
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "stop_reason": None,
+                }
                 resp = {"id": f"chatcmpl-{rid}", "object": "chat.completion"}
             else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
-                          "stop_reason": None, "prompt_logprobs": None}
+                choice = {
+                    "index": 0,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "stop_reason": None,
+                    "prompt_logprobs": None,
+                }
                 resp = {"id": f"cmpl-{rid}", "object": "text_completion"}
-            resp.update(created=int(time.time()), model=body["model"], choices=[choice], usage=usage,
-                        kv_transfer_params=out_params)
+            resp.update(
+                created=int(time.time()),
+                model=body["model"],
+                choices=[choice],
+                usage=usage,
+                kv_transfer_params=out_params,
+            )
             await conn.send(200, json.dumps(resp).encode())
             return True
         finally:
@@ -480,10 +506,16 @@ class Server:
             if e.producer and ktp.get("do_remote_decode"):
                 rid = uuid.uuid4().hex
                 e.nixl_pending[rid] = key
-                out = {"do_remote_prefill": True, "do_remote_decode": False,
-                       "remote_block_ids": list(range(max(1, len(ids) // 16))), "remote_engine_id": e.engine_id,
-                       "remote_request_id": rid, "remote_host": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1"),
-                       "remote_port": int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600")), "tp_size": 1}
+                out = {
+                    "do_remote_prefill": True,
+                    "do_remote_decode": False,
+                    "remote_block_ids": list(range(max(1, len(ids) // 16))),
+                    "remote_engine_id": e.engine_id,
+                    "remote_request_id": rid,
+                    "remote_host": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1"),
+                    "remote_port": int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600")),
+                    "tp_size": 1,
+                }
         elif e.kv_connector == "ExampleConnector":
             path = e.shared_path(key)
             if path and e.consumer and os.path.exists(path):
@@ -521,19 +553,30 @@ class Server:
                 s.recv(16)  # ack
         host, port = e.lmcache.get("pd_proxy_host"), e.lmcache.get("pd_proxy_port")
         if host and port:
-            zmq_push(str(host), int(port), [proxy_notif(str(spec["req_id"]))] * len(ranks))
+            try:
+                zmq_push(str(host), int(port), [proxy_notif(str(spec["req_id"]))] * len(ranks))
+            except OSError as err:  # like LMCache: the request finishes, the proxy never hears of it
+                print(f"standin: LMCache proxy notification to {host}:{port} failed: {err}", file=sys.stderr)
 
-    async def stream(self, conn: Conn, chat: bool, rid: str, body: dict[str, Any], ids: list[int],
-                     out: list[int]) -> None:
+    async def stream(
+        self, conn: Conn, chat: bool, rid: str, body: dict[str, Any], ids: list[int], out: list[int]
+    ) -> None:
         e = self.e
         created = int(time.time())
-        base: dict[str, Any] = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
-                                "object": "chat.completion.chunk" if chat else "text_completion",
-                                "created": created, "model": body["model"]}
+        base: dict[str, Any] = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": body["model"],
+        }
         await conn.start_stream()
         if chat:
-            first = dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}])
+            first = dict(
+                base,
+                choices=[
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ],
+            )
             await conn.chunk(b"data: " + json.dumps(first).encode() + b"\n\n")
         for i, tok in enumerate(out):
             if e.die_mid_stream and i == e.die_mid_stream:
@@ -620,10 +663,14 @@ def install_wrapper(folder: str, python: str = "/usr/bin/python3") -> str:
 async def amain(args: argparse.Namespace) -> None:
     engine = Engine(args)
     receivers = await lmcache_receiver(engine)
-    server = await asyncio.start_server(Server(engine).handle, engine.host, engine.port, reuse_address=True,
-                                        backlog=1024)
-    print(f"standin engine {engine.served[0]} listening on {engine.host}:{engine.port} "
-          f"connector={engine.kv_connector} role={engine.kv_role}", flush=True)
+    server = await asyncio.start_server(
+        Server(engine).handle, engine.host, engine.port, reuse_address=True, backlog=1024
+    )
+    print(
+        f"standin engine {engine.served[0]} listening on {engine.host}:{engine.port} "
+        f"connector={engine.kv_connector} role={engine.kv_role}",
+        flush=True,
+    )
     async with server:
         await server.serve_forever()
     for r in receivers:
@@ -636,10 +683,8 @@ def main(argv: list[str] | None = None) -> None:
         print(install_wrapper(argv[1], argv[2] if len(argv) > 2 else sys.executable))
         return
     args = parse_args(argv)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(amain(args))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

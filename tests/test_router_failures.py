@@ -1,0 +1,121 @@
+"""Failed upstreams: retried on another instance, or a clear JSON error (never an empty 200)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.plugins.standin import Standin, free_port, http, metric_sum, post_json
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 4
+
+
+def test_retry_on_another_decode_when_one_is_down(standin: Standin) -> None:
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer")
+    dead = standin.engine("decode-0", kv="nixl", role="kv_consumer")
+    live = standin.engine("decode-1", kv="nixl", role="kv_consumer")
+    r = standin.router(
+        kv_kind="nixl", prefill=[p], decode=[dead, live], decode_policy="round_robin", health_interval_s=60
+    )  # the router must find out from the failed call itself
+    dead.stop()
+    for i in range(3):
+        status, out = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": LONG + str(i), "max_tokens": 2})
+        assert status == 200, out
+    assert len(live.requests()) == 3
+    m = r.metrics()
+    assert m['disaggctl_router_upstream_failures_total{upstream="decode-0",role="decode"}'] >= 1
+    assert metric_sum(m, "disaggctl_router_retries_total", role="decode") >= 1
+
+
+def test_retry_when_an_instance_answers_500(standin: Standin) -> None:
+    bad = standin.engine("decode-0", args=("--standin-fail-status", "500"))
+    good = standin.engine("decode-1")
+    r = standin.router(kv_kind="nixl", prefill=[], decode=[bad, good], decode_policy="round_robin")
+    for _ in range(2):
+        status, _ = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1})
+        assert status == 200
+    assert r.metrics()['disaggctl_router_upstream_failures_total{upstream="decode-0",role="decode"}'] >= 1
+
+
+def test_all_decodes_down_is_a_clear_error_naming_them(standin: Standin) -> None:
+    d = standin.engine("decode-0")
+    r = standin.router(kv_kind="nixl", prefill=[], decode=[d], retries=2)
+    d.stop()
+    status, hdrs, data = http("POST", r.url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1})
+    assert status == 502 and hdrs["Content-Type"].startswith("application/json")
+    err = json.loads(data)["error"]
+    assert "decode-0" in err["message"] and d.url in err["message"]
+    assert err["type"] == "UpstreamUnavailable"
+    assert metric_sum(r.metrics(), "disaggctl_router_errors_total", status="502") == 1
+
+
+def test_decode_crash_after_prefill_is_an_error_not_an_empty_200(standin: Standin) -> None:
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer")
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer", args=("--standin-fail-after", "0"))
+    r = standin.router(kv_kind="nixl", prefill=[p], decode=[d])
+    status, out = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 2})
+    assert status == 502 and "decode-0" in out["error"]["message"]
+    assert d.proc.wait(5) == 3  # the stand-in crashed as told
+
+
+def test_prefill_down_falls_back_to_local_prefill(standin: Standin) -> None:
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer")
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer")
+    r = standin.router(kv_kind="nixl", prefill=[p], decode=[d], health_interval_s=60)
+    p.stop()
+    status, out = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 2})
+    assert status == 200, out
+    m = r.metrics()
+    assert metric_sum(m, "disaggctl_router_requests_total", path="local_prefill", reason="prefill_failed") == 1
+    assert m['disaggctl_router_upstream_failures_total{upstream="prefill-0",role="prefill"}'] == 1
+
+
+def test_mid_stream_failure_ends_the_stream_with_an_error_event(standin: Standin) -> None:
+    d = standin.engine("decode-0", args=("--standin-die-mid-stream", "2"))
+    r = standin.router(kv_kind="nixl", prefill=[], decode=[d])
+    status, _, raw = http(
+        "POST", r.url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 6, "stream": True}
+    )
+    assert status == 200  # the status line left before the failure
+    events = [ln[6:] for ln in raw.decode().splitlines() if ln.startswith("data: ")]
+    assert len(events) >= 2
+    texts = [json.loads(e) for e in events[:-1]]
+    assert "error" in texts[-1] and "decode-0" in texts[-1]["error"]["message"]
+    assert all("choices" in t for t in texts[:-1])
+    assert events[-1] == "[DONE]"
+    assert metric_sum(r.metrics(), "disaggctl_router_errors_total", kind="stream_interrupted") == 1
+
+
+def test_health_reports_detail_and_503_without_a_healthy_decode(standin: Standin) -> None:
+    sick = standin.engine("decode-0", args=("--standin-fail-health",))
+    r = standin.router(kv_kind="nixl", prefill=[], decode=[sick], wait_healthy=False)
+    status, _, data = http("GET", r.url + "/health")
+    body = json.loads(data)
+    assert status == 503 and body["status"] == "unavailable"
+    assert body["decode"][0]["name"] == "decode-0" and body["decode"][0]["healthy"] is False
+    assert "503" in body["decode"][0]["last_error"]
+
+
+def test_health_is_200_with_one_healthy_decode(standin: Standin) -> None:
+    sick = standin.engine("decode-0", args=("--standin-fail-health",))
+    ok = standin.engine("decode-1")
+    r = standin.router(kv_kind="nixl", prefill=[], decode=[sick, ok])
+    status, _, data = http("GET", r.url + "/health")
+    assert status == 200
+    assert [d["healthy"] for d in json.loads(data)["decode"]] == [False, True]
+
+
+def test_health_follows_an_engine_that_comes_up_late(standin: Standin) -> None:
+    port = free_port()
+    down = standin.engine("decode-0", port=port)
+    r = standin.router(kv_kind="nixl", prefill=[], decode=[down], health_interval_s=0.2)
+    down.stop()
+    import time
+
+    deadline = time.monotonic() + 10
+    while http("GET", r.url + "/health")[0] != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    standin.engine("decode-0", port=port)
+    while http("GET", r.url + "/health")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
