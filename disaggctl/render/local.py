@@ -14,6 +14,7 @@ supervisor runs exactly what the table says.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -43,6 +44,7 @@ class ProcSpec:
     http_port: int | None
     health_url: str | None
     start_order: int
+    files_sha: str = ""  # hash of the config files it reads: a changed router.json restarts the router
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def _expand(arg: str) -> str:
     return os.path.expanduser(arg) if arg.startswith("~/") or arg == "~" else arg
 
 
-def proc_spec(p: Process, state_dir: str) -> ProcSpec:
+def proc_spec(p: Process, state_dir: str, file_contents: dict[str, str] | None = None) -> ProcSpec:
     pth = paths(state_dir)
     work = pth["work"] / p.name
     argv = [_resolve_bin(p.argv[0]), *(_expand(a) for a in p.argv[1:])]
@@ -111,6 +113,9 @@ def proc_spec(p: Process, state_dir: str) -> ProcSpec:
     if p.role is not Role.ROUTER:
         env.setdefault("TMPDIR", str(work / "tmp"))
         env.setdefault("VLLM_CACHE_ROOT", str(work / "cache"))
+    h = hashlib.sha256()
+    for fname in sorted(p.files):
+        h.update(fname.encode() + b"\0" + (file_contents or {}).get(fname, "").encode() + b"\0")
     return ProcSpec(
         name=p.name,
         role=p.role.value,
@@ -123,12 +128,14 @@ def proc_spec(p: Process, state_dir: str) -> ProcSpec:
         http_port=p.http_port,
         health_url=p.health_url,
         start_order=p.start_order,
+        files_sha=h.hexdigest()[:16] if p.files else "",
     )
 
 
 def table(desired: DesiredState, target: LocalTarget) -> Table:
     state_dir = desired.config_dir
-    procs = [proc_spec(p, state_dir) for p in sorted(desired.processes, key=lambda p: p.start_order)]
+    contents = {cf.name: cf.content for cfs in desired.files.values() for cf in cfs}
+    procs = [proc_spec(p, state_dir, contents) for p in sorted(desired.processes, key=lambda p: p.start_order)]
     return Table(
         name=desired.name,
         state_dir=state_dir,
