@@ -235,7 +235,7 @@ def time_limit_s(limit: str) -> int:
         d, limit = limit.split("-", 1)
         days = int(d)
         parts = [int(x) for x in limit.split(":")]
-        h, m, s = (parts + [0, 0])[:3]
+        h, m, s = [*parts, 0, 0][:3]
     else:
         parts = [int(x) for x in limit.split(":")]
         if len(parts) == 1:

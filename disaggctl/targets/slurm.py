@@ -1,0 +1,407 @@
+"""The Slurm target: one heterogeneous job per deployment, driven with sbatch/squeue/scontrol/scancel.
+
+Commands run on this machine or, with `target.submit.host`, on the login host over SSH
+(disaggctl.ssh). What the cluster runs is observed from Slurm itself: jobs are found by name
+(`disaggctl-<deployment>`), and the job's comment `disaggctl:<hash>:<state>:<endpoint>` carries
+the hash of the script it runs (so `plan` knows whether it matches the spec) and, once the job
+updated it, its state and endpoint. The per-instance URLs are in the job's state file in the
+(shared) job folder.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from disaggctl import slurm_cli as cli
+from disaggctl.errors import DisaggError
+from disaggctl.render.slurm import STOP_TIMEOUT_S, job_name, render_slurm, script_hash, script_of, slurm_target
+
+if TYPE_CHECKING:
+    from disaggctl.deployment import DesiredState
+    from disaggctl.spec import ClusterSpec
+    from disaggctl.targets import OpsContext
+
+
+@dataclass(frozen=True)
+class Result:
+    rc: int
+    out: str
+    err: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+class Runner(Protocol):
+    """Where Slurm commands run: argv in, a Result out."""
+
+    where: str
+
+    def run(self, argv: list[str], input: bytes | None = None, timeout: float | None = 120) -> Result: ...
+
+
+class LocalRunner:
+    where = "this machine"
+
+    def run(self, argv: list[str], input: bytes | None = None, timeout: float | None = 120) -> Result:
+        try:
+            p = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
+        except FileNotFoundError:
+            return Result(127, "", f"{argv[0]}: command not found (is Slurm's client installed here?)")
+        except subprocess.TimeoutExpired:
+            return Result(124, "", f"{shlex.join(argv)} timed out after {timeout} s")
+        return Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
+
+
+class SshRunner:
+    """Runs on the login host; one connection for the whole operation."""
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        from disaggctl import ssh
+
+        s = slurm_target(spec).submit
+        assert s.host is not None
+        if s.host in {h.name for h in spec.hosts}:
+            target = ssh.target_for(spec, s.host)
+        else:
+            target = ssh.SshTarget(name=s.host, address=s.host, port=s.port, user=s.user or getpass.getuser(),
+                                   key=os.path.expanduser(s.key) if s.key else None)
+        self.where = f"{target.user}@{target.address}"
+        self._conn = ssh.connect(target)
+
+    def run(self, argv: list[str], input: bytes | None = None, timeout: float | None = 120) -> Result:
+        r = self._conn.run(argv, input=input, timeout=timeout)
+        return Result(r.rc, r.out, r.err)
+
+
+def runner_for(spec: ClusterSpec) -> Runner:
+    return SshRunner(spec) if slurm_target(spec).submit.host else LocalRunner()
+
+
+# --------------------------------------------------------------------------- observing
+
+
+def _check(r: Result, argv: list[str], where: str) -> Result:
+    if not r.ok:
+        raise DisaggError(f"`{shlex.join(argv)}` failed on {where} (exit {r.rc}): {(r.err or r.out).strip()}")
+    return r
+
+
+def list_jobs(run: Runner, name: str) -> list[cli.Job]:
+    """Pending and running jobs of the deployment, oldest first (a successor overlaps its predecessor)."""
+    argv = cli.squeue_argv(name)
+    return cli.jobs_from_queue(cli.parse_squeue(_check(run.run(argv), argv, run.where).out))
+
+
+def show_job(run: Runner, job_id: str) -> cli.Job | None:
+    r = run.run(cli.scontrol_job_argv(job_id))
+    if not r.ok:
+        if cli.scontrol_missing(r.err):
+            return None
+        _check(r, cli.scontrol_job_argv(job_id), run.where)
+    jobs = cli.parse_scontrol_jobs(r.out)
+    return jobs[0] if jobs else None
+
+
+def read_file(run: Runner, path: str) -> str | None:
+    r = run.run(["cat", "--", path])
+    return r.out if r.ok else None
+
+
+def job_output(run: Runner, job: cli.Job) -> str:
+    if not job.stdout:
+        return ""
+    r = run.run(["tail", "-n", "400", "--", job.stdout])
+    return r.out if r.ok else f"(cannot read {job.stdout}: {r.err.strip()})"
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    hash: str
+    jobs: list[cli.Job]
+    keep: str | None  # the job that already runs this exact script
+    cancel: list[str]  # jobs running another script
+    submit: bool
+
+    @property
+    def changes(self) -> bool:
+        return self.submit or bool(self.cancel)
+
+    def to_json(self) -> dict[str, object]:
+        return {"target": "slurm", "hash": self.hash,
+                "observed": {j.job_id: (j.tag.hash if j.tag else None) for j in self.jobs},
+                "keep": self.keep, "cancel": self.cancel, "submit": self.submit}
+
+
+def compute_plan(script_digest: str, jobs: list[cli.Job]) -> PlanResult:
+    """Pure: which jobs to keep, cancel or submit so exactly one job runs the rendered script."""
+    same = [j.job_id for j in jobs
+            if j.tag and j.tag.hash == script_digest and j.tag.state not in ("failed", "stopping", "stopped")]
+    keep = same[-1] if same else None
+    # While a successor takes over, two jobs with the same script overlap: keep both (the old one leaves itself).
+    cancel = [j.job_id for j in jobs if j.job_id not in same]
+    return PlanResult(script_digest, jobs, keep, cancel, submit=keep is None)
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+class SlurmBackend:
+    def __init__(self, runner_factory: Callable[[ClusterSpec], Runner] = runner_for,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                 poll_s: float = 1.0) -> None:
+        self._runner_factory = runner_factory
+        self._sleep = sleep
+        self._clock = clock
+        self._poll_s = poll_s
+
+    # ---- helpers
+
+    def _script(self, ctx: OpsContext) -> tuple[str, str]:
+        rendered = render_slurm(ctx.desired, ctx.spec)
+        text = script_of(rendered).content
+        return text, script_hash(text)
+
+    def _say(self, ctx: OpsContext, text: str) -> None:
+        if ctx.output != "json":
+            ctx.console.print(text, markup=False, highlight=False)
+
+    def plan_for(self, ctx: OpsContext, run: Runner) -> PlanResult:
+        _, digest = self._script(ctx)
+        return compute_plan(digest, list_jobs(run, job_name(ctx.spec)))
+
+    # ---- Backend protocol
+
+    def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
+        run = self._runner_factory(ctx.spec)
+        p = self.plan_for(ctx, run)
+        if out_file:
+            with open(out_file, "w") as f:
+                json.dump(p.to_json(), f, indent=2)
+        if ctx.output == "json":
+            ctx.console.print_json(json.dumps(p.to_json()))
+        else:
+            for j in p.jobs:
+                tag = j.tag
+                what = "matches the spec" if tag and tag.hash == p.hash else \
+                    f"runs another script (hash {tag.hash if tag else 'none'})"
+                self._say(ctx, f"job {j.job_id} {j.state} on {','.join(j.nodes)}: {what}")
+            if not p.changes:
+                self._say(ctx, f"No changes: job {p.keep} runs the rendered script (hash {p.hash}).")
+            for c in p.cancel:
+                self._say(ctx, f"~ cancel job {c} (clean shutdown: router, prefill, decode)")
+            if p.submit:
+                self._say(ctx, f"+ submit job {job_name(ctx.spec)} (hash {p.hash}) via {run.where}")
+        return 2 if detailed_exitcode and p.changes else 0
+
+    def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
+        run = self._runner_factory(ctx.spec)
+        script, digest = self._script(ctx)
+        p = compute_plan(digest, list_jobs(run, job_name(ctx.spec)))
+        if plan_file:
+            with open(plan_file) as f:
+                saved = json.load(f)
+            if saved.get("hash") != digest:
+                raise DisaggError(f"the saved plan {plan_file} was made for another script "
+                                  f"(hash {saved.get('hash')}, now {digest}); run `disaggctl plan` again")
+            if saved.get("observed") != p.to_json()["observed"]:
+                raise DisaggError(f"the jobs changed since {plan_file} was made; run `disaggctl plan` again")
+        if p.cancel:
+            self._stop_jobs(ctx, run, p.cancel)
+        job_id = p.keep
+        if job_id is None:
+            job_id = self.submit(ctx, run, script)
+        else:
+            self._say(ctx, f"job {job_id} already runs this spec (hash {digest})")
+        endpoint, urls = self.wait_ready(ctx, run, job_id)
+        self.check_health(ctx, endpoint, urls)
+        if ctx.output == "json":
+            ctx.console.print_json(json.dumps({"job": job_id, "endpoint": endpoint, "urls": urls}))
+        else:
+            self._say(ctx, f"Ready: job {job_id}, endpoint {endpoint}")
+        return 0
+
+    def status(self, ctx: OpsContext) -> int:
+        from disaggctl.health import http_probe
+
+        run = self._runner_factory(ctx.spec)
+        jobs = list_jobs(run, job_name(ctx.spec))
+        _, digest = self._script(ctx)
+        report = []
+        healthy = False
+        for j in jobs:
+            tag = j.tag
+            row: dict[str, object] = {"job": j.job_id, "state": j.state, "reason": j.reason, "nodes": j.nodes,
+                                      "time_left": j.time_left, "deployment": tag.state if tag else None,
+                                      "endpoint": tag.endpoint if tag else "", "matches_spec": bool(tag and
+                                                                                                   tag.hash == digest)}
+            if tag and tag.endpoint:
+                ok, detail = http_probe(tag.endpoint.rstrip("/") + "/health", 5)
+                row["health"] = detail
+                healthy = healthy or ok
+            report.append(row)
+        if ctx.output == "json":
+            ctx.console.print_json(json.dumps({"jobs": report, "healthy": healthy}))
+        elif not report:
+            self._say(ctx, f"No job named {job_name(ctx.spec)} is pending or running.")
+        else:
+            for row in report:
+                self._say(ctx, "job {job} {state} ({reason}) nodes {nodes} left {time_left}: deployment "
+                               "{deployment}, endpoint {endpoint}, health {health}, matches spec: {matches_spec}"
+                          .format(**{"health": "-", **row}))
+        return 0 if healthy else 1
+
+    def destroy(self, ctx: OpsContext) -> int:
+        run = self._runner_factory(ctx.spec)
+        jobs = list_jobs(run, job_name(ctx.spec))
+        if not jobs:
+            self._say(ctx, f"Nothing to destroy: no job named {job_name(ctx.spec)}.")
+            return 0
+        self._stop_jobs(ctx, run, [j.job_id for j in jobs])
+        self._say(ctx, "Destroyed.")
+        return 0
+
+    def logs(self, ctx: OpsContext, role: str | None, instance: int | None, follow: bool, lines: int) -> int:
+        run = self._runner_factory(ctx.spec)
+        jobs = [j for j in list_jobs(run, job_name(ctx.spec)) if j.running]
+        if not jobs:
+            raise DisaggError(f"no running job named {job_name(ctx.spec)}")
+        job = jobs[-1]
+        names = [p.name for p in ctx.desired.processes
+                 if (role is None or p.role.value == role)
+                 and (instance is None or p.instance == f"{p.role.value}-{instance}")]
+        paths = [f"{ctx.desired.config_dir}/logs/{job.job_id}/{n}.log" for n in names]
+        if role is None and instance is None:
+            full = show_job(run, job.job_id)
+            if full and full.stdout:
+                paths.insert(0, full.stdout)
+        argv = ["tail", "-n", str(lines), *(["-F"] if follow else []), "--", *paths]
+        if follow:
+            if not isinstance(run, LocalRunner):
+                raise DisaggError("--follow works when sbatch runs on this machine; over SSH use without it")
+            return subprocess.call(argv)
+        r = run.run(argv)
+        ctx.console.print(r.out, markup=False, highlight=False, end="")
+        return 0 if r.ok else 1
+
+    # ---- operations
+
+    def submit(self, ctx: OpsContext, run: Runner, script: str) -> str:
+        cfg_dir = ctx.desired.config_dir
+        _check(run.run(["mkdir", "-p", "--", cfg_dir]), ["mkdir", "-p", cfg_dir], run.where)
+        argv = cli.sbatch_argv()
+        r = _check(run.run(argv, input=script.encode()), argv, run.where)
+        job_id = cli.parse_sbatch(r.out)
+        self._say(ctx, f"submitted job {job_id} ({job_name(ctx.spec)}) via {run.where}")
+        return job_id
+
+    def wait_ready(self, ctx: OpsContext, run: Runner, job_id: str,
+                   timeout_s: float | None = None) -> tuple[str, dict[str, str]]:
+        """Until the job reports `ready` in its comment; a job that ends or fails first is reported with the
+        relevant lines of its output file."""
+        # Pending time counts too: a busy partition may hold the job for a while before it starts.
+        opt = ctx.options.get("start_timeout_s")
+        limit = timeout_s or (float(opt) if isinstance(opt, int | float) else ctx.spec.health.startup_timeout_s + 600)
+        start = self._clock()
+        last = ""
+        while True:
+            job = show_job(run, job_id)
+            if job is None:
+                raise DisaggError(f"job {job_id} disappeared from Slurm before it was ready")
+            tag = job.tag
+            state = tag.state if tag else "?"
+            now = f"{job.state}/{state}"
+            if now != last:
+                self._say(ctx, f"job {job_id}: {job.state}" + (f" ({job.reason})" if job.reason not in ("", "None")
+                                                               else "") + f", deployment {state}")
+                last = now
+            if tag and tag.state == "ready" and job.running:
+                text = read_file(run, f"{ctx.desired.config_dir}/state.{job_id}") or ""
+                fields = cli.parse_state_file(text)
+                urls = {k[4:]: v for k, v in fields.items() if k.startswith("url.")}
+                return tag.endpoint, urls
+            if job.finished or state == "failed":
+                self._fail(run, job, f"job {job_id} ended ({job.state}, exit {job.exit_code}) before it was ready"
+                           if job.finished else f"job {job_id} reported a failure")
+            if self._clock() - start > limit:
+                raise DisaggError(f"job {job_id} not ready after {limit:g} s (Slurm state {job.state}, "
+                                  f"reason {job.reason}); it keeps running: `disaggctl destroy` cancels it")
+            self._sleep(self._poll_s)
+
+    def _fail(self, run: Runner, job: cli.Job, message: str) -> None:
+        for _ in range(10):  # the batch shell may still be writing its report
+            if job.finished:
+                break
+            self._sleep(self._poll_s)
+            job = show_job(run, job.job_id) or job
+        lines = cli.relevant_lines(job_output(run, job))
+        detail = "\n".join(f"    {ln}" for ln in lines) or "    (the output file is empty)"
+        raise DisaggError(f"{message}; from {job.stdout or 'its output file'}:\n{detail}")
+
+    def check_health(self, ctx: OpsContext, endpoint: str, urls: dict[str, str]) -> None:
+        """The same gate as the systemd target: every /health, then one canary through the router."""
+        from disaggctl.health import run_canary, wait_healthy
+        from disaggctl.spec import Role
+
+        if ctx.options.get("skip_canary"):
+            return
+        h = ctx.spec.health
+        targets = {name: url.rstrip("/") + "/health" for name, url in urls.items()}
+        wait_healthy(targets or {"router": endpoint + "/health"}, h.startup_timeout_s, h.interval_s)
+        decode = [urls[p.name].rstrip("/") + "/metrics" for p in ctx.desired.processes
+                  if p.role is Role.DECODE and p.name in urls]
+        result = run_canary(endpoint, ctx.desired.model_name, h.canary.prompt, h.canary.max_tokens, decode,
+                            h.request_timeout_s, h.canary.require_kv_transfer)
+        self._say(ctx, f"canary: {result.completion_tokens} tokens in {result.latency_s:.2f} s, "
+                       f"{result.kv_tokens:g} prompt tokens received by decode from prefill")
+
+    def _stop_jobs(self, ctx: OpsContext, run: Runner, ids: list[str]) -> None:
+        """Clean stop (SIGTERM to the batch shell: its trap stops router, prefill, decode), then scancel
+        whatever is left, and wait until Slurm shows nothing of these jobs running."""
+        jobs = {j.job_id: j for j in list_jobs(run, job_name(ctx.spec))}
+        for i in ids:
+            j = jobs.get(i)
+            if j is not None and j.running:
+                self._say(ctx, f"stopping job {i} (SIGTERM to its batch shell)")
+                run.run(cli.scancel_argv(i, signal="TERM", batch=True))
+            else:
+                run.run(cli.scancel_argv(i))
+        n_steps = max(1, len(ctx.desired.processes))
+        if not self._wait_gone(run, ctx, ids, STOP_TIMEOUT_S * n_steps + 30):
+            self._say(ctx, "jobs still running after the clean stop; cancelling them")
+            for i in ids:
+                run.run(cli.scancel_argv(i))
+            if not self._wait_gone(run, ctx, ids, 120):
+                raise DisaggError(f"jobs {', '.join(ids)} still in the queue after scancel")
+
+    def _wait_gone(self, run: Runner, ctx: OpsContext, ids: list[str], timeout_s: float) -> bool:
+        start = self._clock()
+        while True:
+            left = [j for j in list_jobs(run, job_name(ctx.spec)) if j.job_id in ids]
+            if not left:
+                return True
+            if self._clock() - start > timeout_s:
+                return False
+            self._sleep(self._poll_s)
+
+
+def sbatch_test_only(run: Runner, desired: DesiredState, spec: ClusterSpec, path: str) -> Result:
+    """`sbatch --test-only` of the rendered script written at `path` on the submit host (a check, not a submit)."""
+    script = script_of(render_slurm(desired, spec)).content
+    w = run.run(["sh", "-c", 'cat > "$1"', "sh", path], input=script.encode())
+    if not w.ok:
+        return w
+    return run.run(cli.sbatch_test_argv(path))
+
+
+def backend() -> SlurmBackend:
+    return SlurmBackend()

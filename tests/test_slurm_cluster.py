@@ -1,0 +1,278 @@
+"""The Slurm target against a REAL Slurm cluster started for this module.
+
+tests/infra/slurm_netns_up.sh: munge + slurmctld + 4 slurmd (n1..n4), each node in its own
+network namespace with its own address and hostname (like real nodes: two instances on two
+nodes may use the same port), 4 fake GPUs each through gres. The jobs run real processes:
+the stand-in engine (tests/support/standin_engine.py, behind a `vllm` wrapper) and the real
+builtin router (`python -m disaggctl.router`); apply's health gate and canary go through them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from disaggctl import slurm_cli as cli
+from disaggctl.compile import compile_spec
+from disaggctl.errors import DisaggError
+from disaggctl.loader import load_text
+from disaggctl.render.slurm import render_slurm, script_of
+from disaggctl.targets import OpsContext
+from disaggctl.targets.slurm import LocalRunner, SlurmBackend, list_jobs, sbatch_test_only
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "tests" / "infra"
+STANDIN = REPO / "tests" / "support" / "standin_engine.py"
+BASE = Path(os.environ.get("INFRA_BASE", "/tmp/dctl-infra"))
+SB = BASE / "slurm-ns"
+JOBS = BASE / "slurm-jobs"
+VENV_PY = REPO / ".venv" / "bin" / "python"
+
+pytestmark = pytest.mark.infra
+
+
+@pytest.fixture(scope="module")
+def slurm_ns() -> Iterator[dict[str, str]]:
+    env = dict(os.environ, SLURM_BASE=str(SB), SLURM_NODES="4", SLURM_CPUS="8")
+    r = subprocess.run([str(INFRA / "slurm_netns_up.sh"), "up"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode:
+        pytest.fail(f"slurm_netns_up.sh up failed:\n{r.stdout}{r.stderr}")
+    conf = str(SB / "etc" / "slurm.conf")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf  # the backend runs sbatch/squeue with this environment
+    JOBS.mkdir(parents=True, exist_ok=True)
+    wrapper_dir = JOBS / "bin"
+    subprocess.run(["/usr/bin/python3", str(STANDIN), "install-wrapper", str(wrapper_dir), "/usr/bin/python3"],
+                   check=True, capture_output=True)
+    yield {"SLURM_CONF": conf, "vllm": str(wrapper_dir / "vllm")}
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+    subprocess.run([str(INFRA / "slurm_netns_up.sh"), "down"], env=env, capture_output=True, timeout=300)
+
+
+def spec_text(name: str, vllm: str, *, time_limit: str = "10", successor: bool = False, extra_target: str = "") -> str:
+    return f"""
+name: {name}
+model: {{path: /models/{name}, served_name: tiny}}
+hosts:
+  - {{name: slot-a, gpus: 2}}
+  - {{name: slot-b, gpus: 2}}
+prefill: {{replicas: 1, hosts: {{names: [slot-a]}}}}
+decode: {{replicas: 1, hosts: {{names: [slot-b]}}}}
+kv_transfer: {{kind: nixl, buffer_device: cpu}}
+router: {{host: slot-a, port: 8000, local_prefill_threshold: 0}}
+health: {{startup_timeout_s: 60, interval_s: 0.5, request_timeout_s: 30}}
+target:
+  kind: slurm
+  workdir: {JOBS}
+  vllm_bin: {vllm}
+  python_bin: {VENV_PY}
+  time_limit: "{time_limit}"
+  successor: {{enabled: {str(successor).lower()}, lead_minutes: 1}}
+{extra_target}
+"""
+
+
+def make_ctx(text: str) -> tuple[OpsContext, io.StringIO]:
+    loaded = load_text(text, "slurm-test.yaml")
+    out = io.StringIO()
+    ctx = OpsContext(loaded=loaded, desired=compile_spec(loaded), console=Console(file=out, width=200))
+    return ctx, out
+
+
+def procs_with(marker: str) -> list[str]:
+    """Command lines of live processes mentioning marker (nodes share this machine's pid namespace)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd and "pytest" not in cmd:
+            found.append(f"{p.name}: {cmd}")
+    return found
+
+
+def wait_until(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def test_rendered_script_accepted_by_sbatch_test_only(slurm_ns: dict[str, str]) -> None:
+    ctx, _ = make_ctx(spec_text(unique("slt"), slurm_ns["vllm"], extra_target="  partition: debug"))
+    r = sbatch_test_only(LocalRunner(), ctx.desired, ctx.spec, str(JOBS / "test-only.sbatch"))
+    assert r.rc == 0, r.err
+    assert "to start at" in r.err  # "sbatch: Job N to start at ... using K processors on nodes n1"
+
+
+def test_sbatch_test_only_rejects_too_many_gpus(slurm_ns: dict[str, str]) -> None:
+    """The check can fail: a slot asking 6 GPUs does not fit nodes with 4."""
+    text = spec_text(unique("slt"), slurm_ns["vllm"]).replace("{name: slot-b, gpus: 2}", "{name: slot-b, gpus: 6}")
+    text = text.replace("decode: {replicas: 1,", "decode: {replicas: 1, tensor_parallel: 6,")
+    ctx, _ = make_ctx(text)
+    r = sbatch_test_only(LocalRunner(), ctx.desired, ctx.spec, str(JOBS / "test-only-6.sbatch"))
+    assert r.rc != 0
+
+
+def test_apply_status_plan_destroy(slurm_ns: dict[str, str]) -> None:
+    name = unique("sle")
+    ctx, out = make_ctx(spec_text(name, slurm_ns["vllm"]))
+    backend = SlurmBackend(poll_s=0.5)
+    try:
+        assert backend.apply(ctx, None) == 0
+        text = out.getvalue()
+        assert "Ready: job" in text and "endpoint http://10.202.0." in text, text
+        assert "canary:" in text
+        # real processes: one stand-in engine per role and the builtin router
+        assert len(procs_with(f"/models/{name}")) >= 2, procs_with(f"/models/{name}")
+        assert procs_with(f"{JOBS}/{name}/router.json")
+        # the job runs on two different nodes (het components), reachable at their own addresses
+        jobs = list_jobs(LocalRunner(), f"disaggctl-{name}")
+        assert len(jobs) == 1 and len(jobs[0].nodes) == 2 and jobs[0].nodes[0] != jobs[0].nodes[1]
+        tag = jobs[0].tag
+        assert tag is not None and tag.state == "ready" and tag.endpoint.startswith("http://10.202.0.")
+        # status: job + health; plan: nothing to do; apply again: no new job
+        out.truncate(0)
+        assert backend.status(ctx) == 0
+        assert "health 200" in out.getvalue(), out.getvalue()
+        assert backend.plan(ctx, None, detailed_exitcode=True) == 0
+        assert backend.apply(ctx, None) == 0
+        assert [j.job_id for j in list_jobs(LocalRunner(), f"disaggctl-{name}")] == [jobs[0].job_id]
+        # a changed spec is a change: plan says cancel + submit
+        changed, _ = make_ctx(spec_text(name, slurm_ns["vllm"]).replace("port: 8000", "port: 8001"))
+        assert backend.plan(changed, None, detailed_exitcode=True) == 2
+    finally:
+        backend.destroy(ctx)
+    assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
+    wait_until(lambda: not procs_with(f"/models/{name}") and not procs_with(f"{JOBS}/{name}/"), 30,
+               "job processes to exit")
+    # the job shut down cleanly, in order (router, prefill, decode), through its trap
+    state = cli.parse_state_file((JOBS / name / f"state.{jobs[0].job_id}").read_text())
+    assert state["state"] == "stopped"
+    log = (JOBS / name / f"slurm-{jobs[0].job_id}.out").read_text()
+    order = [log.index(f"{n} stopped") for n in ("router", "prefill-0", "decode-0")]
+    assert order == sorted(order), log
+
+
+def test_failed_start_reports_output_lines(slurm_ns: dict[str, str]) -> None:
+    name = unique("slf")
+    bad = JOBS / "bin" / "broken-vllm"
+    bad.write_text("#!/bin/sh\necho \"fatal: cannot load model $3 (simulated)\" >&2\nexit 3\n")
+    bad.chmod(0o755)
+    ctx, _ = make_ctx(spec_text(name, str(bad)))
+    backend = SlurmBackend(poll_s=0.5)
+    try:
+        with pytest.raises(DisaggError) as e:
+            backend.apply(ctx, None)
+        msg = str(e.value)
+        assert "FAILED" in msg and "exited before" in msg, msg
+        assert "fatal: cannot load model" in msg, msg  # the failing step's own output
+    finally:
+        backend.destroy(ctx)
+    assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
+    assert not procs_with(f"/models/{name}")
+
+
+def test_hostile_values_reach_the_process_byte_for_byte(slurm_ns: dict[str, str]) -> None:
+    """extra_args and env with quotes, $, backticks, %, ; and backslashes arrive unchanged in the real job."""
+    name = unique("slq")
+    hostile = "a b'c\"d$HOME`id`%j;e\\f*"
+    record = JOBS / f"{name}.args"
+    wrapper = JOBS / "bin" / f"{name}-vllm"
+    # a vllm that records its argv and env, then becomes the stand-in
+    wrapper.write_text(
+        "#!/usr/bin/python3\nimport json, os, sys\n"
+        f"open({str(record)!r}, 'a').write(json.dumps([sys.argv[1:], os.environ.get('HOSTILE')]) + '\\n')\n"
+        f"os.execv('/usr/bin/python3', ['/usr/bin/python3', {str(STANDIN)!r}] + sys.argv[1:])\n")
+    wrapper.chmod(0o755)
+    data = yaml.safe_load(spec_text(name, str(wrapper)))
+    data["prefill"]["extra_args"] = ["--standin-note", hostile]
+    data["prefill"]["env"] = {"HOSTILE": hostile}
+    ctx, _ = make_ctx(yaml.safe_dump(data))
+    prefill = ctx.desired.process("prefill-0")
+    assert prefill.argv[-1] == hostile and prefill.env["HOSTILE"] == hostile
+    backend = SlurmBackend(poll_s=0.5)
+    try:
+        ctx.options["skip_canary"] = True
+        assert backend.apply(ctx, None) == 0
+        lines = [line for line in record.read_text().splitlines() if "standin-note" in line]
+        argv, env_value = json.loads(lines[0])
+        assert argv[-1] == hostile and env_value == hostile
+    finally:
+        backend.destroy(ctx)
+
+
+def test_successor_takes_over_before_the_time_limit(slurm_ns: dict[str, str]) -> None:
+    """time limit 2 min, lead 1 min: the job submits a successor after 60 s (excluding its own nodes);
+    the successor comes up on the two other nodes, switches the endpoint file to its router and
+    releases the old job, which shuts down cleanly."""
+    name = unique("sls")
+    ctx, _ = make_ctx(spec_text(name, slurm_ns["vllm"], time_limit="2", successor=True))
+    backend = SlurmBackend(poll_s=0.5)
+    run = LocalRunner()
+    jobname = f"disaggctl-{name}"
+    try:
+        assert backend.apply(ctx, None) == 0
+        first = list_jobs(run, jobname)[0]
+        endpoint_file = JOBS / name / "endpoint"
+        assert cli.parse_state_file(endpoint_file.read_text())["job"] == first.job_id
+
+        def switched() -> bool:
+            return cli.parse_state_file(endpoint_file.read_text()).get("job") not in (None, first.job_id)
+
+        wait_until(switched, 150, "the successor to take over the endpoint")
+        ep = cli.parse_state_file(endpoint_file.read_text())
+        second = ep["job"]
+        wait_until(lambda: [j.job_id for j in list_jobs(run, jobname)] == [second], 90, "the old job to leave")
+        new = list_jobs(run, jobname)[0]
+        assert set(new.nodes).isdisjoint(first.nodes), (new.nodes, first.nodes)
+        # the endpoint serves through the successor's router: the full canary passes there
+        urls = cli.parse_state_file((JOBS / name / f"state.{second}").read_text())
+        backend.check_health(ctx, ep["endpoint"], {k[4:]: v for k, v in urls.items() if k.startswith("url.")})
+        old_log = (JOBS / name / f"slurm-{first.job_id}.out").read_text()
+        assert "submitted successor job" in old_log and "stopped" in old_log, old_log
+        new_log = (JOBS / name / f"slurm-{second}.out").read_text()
+        assert f"releasing predecessor job {first.job_id}" in new_log, new_log
+    finally:
+        backend.destroy(ctx)
+    assert list_jobs(run, jobname) == []
+    wait_until(lambda: not procs_with(f"/models/{name}"), 30, "job processes to exit")
+
+
+def test_render_matches_what_runs(slurm_ns: dict[str, str]) -> None:
+    """The hash in the script's comment is what Slurm shows for the submitted job."""
+    ctx, _ = make_ctx(spec_text(unique("slh"), slurm_ns["vllm"]))
+    script = script_of(render_slurm(ctx.desired, ctx.spec)).content
+    r = LocalRunner().run(cli.sbatch_argv(["--hold"]), input=script.encode())
+    assert r.ok, r.err
+    job = cli.parse_sbatch(r.out)
+    try:
+        shown = LocalRunner().run(cli.scontrol_job_argv(job))
+        jobs = cli.parse_scontrol_jobs(shown.out)
+        assert jobs[0].tag is not None and jobs[0].tag.hash in script
+        assert len(jobs[0].nodes) == 2  # two het components
+    finally:
+        LocalRunner().run(cli.scancel_argv(job))
