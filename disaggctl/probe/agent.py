@@ -113,3 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     json.dump(probe(mode), sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
     return 0
+
+
+if __name__ == "__main__":  # python3 -m disaggctl.probe.agent, from a checkout
+    sys.exit(main())
