@@ -69,7 +69,8 @@ def register(app: typer.Typer) -> None:
                 topo_file.hosts[r.host] = r.topology
         out.write_text(dump_topology(topo_file))
         failed = [r.host for r in results if not r.ok]
-        degraded = [r.host for r in results if r.ok and r.topology and r.topology.bad_gpus | _host_errors(r.topology)]
+        degraded = [r.host for r in results
+                    if r.ok and r.topology and any(p.severity == "error" for p in r.topology.problems)]
         console.print(f"wrote {out} ({len(topo_file.hosts)} of {len(results)} hosts)")
         if failed:
             console.print(f"[red]failed: {', '.join(failed)}[/red]")
@@ -111,8 +112,3 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             console.print(f"wrote {out}")
 
-
-def _host_errors(topo: object) -> set[int]:
-    """-1 stands for a host-wide error problem (gpu None), so it counts as degraded."""
-    problems = getattr(topo, "problems", [])
-    return {-1 for p in problems if p.severity == "error" and p.gpu is None}
