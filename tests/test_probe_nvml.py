@@ -212,3 +212,27 @@ def test_bad_agent_output() -> None:
         run_agent(_Bad(0, b"not json", b""))
     with pytest.raises(ProbeFailed, match="no valid topology"):
         run_agent(_Bad(0, b'{"gpus": [{"index": "x"}]}', b""))
+
+
+def test_shipped_modules_are_stdlib_and_python38() -> None:
+    """The hosts may run an old python3 with nothing installed: check what the bundle ships."""
+    import ast
+
+    from disaggctl.probe.bundle import MODULES
+
+    for name in MODULES:
+        src = (REPO / "disaggctl" / "probe" / f"{name}.py").read_text()
+        tree = ast.parse(src, feature_version=(3, 8))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                mods = [node.module or ""]
+            else:
+                continue
+            for m in mods:
+                top = m.split(".")[0]
+                assert top in sys.stdlib_module_names or top in ("__future__", "pynvml"), f"{name}: imports {m}"
+        for newer in ("removeprefix", "removesuffix", "strict=", "match ", "functools.cache\n"):
+            assert newer not in src, f"{name}.py uses {newer!r} (not in Python 3.8)"
+        assert "from __future__ import annotations" in src  # PEP 604/585 annotations stay strings

@@ -66,7 +66,7 @@ def parse_topo(text: str) -> dict[str, Any]:
         rest = cells[ncols:]
         if len(matrix) < ncols or not rest:
             warnings.append(f"topo -m: row {label} is cut short; parsed what is there")
-        # index loops, not zip(strict=...): the agent must run on the hosts' Python 3.8+
+        # index loops, not a strict zip: the agent must run on the hosts' Python 3.8+
         gpu["nvlink_peers"] = sorted(
             int(cols[j][3:]) for j in range(len(matrix))
             if cols[j].startswith("GPU") and cols[j] != label and matrix[j].startswith("NV")
