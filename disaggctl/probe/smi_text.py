@@ -167,7 +167,7 @@ def parse_query_csv(text: str) -> dict[str, Any]:
             vals = [v.strip() for v in row.split(",")]
             if len(vals) != len(cols):
                 break
-            rec = dict(zip(cols, vals, strict=True))
+            rec = {cols[k]: vals[k] for k in range(len(cols))}  # lengths checked above; no zip(strict) on 3.8
             gpu: dict[str, Any] = {"index": int(rec["index"]) if rec.get("index", "").isdigit() else n}
             for col, key in _CSV_FIELDS.items():
                 if clean(rec.get(col)):
