@@ -306,6 +306,24 @@ class Connection:
             chan.close()
         return CommandResult(rc, b"".join(out), b"".join(err))
 
+    def stream(self, argv: list[str], on_line: Callable[[str], None], sudo: bool = False) -> int:
+        """Run argv and hand each output line (stdout and stderr merged) to on_line as it arrives."""
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise SshError(self.name, "connection is closed")
+        chan = transport.open_session()
+        try:
+            chan.set_combine_stderr(True)
+            chan.exec_command(self.command_line(argv, sudo))
+            chan.shutdown_write()
+            for raw in chan.makefile("rb"):
+                on_line(raw.decode(errors="replace").rstrip("\n"))
+            return chan.recv_exit_status()
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise SshError(self.name, f"connection lost running {argv[0]}: {e}") from None
+        finally:
+            chan.close()
+
     def check(
         self, argv: list[str], input: bytes | None = None, timeout: float | None = None, sudo: bool = False
     ) -> CommandResult:

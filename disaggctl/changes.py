@@ -1,0 +1,383 @@
+"""The Terraform-style plan: what is on each host, what should be, and the actions between. Pure.
+
+    Observed   one host as read by the observe script: manifest, file hashes/modes, unit states
+    HostPlan   per host: file actions (create/update/delete/unchanged) and unit actions
+               (create/restart/delete/unchanged) with a reason for each restart
+    Plan       all hosts plus what it was computed against (observed hashes, rendered hashes),
+               saved as JSON by `plan -o` and refused by `apply plan.json` when either moved
+
+Restarts follow from changes: a unit restarts when its unit file, a config file it reads or the
+secrets changed, when it is not running, or when its running command line differs from the
+unit; with LMCache a restarted prefill also restarts the decode instances it pushes KV to
+(their receiver state is per sender connection).
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from disaggctl.deployment import DesiredState, Rendered, RenderedFile
+from disaggctl.errors import DisaggError
+from disaggctl.manifest import Manifest, parse_manifest
+
+PLAN_VERSION = 1
+UNIT_DIR = "/etc/systemd/system/"
+
+# KV connectors whose decode side must restart when a prefill it peers with restarts
+PEER_RESTART_KINDS = {"lmcache"}
+
+
+class Action(StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    RESTART = "restart"
+    DELETE = "delete"
+    UNCHANGED = "unchanged"
+
+
+# --------------------------------------------------------------------------- observed state
+
+
+@dataclass(frozen=True)
+class FileFact:
+    sha256: str | None  # None: missing
+    mode: int | None
+
+
+@dataclass(frozen=True)
+class UnitFact:
+    unit: str
+    load_state: str = ""
+    active_state: str = ""
+    sub_state: str = ""
+    main_pid: int = 0
+    n_restarts: int = 0
+    unit_file_state: str = ""
+    need_reload: bool = False
+    cmdline: list[str] | None = None  # of MainPID when running
+
+    @property
+    def running(self) -> bool:
+        return self.active_state in ("active", "reloading") and self.sub_state != "auto-restart"
+
+
+@dataclass
+class Observed:
+    host: str
+    manifest: Manifest | None = None
+    files: dict[str, FileFact] = field(default_factory=dict)
+    units: dict[str, UnitFact] = field(default_factory=dict)
+    error: str | None = None  # unreachable, observe failed
+
+    def against(self) -> dict[str, str | None]:
+        """What a plan records of this host: path -> sha256 (None when missing), manifest spec hash."""
+        out: dict[str, str | None] = {p: f.sha256 for p, f in sorted(self.files.items())}
+        out["@manifest"] = self.manifest.spec_hash if self.manifest else None
+        return out
+
+
+def parse_observe(host: str, text: str) -> Observed:
+    """Parse the observe script's output (sections @@manifest, @@files, @@unit NAME, @@cmdline)."""
+    obs = Observed(host)
+    section = ""
+    manifest_lines: list[str] = []
+    current: dict[str, str] = {}
+    unit_name = ""
+
+    def flush_unit() -> None:
+        if unit_name:
+            cmd = current.get("@cmdline")
+            obs.units[unit_name] = UnitFact(
+                unit=unit_name,
+                load_state=current.get("LoadState", ""),
+                active_state=current.get("ActiveState", ""),
+                sub_state=current.get("SubState", ""),
+                main_pid=int(current.get("MainPID", "0") or 0),
+                n_restarts=int(current.get("NRestarts", "0") or 0),
+                unit_file_state=current.get("UnitFileState", ""),
+                need_reload=current.get("NeedDaemonReload", "no") == "yes",
+                cmdline=_decode_cmdline(cmd) if cmd is not None else None,
+            )
+
+    for line in text.split("\n"):
+        if line.startswith("@@unit "):
+            flush_unit()
+            section, unit_name, current = "unit", line[7:].strip(), {}
+            continue
+        if line in ("@@manifest", "@@files", "@@end"):
+            section = line[2:]
+            continue
+        if section == "manifest":
+            manifest_lines.append(line)
+        elif section == "files" and line:
+            sha, mode, path = line.split(" ", 2)
+            obs.files[path] = FileFact(None if sha == "-" else sha, None if mode == "-" else int(mode, 8))
+        elif section == "unit" and "=" in line:
+            k, _, v = line.partition("=")
+            current[k] = v
+    flush_unit()
+    obs.manifest = parse_manifest("\n".join(manifest_lines).strip() or None)
+    return obs
+
+
+def _decode_cmdline(b64: str) -> list[str]:
+    raw = base64.b64decode(b64.strip() or b"")
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw else []
+
+
+# --------------------------------------------------------------------------- plan model
+
+
+class FileChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    action: Action
+    mode: int | None = None
+    secret: bool = False
+    old_sha256: str | None = None
+    new_sha256: str | None = None
+    reason: str = ""
+
+
+class UnitChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    unit: str
+    process: str | None = None  # None for the target unit
+    role: str | None = None
+    start_order: int = 0
+    action: Action
+    reason: str = ""
+
+
+class HostPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str
+    files: list[FileChange] = Field(default_factory=list)
+    units: list[UnitChange] = Field(default_factory=list)
+    against: dict[str, str | None] = Field(default_factory=dict)  # observed path -> sha256 at plan time
+    error: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return any(c.action is not Action.UNCHANGED for c in self.files) or any(
+            c.action is not Action.UNCHANGED for c in self.units
+        )
+
+    def files_with(self, *actions: Action) -> list[FileChange]:
+        return [c for c in self.files if c.action in actions]
+
+    def units_with(self, *actions: Action) -> list[UnitChange]:
+        return [c for c in self.units if c.action in actions]
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = PLAN_VERSION
+    deployment: str
+    target: str = "systemd"
+    spec_file: str = ""
+    profiles: list[str] = Field(default_factory=list)
+    topology_file: str | None = None
+    spec_hash: str = ""
+    created_at: str = ""
+    hosts: list[HostPlan] = Field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return any(h.changed for h in self.hosts)
+
+    def host(self, name: str) -> HostPlan:
+        for h in self.hosts:
+            if h.host == name:
+                return h
+        raise KeyError(name)
+
+    def counts(self) -> dict[str, int]:
+        out = {a.value: 0 for a in Action}
+        for h in self.hosts:
+            for a in [c.action for c in h.files] + [c.action for c in h.units]:
+                out[a.value] += 1
+        return out
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+def load_plan(text: str, where: str) -> Plan:
+    try:
+        return Plan.model_validate(json.loads(text))
+    except ValueError as e:
+        raise DisaggError(f"{where}: not a disaggctl plan ({str(e).splitlines()[0]})") from None
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def _file_change(f: RenderedFile, fact: FileFact | None) -> FileChange:
+    old = fact.sha256 if fact else None
+    base = {"path": f.path, "mode": f.mode, "secret": f.secret, "old_sha256": old, "new_sha256": f.sha256}
+    if old is None:
+        return FileChange(action=Action.CREATE, reason="missing", **base)
+    if old != f.sha256:
+        return FileChange(action=Action.UPDATE, reason="content differs", **base)
+    if fact is not None and fact.mode is not None and fact.mode != f.mode:
+        return FileChange(action=Action.UPDATE, reason=f"mode {fact.mode:o} -> {f.mode:o}", **base)
+    return FileChange(action=Action.UNCHANGED, **base)
+
+
+def diff_host(
+    desired: DesiredState, rendered: Rendered, obs: Observed, unit_of: Mapping[str, str], target_unit: str
+) -> HostPlan:
+    """Actions that take `obs` to what `rendered` says for this host. unit_of: process -> unit name."""
+    host = obs.host
+    plan = HostPlan(host=host, against=obs.against())
+    wanted = {f.path: f for f in rendered.for_host(host)}
+    for f in wanted.values():
+        plan.files.append(_file_change(f, obs.files.get(f.path)))
+    owned = obs.manifest.files if obs.manifest else {}
+    for path in sorted(set(owned) - set(wanted)):
+        fact = obs.files.get(path)
+        if fact is None or fact.sha256 is not None:
+            plan.files.append(
+                FileChange(
+                    path=path,
+                    action=Action.DELETE,
+                    secret=owned[path].secret,
+                    old_sha256=fact.sha256 if fact else None,
+                    reason="no longer in the spec",
+                )
+            )
+    changed = {c.path: c for c in plan.files if c.action in (Action.CREATE, Action.UPDATE)}
+    secrets_changed = [p for p, c in changed.items() if c.secret]
+
+    procs = sorted(desired.on_host(host), key=lambda p: p.start_order)
+    for p in procs:
+        unit = unit_of[p.name]
+        unit_path = UNIT_DIR + unit
+        uf = obs.units.get(unit)
+        base = {"unit": unit, "process": p.name, "role": p.role.value, "start_order": p.start_order}
+        reasons: list[str] = []
+        if unit_path in changed and changed[unit_path].action is Action.CREATE:
+            plan.units.append(UnitChange(action=Action.CREATE, reason="new unit", **base))
+            continue
+        if unit_path in changed:
+            reasons.append("unit file changed")
+        for name in p.files:
+            cfg = f"{desired.config_dir}/{name}"
+            if cfg in changed:
+                reasons.append(f"{name} changed")
+        if secrets_changed:
+            reasons.append("secrets changed")
+        if uf is None or not uf.running:
+            state = f"{uf.active_state}/{uf.sub_state}" if uf and uf.active_state else "unknown"
+            reasons.append(f"not running ({state})")
+        elif uf.need_reload and unit_path not in changed:
+            reasons.append("unit file on disk differs from the loaded unit")
+        elif uf.cmdline is not None and not same_command(uf.cmdline, p.argv):
+            reasons.append("running command line differs from the unit")
+        if reasons:
+            plan.units.append(UnitChange(action=Action.RESTART, reason="; ".join(reasons), **base))
+        else:
+            plan.units.append(UnitChange(action=Action.UNCHANGED, **base))
+
+    tpath = UNIT_DIR + target_unit
+    if tpath in wanted:
+        act = Action.CREATE if tpath in changed and changed[tpath].action is Action.CREATE else Action.UNCHANGED
+        plan.units.append(UnitChange(unit=target_unit, action=act, start_order=99, reason="groups the deployment"))
+    if obs.manifest:
+        old_units = [*obs.manifest.units, *([obs.manifest.target_unit] if obs.manifest.target_unit else [])]
+        for u in old_units:
+            if UNIT_DIR + u not in wanted:
+                plan.units.append(UnitChange(unit=u, action=Action.DELETE, reason="no longer in the spec"))
+    return plan
+
+
+def same_command(cmdline: list[str], argv: list[str]) -> bool:
+    """A wrapper (`vllm` a script that execs python) changes argv[0..k]; the arguments must match."""
+    args = argv[1:]
+    return cmdline[len(cmdline) - len(args) :] == args if len(cmdline) >= len(args) else False
+
+
+def peer_restarts(plans: list[HostPlan], kv_kind: str) -> None:
+    """With connectors whose decode state is per prefill connection, restart decode with prefill."""
+    if kv_kind not in PEER_RESTART_KINDS:
+        return
+    restarted = [c.process for h in plans for c in h.units if c.role == "prefill" and c.action is Action.RESTART]
+    if not restarted:
+        return
+    for h in plans:
+        for i, c in enumerate(h.units):
+            if c.role == "decode" and c.action is Action.UNCHANGED:
+                why = f"peers with restarted {', '.join(p or '' for p in restarted)} ({kv_kind})"
+                h.units[i] = c.model_copy(update={"action": Action.RESTART, "reason": why})
+
+
+def make_plan(
+    desired: DesiredState,
+    rendered: Rendered,
+    observed: Mapping[str, Observed],
+    unit_of: Mapping[str, str],
+    target_unit: str,
+    digest: str,
+    meta: Mapping[str, Any] | None = None,
+) -> Plan:
+    hosts: list[HostPlan] = []
+    for host, obs in observed.items():
+        if obs.error:
+            hosts.append(HostPlan(host=host, error=obs.error))
+            continue
+        if not rendered.for_host(host) and not obs.manifest:
+            continue  # a declared host this deployment never used
+        hosts.append(diff_host(desired, rendered, obs, unit_of, target_unit))
+    peer_restarts(hosts, desired.kv_kind)
+    return Plan(
+        deployment=desired.name,
+        spec_hash=digest,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        hosts=hosts,
+        **dict(meta or {}),
+    )
+
+
+def stale_reasons(saved: Plan, fresh: Plan) -> list[str]:
+    """Why a saved plan no longer applies: a host's files moved, or the spec renders differently."""
+    out: list[str] = []
+    if saved.spec_hash != fresh.spec_hash:
+        out.append("the spec (or a secret) renders differently than when the plan was made")
+    fresh_hosts = {h.host: h for h in fresh.hosts}
+    for h in saved.hosts:
+        now = fresh_hosts.get(h.host)
+        if now is None:
+            out.append(f"{h.host}: no longer part of the deployment")
+            continue
+        for path, sha in h.against.items():
+            cur = now.against.get(path)
+            if cur != sha:
+                what = "manifest" if path == "@manifest" else path
+                out.append(f"{h.host}: {what} changed since the plan ({_short(sha)} -> {_short(cur)})")
+    for name in fresh_hosts.keys() - {h.host for h in saved.hosts}:
+        out.append(f"{name}: joined the deployment after the plan was made")
+    return out
+
+
+def _short(sha: str | None) -> str:
+    return "missing" if sha is None else sha[:12]
+
+
+def unified_diff(path: str, old: str | None, new: str | None) -> str:
+    a = (old or "").splitlines(keepends=True)
+    b = (new or "").splitlines(keepends=True)
+    return "".join(difflib.unified_diff(a, b, fromfile=f"{path} (host)", tofile=f"{path} (spec)"))

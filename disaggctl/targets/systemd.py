@@ -1,0 +1,682 @@
+"""The systemd target: plan / apply / status / destroy / logs on hosts reached over SSH.
+
+    observe   one shell command per host: manifest, sha256 + mode of every file of interest,
+              `systemctl show` of every unit and the command line of its main process
+    plan      changes.make_plan (pure) over the rendered files and the observed hosts
+    apply     files (pending manifest first, atomic uploads), daemon-reload + enable, stop and
+              remove dropped units, then start decode, prefill, router (each phase on all hosts in
+              parallel, gated on /health), final manifest, and the canary through the router
+
+One SSH connection per host for the whole operation, hosts in parallel threads.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from disaggctl.changes import (
+    Action,
+    HostPlan,
+    Observed,
+    Plan,
+    load_plan,
+    make_plan,
+    parse_observe,
+    same_command,
+    stale_reasons,
+)
+from disaggctl.changes import unified_diff as _udiff
+from disaggctl.deployment import DesiredState, Process, Rendered
+from disaggctl.errors import DisaggError
+from disaggctl.manifest import (
+    OwnedFile,
+    OwnedProcess,
+    build_manifest,
+    manifest_path,
+    owned_list,
+    owned_list_path,
+    spec_hash,
+    state_path,
+)
+from disaggctl.render.systemd import render_systemd, systemd_target, target_name, unit_name
+from disaggctl.spec import SystemdTarget
+from disaggctl.ssh import Connection, SshError, connect, target_for
+
+if TYPE_CHECKING:
+    from disaggctl.spec import ClusterSpec
+    from disaggctl.targets import OpsContext
+    from disaggctl.ui import Phases
+
+T = TypeVar("T")
+
+# Reads everything a plan needs in one round trip. $1: the deployment's state folder, then the
+# paths the spec wants. Paths the manifest owns are added from $1/owned. Output sections:
+#   @@manifest (JSON) | @@files ("sha256 mode path", "- - path" when missing) | @@unit NAME (systemctl show)
+OBSERVE_SCRIPT = r"""
+d=$1; shift
+printf '@@manifest\n'; cat -- "$d/manifest.json" 2>/dev/null; printf '\n@@files\n'
+paths=$( { printf '%s\n' "$@"; cat -- "$d/owned" 2>/dev/null; } | sort -u)
+printf '%s\n' "$paths" | while IFS= read -r p; do
+  [ -n "$p" ] || continue
+  if [ -f "$p" ]; then s=$(sha256sum < "$p"); printf '%s %s %s\n' "${s%% *}" "$(stat -c %a -- "$p")" "$p"
+  else printf -- '- - %s\n' "$p"; fi
+done
+command -v systemctl >/dev/null 2>&1 || exit 0
+for u in $(printf '%s\n' "$paths" | sed -n 's#^/etc/systemd/system/\([^/ ]*\.\(service\|target\)\)$#\1#p'); do
+  printf '@@unit %s\n' "$u"
+  systemctl show --property=LoadState,ActiveState,SubState,MainPID,NRestarts,UnitFileState,NeedDaemonReload -- "$u"
+  pid=$(systemctl show --property=MainPID --value -- "$u")
+  if [ "${pid:-0}" -gt 0 ] && [ -r "/proc/$pid/cmdline" ]; then
+    printf '@cmdline='; base64 -w0 < "/proc/$pid/cmdline"; echo
+  fi
+done
+printf '@@end\n'
+"""
+
+# $1 config dir, $2 state dir, then units to stop and disable (dropped from the spec)
+PREPARE_SCRIPT = r"""
+mkdir -p -- "$1" "$2" || exit 1
+shift 2
+[ $# -gt 0 ] && command -v systemctl >/dev/null 2>&1 && systemctl disable --now -q -- "$@" 2>&1
+exit 0
+"""
+
+# $1 "reload" or "-", then files to remove, "--", then units to enable
+FINISH_FILES_SCRIPT = r"""
+reload=$1; shift
+while [ $# -gt 0 ] && [ "$1" != -- ]; do rm -f -- "$1"; shift; done
+[ $# -gt 0 ] && shift
+[ "$reload" = reload ] && { systemctl daemon-reload || exit 1; }
+[ $# -gt 0 ] && { systemctl enable -q -- "$@" || exit 1; }
+exit 0
+"""
+
+
+class ApplyError(DisaggError):
+    """A step failed on a host: names the host and unit, carries the journal tail."""
+
+    def __init__(self, host: str, unit: str | None, message: str, journal: str = "") -> None:
+        self.host, self.unit, self.journal = host, unit, journal
+        where = f"{host}: {unit}: " if unit else f"{host}: "
+        super().__init__(where + message)
+
+
+@dataclass
+class Context:
+    """Everything an operation derives from the spec once."""
+
+    spec: ClusterSpec
+    target: SystemdTarget
+    desired: DesiredState
+    rendered: Rendered
+    digest: str
+    unit_of: dict[str, str]  # process -> unit
+    target_unit: str
+    hosts: list[str]  # every declared host (a dropped host may still hold owned files)
+
+    @property
+    def state_dir(self) -> str:
+        return state_path(self.target.state_dir, self.desired.name)
+
+
+def build_context(spec: ClusterSpec, desired: DesiredState, secrets: Mapping[str, str] | None) -> Context:
+    t = systemd_target(spec)
+    rendered = render_systemd(desired, spec, secrets)
+    return Context(
+        spec=spec,
+        target=t,
+        desired=desired,
+        rendered=rendered,
+        digest=spec_hash(rendered),
+        unit_of={p.name: unit_name(t.unit_prefix, desired.name, p.name) for p in desired.processes},
+        target_unit=target_name(t.unit_prefix, desired.name),
+        hosts=[h.name for h in spec.hosts],
+    )
+
+
+def operator_secrets(spec: ClusterSpec) -> dict[str, str]:
+    t = systemd_target(spec)
+    return {k: os.environ[k] for k in t.secrets if k in os.environ}
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class Hosts:
+    """One open SSH connection per host, used by every phase of an operation."""
+
+    def __init__(self, spec: ClusterSpec, names: list[str], connector: Callable[..., Connection] = connect) -> None:
+        self.spec = spec
+        self.conns: dict[str, Connection] = {}
+        self.errors: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(64, len(names))))
+
+        def one(name: str) -> tuple[str, Connection | None, str | None]:
+            try:
+                return name, connector(target_for(spec, name)), None
+            except DisaggError as e:
+                return name, None, str(e)
+
+        for name, conn, err in self._pool.map(one, names):
+            if conn is not None:
+                self.conns[name] = conn
+            else:
+                self.errors[name] = err or f"{name}: unreachable"
+
+    def map(self, names: list[str], fn: Callable[[Connection], T]) -> dict[str, T | BaseException]:
+        def one(name: str) -> tuple[str, T | BaseException]:
+            try:
+                return name, fn(self.conns[name])
+            except Exception as e:  # one host's failure is reported, the others go on
+                return name, e
+
+        return dict(self._pool.map(one, names))
+
+    def close(self) -> None:
+        for c in self.conns.values():
+            c.close()
+        self._pool.shutdown(wait=False)
+
+    def __enter__(self) -> Hosts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def observe(conn: Connection, ctx: Context) -> Observed:
+    paths = [f.path for f in ctx.rendered.for_host(conn.name)]
+    r = conn.run(["sh", "-c", OBSERVE_SCRIPT, "observe", ctx.state_dir, *paths], sudo=True, timeout=120)
+    if r.rc != 0:
+        raise SshError(conn.name, f"observe failed (exit {r.rc}): {r.err.strip()[:300]}")
+    return parse_observe(conn.name, r.out)
+
+
+def observe_all(hosts: Hosts, ctx: Context) -> dict[str, Observed]:
+    out: dict[str, Observed] = {}
+    results = hosts.map(list(hosts.conns), lambda c: observe(c, ctx))
+    for name in ctx.hosts:
+        if name in hosts.errors:
+            out[name] = Observed(name, error=hosts.errors[name])
+        else:
+            res = results[name]
+            out[name] = Observed(name, error=str(res)) if isinstance(res, BaseException) else res
+    return out
+
+
+def compute_plan(ctx: Context, observed: Mapping[str, Observed], meta: Mapping[str, object]) -> Plan:
+    return make_plan(ctx.desired, ctx.rendered, observed, ctx.unit_of, ctx.target_unit, ctx.digest, meta)
+
+
+def plan_diffs(hosts: Hosts, ctx: Context, plan: Plan) -> dict[tuple[str, str], str]:
+    """Unified diffs of updated (non-secret) files: the old content is fetched only for those."""
+    wanted = {(f.host, f.path): f.content for f in ctx.rendered.files}
+    out: dict[tuple[str, str], str] = {}
+    for h in plan.hosts:
+        conn = hosts.conns.get(h.host)
+        for f in h.files:
+            if f.secret or f.action not in (Action.UPDATE, Action.CREATE, Action.DELETE) or conn is None:
+                continue
+            old = conn.get(f.path) if f.action is not Action.CREATE else None
+            out[(h.host, f.path)] = _udiff(
+                f.path, old.decode(errors="replace") if old else None, wanted.get((h.host, f.path))
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- apply steps
+
+
+def journal_tail(conn: Connection, unit: str, lines: int = 50) -> str:
+    try:
+        r = conn.run(["journalctl", "-u", unit, "-n", str(lines), "--no-pager"], sudo=True, timeout=30)
+        return r.out
+    except DisaggError as e:
+        return f"(journal unavailable: {e})"
+
+
+def _owned_processes(ctx: Context, host: str) -> dict[str, OwnedProcess]:
+    return {
+        p.name: OwnedProcess(
+            unit=ctx.unit_of[p.name],
+            role=p.role.value,
+            instance=p.instance,
+            http_port=p.http_port,
+            gpus=list(p.gpus),
+            start_order=p.start_order,
+            argv=list(p.argv),
+        )
+        for p in ctx.desired.on_host(host)
+    }
+
+
+def write_manifest(conn: Connection, ctx: Context, old: Observed | None, pending: bool) -> None:
+    host = conn.name
+    extra: dict[str, OwnedFile] | None = None
+    if pending:
+        extra = dict(old.manifest.files) if old and old.manifest else {}
+    has_units = bool(ctx.rendered.units.get(host))
+    m = build_manifest(
+        ctx.rendered,
+        host,
+        ctx.desired.name,
+        ctx.target_unit if has_units else None,
+        _owned_processes(ctx, host),
+        ctx.digest,
+        extra,
+    )
+    # owned first: a crash between the two leaves a list that is a superset of the manifest
+    conn.put(owned_list_path(ctx.target.state_dir, ctx.desired.name), owned_list(list(m.files)), 0o644)
+    conn.put(manifest_path(ctx.target.state_dir, ctx.desired.name), m.to_bytes(), 0o644)
+
+
+def push_files(conn: Connection, ctx: Context, hp: HostPlan, obs: Observed) -> None:
+    """Prepare folders, stop dropped units, pending manifest, atomic uploads, reload, enable."""
+    contents = {f.path: f for f in ctx.rendered.for_host(conn.name)}
+    dropped_units = [u.unit for u in hp.units_with(Action.DELETE)]
+    conn.check(
+        ["sh", "-c", PREPARE_SCRIPT, "prepare", ctx.desired.config_dir, ctx.state_dir, *dropped_units],
+        sudo=True,
+        timeout=120,
+    )
+    write_manifest(conn, ctx, obs, pending=True)
+    unit_changed = bool(dropped_units)
+    for f in hp.files_with(Action.CREATE, Action.UPDATE):
+        rf = contents[f.path]
+        conn.put(rf.path, rf.content.encode(), rf.mode)
+        unit_changed |= rf.path.startswith("/etc/systemd/system/")
+    removed = [f.path for f in hp.files_with(Action.DELETE)]
+    unit_changed |= any(p.startswith("/etc/systemd/system/") for p in removed)
+    enable = [u.unit for u in hp.units_with(Action.CREATE)]
+    if removed or unit_changed or enable:
+        argv = ["sh", "-c", FINISH_FILES_SCRIPT, "finish", "reload" if unit_changed else "-", *removed, "--", *enable]
+        conn.check(argv, sudo=True, timeout=300)
+
+
+def start_units(conn: Connection, units: list[str]) -> None:
+    """Restart (or start) units in order; on failure raise with the unit's journal tail."""
+    for unit in units:
+        r = conn.run(["systemctl", "restart", unit], sudo=True, timeout=600)
+        if r.rc != 0:
+            raise ApplyError(conn.name, unit, f"failed to start: {r.err.strip()}", journal_tail(conn, unit))
+
+
+def unit_alive(conn: Connection, unit: str) -> bool:
+    r = conn.run(["systemctl", "show", "--property=ActiveState,SubState", "--", unit], sudo=True, timeout=30)
+    props = dict(line.partition("=")[::2] for line in r.out.splitlines())
+    return props.get("ActiveState") in ("active", "activating", "reloading") and props.get("SubState") != "auto-restart"
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+class SystemdBackend:
+    """Backend protocol implementation (disaggctl.targets.Backend)."""
+
+    connector: Callable[..., Connection] = staticmethod(connect)  # tests may swap the connection factory
+
+    # ----- helpers
+
+    def _ctx(self, ctx: OpsContext, need_secrets: bool = True) -> Context:
+        """need_secrets False (logs, destroy): render without the operator's secret values."""
+        spec = ctx.spec
+        return build_context(spec, ctx.desired, operator_secrets(spec) if need_secrets else None)
+
+    def _meta(self, ctx: OpsContext) -> dict[str, object]:
+        opts = ctx.options
+        profiles = opts.get("profiles")
+        topo = opts.get("topology_file")
+        return {
+            "spec_file": os.path.abspath(ctx.loaded.file),
+            "profiles": list(profiles) if isinstance(profiles, list) else [],
+            "topology_file": str(topo) if topo else None,
+        }
+
+    # ----- plan
+
+    def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
+        from disaggctl.ui import print_plan
+
+        c = self._ctx(ctx)
+        with Hosts(c.spec, c.hosts, self.connector) as hosts:
+            observed = observe_all(hosts, c)
+            plan = compute_plan(c, observed, self._meta(ctx))
+            diffs = plan_diffs(hosts, c, plan) if ctx.diff else None
+        if ctx.output == "json":
+            sys.stdout.write(plan.to_json())
+        else:
+            print_plan(ctx.console, plan, diffs)
+        if out_file:
+            with open(out_file, "w") as f:
+                f.write(plan.to_json())
+            ctx.console.print(f"Saved the plan to {out_file}; apply it with `disaggctl apply {out_file}`.")
+        if any(h.error for h in plan.hosts):
+            return 1
+        return 2 if detailed_exitcode and plan.changed else 0
+
+    # ----- apply
+
+    def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
+        from disaggctl.ui import Phases, print_plan
+
+        c = self._ctx(ctx)
+        console = ctx.console
+        with Hosts(c.spec, c.hosts, self.connector) as hosts:
+            observed = observe_all(hosts, c)
+            plan = compute_plan(c, observed, self._meta(ctx))
+            bad = [h for h in plan.hosts if h.error]
+            if bad:
+                for h in bad:
+                    console.print(f"[red]{h.host}: {h.error}[/red]")
+                console.print("[red]Nothing was changed.[/red] Fix the hosts above and run apply again.")
+                return 1
+            if plan_file:
+                with open(plan_file) as f:
+                    saved = load_plan(f.read(), plan_file)
+                stale = stale_reasons(saved, plan)
+                if stale:
+                    console.print(f"[red]The saved plan {plan_file} is stale; nothing was changed:[/red]")
+                    for s in stale:
+                        console.print(f"  {s}")
+                    console.print("Run `disaggctl plan -o FILE` again.")
+                    return 1
+            print_plan(console, plan)
+            if not plan.changed:
+                return 0
+            if not ctx.yes and not plan_file and not _confirm(console):
+                console.print("Apply cancelled; nothing was changed.")
+                return 1
+            try:
+                with Phases(console) as phases:
+                    self._execute(c, hosts, plan, observed, phases)
+                    self._health(ctx, c, hosts, plan, phases)
+            except ApplyError as e:
+                console.print(f"[red bold]apply failed:[/red bold] {e}")
+                if e.journal:
+                    console.print(f"[dim]journalctl -u {e.unit} -n 50 on {e.host}:[/dim]")
+                    console.print(e.journal, markup=False, highlight=False)
+                console.print("Fix the cause and run apply again: it continues from what is on the hosts.")
+                return 1
+        console.print("[green]Apply complete.[/green]")
+        return 0
+
+    def _execute(self, c: Context, hosts: Hosts, plan: Plan, observed: Mapping[str, Observed], phases: Phases) -> None:
+        changed = [h for h in plan.hosts if h.changed]
+
+        def files(conn: Connection) -> None:
+            with phases.step(conn.name, "files"):
+                push_files(conn, c, plan.host(conn.name), observed[conn.name])
+
+        _raise_first(hosts.map([h.host for h in changed], files), "files")
+
+        # decode everywhere, then prefill, then the router: systemd orders units of one host only
+        orders = sorted({u.start_order for h in changed for u in h.units_with(Action.CREATE, Action.RESTART)})
+        for order in orders:
+            if order >= 99:
+                continue
+            todo = {
+                h.host: [u.unit for u in h.units_with(Action.CREATE, Action.RESTART) if u.start_order == order]
+                for h in changed
+            }
+            todo = {k: v for k, v in todo.items() if v}
+            role = _ROLE_NAME.get(order, f"order {order}")
+
+            def start(conn: Connection, units: Mapping[str, list[str]] = todo, role: str = role) -> None:
+                with phases.step(conn.name, f"start {role}"):
+                    start_units(conn, units[conn.name])
+
+            _raise_first(hosts.map(list(todo), start), f"start {role}")
+            procs = [
+                p
+                for p in c.desired.processes
+                if p.start_order == order and c.unit_of[p.name] in {u for us in todo.values() for u in us}
+            ]
+            self._wait(c, hosts, procs, phases, role)
+
+        def final(conn: Connection) -> None:
+            with phases.step(conn.name, "manifest"):
+                write_manifest(conn, c, observed[conn.name], pending=False)
+                if not c.rendered.for_host(conn.name):  # nothing left here: drop the state folder
+                    conn.run(["rm", "-rf", "--", c.state_dir], sudo=True)
+
+        _raise_first(hosts.map([h.host for h in changed], final), "manifest")
+
+    def _wait(self, c: Context, hosts: Hosts, procs: list[Process], phases: Phases, role: str) -> None:
+        from disaggctl.health import HealthError, wait_healthy
+
+        targets = {p.name: p.health_url for p in procs if p.health_url}
+        if not targets:
+            return
+        by_name = {p.name: p for p in procs}
+        h = c.spec.health
+
+        def alive(name: str) -> bool:
+            p = by_name[name]
+            return unit_alive(hosts.conns[p.host], c.unit_of[name])
+
+        with phases.step("all", f"health {role} ({len(targets)})"):
+            try:
+                wait_healthy({k: v for k, v in targets.items() if v}, h.startup_timeout_s, h.interval_s, alive=alive)
+            except HealthError as e:
+                p = by_name.get(e.name)
+                if p is None:
+                    raise ApplyError("?", None, str(e)) from None
+                conn = hosts.conns[p.host]
+                unit = c.unit_of[p.name]
+                raise ApplyError(p.host, unit, f"not healthy: {e.detail}", journal_tail(conn, unit)) from None
+
+    def _health(self, ctx: OpsContext, c: Context, hosts: Hosts, plan: Plan, phases: Phases) -> None:
+        """The end-to-end canary through the router, after any restart."""
+        from disaggctl.health import HealthError, run_canary
+
+        if not any(h.units_with(Action.CREATE, Action.RESTART) for h in plan.hosts):
+            return
+        h = c.spec.health
+        decode_metrics = [
+            p.health_url.rsplit("/", 1)[0] + "/metrics"
+            for p in c.desired.processes
+            if p.role.value == "decode" and p.health_url
+        ]
+        with phases.step("router", "canary"):
+            try:
+                res = run_canary(
+                    c.desired.router_url,
+                    c.desired.model_name,
+                    h.canary.prompt,
+                    h.canary.max_tokens,
+                    decode_metrics,
+                    h.request_timeout_s,
+                    h.canary.require_kv_transfer,
+                )
+            except HealthError as e:
+                router = next(p for p in c.desired.processes if p.role.value == "router")
+                unit = c.unit_of[router.name]
+                tail = journal_tail(hosts.conns[router.host], unit) if router.host in hosts.conns else ""
+                raise ApplyError(router.host, unit, f"canary failed: {e}", tail) from None
+        phases.note(
+            f"canary: {res.completion_tokens} tokens in {res.latency_s:.2f}s, "
+            f"{res.kv_tokens:g} prompt tokens received by decode from prefill"
+        )
+
+    # ----- status
+
+    def status(self, ctx: OpsContext) -> int:
+        from disaggctl.health import http_probe
+        from disaggctl.ui import StatusRow, print_status
+
+        c = self._ctx(ctx)
+        with Hosts(c.spec, c.hosts, self.connector) as hosts:
+            observed = observe_all(hosts, c)
+        plan = compute_plan(c, observed, {})
+        rows: list[StatusRow] = []
+        notes: list[str] = []
+        problems = False
+        for p in c.desired.processes:
+            obs = observed[p.host]
+            unit = c.unit_of[p.name]
+            if obs.error:
+                rows.append(StatusRow(p.name, p.host, unit, "unreachable", "?", _gpus(p), _port(p), [obs.error]))
+                problems = True
+                continue
+            uf = obs.units.get(unit)
+            state = f"{uf.active_state}/{uf.sub_state}" if uf and uf.load_state != "not-found" else "not installed"
+            health = "-"
+            if p.health_url:
+                ok, detail = http_probe(p.health_url, 3.0)
+                health = "ok" if ok else detail
+            drift = _drift(c, obs, p, unit)
+            problems |= bool(drift) or health not in ("ok", "-") or not (uf and uf.running)
+            rows.append(StatusRow(p.name, p.host, unit, state, health, _gpus(p), _port(p), drift))
+        if plan.changed:
+            notes.append("The hosts differ from the spec: run `disaggctl plan` to see the changes.")
+        if ctx.output == "json":
+            import json
+
+            sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
+        else:
+            print_status(ctx.console, c.desired.name, rows, notes)
+        return 1 if problems or plan.changed else 0
+
+    # ----- destroy
+
+    def destroy(self, ctx: OpsContext) -> int:
+        c = self._ctx(ctx, need_secrets=False)  # removal goes by the manifest
+        console = ctx.console
+        with Hosts(c.spec, c.hosts, self.connector) as hosts:
+            observed = observe_all(hosts, c)
+            owned = {h: o for h, o in observed.items() if o.manifest is not None}
+            for h, o in observed.items():
+                if o.error:
+                    console.print(f"[red]{h}: {o.error}[/red] (skipped: nothing removed there)")
+            if not owned:
+                console.print(f"Nothing to destroy: no host holds a manifest of {c.desired.name}.")
+                return 1 if any(o.error for o in observed.values()) else 0
+            for h, o in owned.items():
+                assert o.manifest is not None
+                console.print(f"[bold]{h}[/bold]")
+                for u in [*(o.manifest.units), *([o.manifest.target_unit] if o.manifest.target_unit else [])]:
+                    console.print(f"  [red]- stop+remove[/red] {u}")
+                for path in o.manifest.owned_paths():
+                    console.print(f"  [red]- delete[/red]      {path}")
+            if not ctx.yes and not _confirm(console, "Destroy these?"):
+                console.print("Destroy cancelled; nothing was changed.")
+                return 1
+
+            def remove(conn: Connection) -> None:
+                m = owned[conn.name].manifest
+                assert m is not None
+                units = [*m.units, *([m.target_unit] if m.target_unit else [])]
+                argv = ["sh", "-c", FINISH_FILES_SCRIPT, "finish", "reload", *m.owned_paths(), "--"]
+                conn.check(["sh", "-c", PREPARE_SCRIPT, "prepare", "/", "/", *units], sudo=True, timeout=300)
+                conn.check(argv, sudo=True, timeout=300)
+                conn.run(["rm", "-rf", "--", c.state_dir], sudo=True)
+                conn.run(["rmdir", "--ignore-fail-on-non-empty", "--", c.desired.config_dir], sudo=True)
+
+            results = hosts.map(list(owned), remove)
+        failed = {h: r for h, r in results.items() if isinstance(r, BaseException)}
+        for h, r in failed.items():
+            console.print(f"[red]{h}: destroy failed: {r}[/red]")
+        if not failed:
+            console.print(f"[green]Destroyed {c.desired.name} on {len(owned)} host(s).[/green]")
+        return 1 if failed or any(o.error for o in observed.values()) else 0
+
+    # ----- logs
+
+    def logs(self, ctx: OpsContext, role: str | None, instance: int | None, follow: bool, lines: int) -> int:
+        c = self._ctx(ctx, need_secrets=False)
+        procs = [
+            p
+            for p in c.desired.processes
+            if (role is None or p.role.value == role)
+            and (instance is None or p.instance == f"{p.role.value}-{instance}" or p.name == "router")
+        ]
+        if role is not None and instance is not None:
+            procs = [p for p in procs if p.instance == f"{role}-{instance}"]
+        if not procs:
+            raise DisaggError(f"no process matches --role {role} --instance {instance}")
+        by_host: dict[str, list[str]] = {}
+        for p in procs:
+            by_host.setdefault(p.host, []).append(c.unit_of[p.name])
+        out = sys.stdout
+        lock = threading.Lock()
+
+        def tail(conn: Connection) -> int:
+            argv = ["journalctl", "--no-pager", "-o", "short-iso", "-n", str(lines)]
+            for u in by_host[conn.name]:
+                argv += ["-u", u]
+            if follow:
+                argv.append("-f")
+
+            def emit(line: str) -> None:
+                with lock:
+                    out.write(f"{conn.name}: {line}\n")
+                    out.flush()
+
+            return conn.stream(argv, emit, sudo=True)
+
+        with Hosts(c.spec, list(by_host), self.connector) as hosts:
+            for h, e in hosts.errors.items():
+                ctx.console.print(f"[red]{h}: {e}[/red]")
+            results = hosts.map(list(hosts.conns), tail)
+        bad = [r for r in results.values() if isinstance(r, BaseException) or r != 0]
+        return 1 if bad or hosts.errors else 0
+
+
+_ROLE_NAME = {0: "decode", 1: "prefill", 2: "router"}
+
+
+def _raise_first(results: Mapping[str, object], phase: str) -> None:
+    for host, r in results.items():
+        if isinstance(r, ApplyError):
+            raise r
+        if isinstance(r, BaseException):
+            raise ApplyError(host, None, f"{phase}: {r}") from r
+
+
+def _confirm(console: object, question: str = "Apply these changes?") -> bool:
+    if not sys.stdin.isatty():
+        raise DisaggError("refusing to change hosts without confirmation: stdin is not a terminal; pass -y")
+    from rich.prompt import Confirm
+
+    return bool(Confirm.ask(question, default=False))
+
+
+def _gpus(p: Process) -> str:
+    return ",".join(str(g) for g in p.gpus) or "-"
+
+
+def _port(p: Process) -> str:
+    return str(p.http_port) if p.http_port else "-"
+
+
+def _drift(c: Context, obs: Observed, p: Process, unit: str) -> list[str]:
+    """Differences from what disaggctl wrote (hand edits) and from what should run."""
+    out: list[str] = []
+    m = obs.manifest
+    paths = [f"/etc/systemd/system/{unit}", *(f"{c.desired.config_dir}/{n}" for n in p.files)]
+    for path in paths:
+        fact = obs.files.get(path)
+        recorded = m.files.get(path) if m else None
+        if fact is None or fact.sha256 is None:
+            out.append(f"{path} missing")
+        elif recorded is not None and recorded.sha256 != fact.sha256:
+            out.append(f"{path} edited by hand")
+    uf = obs.units.get(unit)
+    if uf is not None and uf.load_state != "not-found":
+        if not uf.running:
+            out.append(f"unit {uf.active_state}")
+        elif uf.need_reload:
+            out.append("unit file changed since start")
+        elif uf.cmdline is not None and not same_command(uf.cmdline, p.argv):
+            out.append("command line differs")
+    return out
+
+
+def backend() -> SystemdBackend:
+    return SystemdBackend()

@@ -1,0 +1,322 @@
+"""plan / apply / status / destroy / logs against REAL systemd hosts (nspawn containers s1, s2).
+
+The processes are real: the stdlib stand-in engine (tests/support/standin_engine.py) behind a
+`vllm` wrapper script on each host, and the builtin router from the repository's venv (bind-
+mounted read-only into the containers by tests/infra/systemd_hosts.sh). Tests run in order and
+share one deployment; each leaves the hosts converged for the next.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from disaggctl.compile import compile_spec
+from disaggctl.loader import load_text
+from disaggctl.ssh import Connection, SshTarget, connect
+from disaggctl.targets import OpsContext
+from disaggctl.targets.systemd import SystemdBackend
+from tests.plugins.infra import TestHosts
+
+pytestmark = pytest.mark.infra
+
+REPO = Path(__file__).resolve().parents[1]
+STANDIN = REPO / "tests" / "support" / "standin_engine.py"
+PY = sys.executable  # the venv's python: the same path exists inside the containers (bind mount)
+
+# `vllm` on the hosts: the stand-in engine; FAIL_START=1 in the unit's environment makes it crash.
+WRAPPER = f"""#!/bin/sh
+if [ -n "$FAIL_START" ]; then echo "simulated engine crash: CUDA error: out of memory" >&2; exit 3; fi
+exec /usr/bin/python3 {STANDIN} "$@"
+"""
+
+SPEC = """
+name: sysd
+model: {{path: /models/tiny, served_name: tiny}}
+hosts:
+  - name: s1
+    address: 10.201.0.11
+    gpus: 2
+    ssh: {{key: "{key}", known_hosts: "{kh}", strict_host_keys: true, connect_timeout_s: 3}}
+  - name: s2
+    address: 10.201.0.12
+    gpus: 2
+    ssh: {{key: "{key}", known_hosts: "{kh}", strict_host_keys: true, connect_timeout_s: 3}}
+prefill: {{replicas: 1, hosts: {{names: [s1]}}{prefill_extra}}}
+decode: {{replicas: {dreps}{decode_extra}}}
+kv_transfer: {{kind: nixl, buffer_device: cpu}}
+router: {{host: s1, port: 8000, local_prefill_threshold: 4, request_timeout_s: {rto}}}
+target:
+  kind: systemd
+  vllm_bin: /opt/standin/vllm
+  python_bin: {py}
+  secrets: [DCTL_TEST_TOKEN]
+  start_timeout_s: 60
+health:
+  startup_timeout_s: {startup}
+  interval_s: 0.3
+  request_timeout_s: 10
+"""
+
+
+class Env:
+    def __init__(self, hosts: TestHosts, tmp: Path) -> None:
+        self.hosts = hosts
+        self.tmp = tmp
+        self.backend = SystemdBackend()
+        self.out = io.StringIO()
+
+    def spec_text(self, **kw: Any) -> str:
+        args = {"prefill_extra": "", "decode_extra": "", "dreps": 2, "rto": 600, "startup": 20, **kw}
+        return SPEC.format(key=self.hosts.key, kh=self.hosts.known_hosts, py=PY, **args)
+
+    def ctx(self, yes: bool = True, diff: bool = False, **kw: Any) -> OpsContext:
+        path = self.tmp / "spec.yaml"
+        text = self.spec_text(**kw)
+        path.write_text(text)
+        loaded = load_text(text, str(path))
+        self.out = io.StringIO()
+        console = Console(file=self.out, width=200, force_terminal=False, color_system=None)
+        return OpsContext(loaded=loaded, desired=compile_spec(loaded), console=console, yes=yes, diff=diff)
+
+    @property
+    def text(self) -> str:
+        return self.out.getvalue()
+
+    def conn(self, name: str) -> Connection:
+        return connect(
+            SshTarget(
+                name=name,
+                address=self.hosts.ip(name),
+                key=str(self.hosts.key),
+                known_hosts=str(self.hosts.known_hosts),
+                strict=True,
+            )
+        )
+
+    def sh(self, host: str, *argv: str) -> str:
+        with self.conn(host) as c:
+            return c.run(list(argv)).out
+
+    def show(self, host: str, unit: str, prop: str) -> str:
+        return self.sh(host, "systemctl", "show", "--value", f"--property={prop}", unit).strip()
+
+
+@pytest.fixture(scope="module")
+def env(
+    systemd_hosts: TestHosts,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Env]:
+    e = Env(systemd_hosts, tmp_path_factory.mktemp("sysd"))
+    for h in ("s1", "s2"):
+        with e.conn(h) as c:
+            c.run(["mkdir", "-p", "/opt/standin"])
+            c.put("/opt/standin/vllm", WRAPPER.encode(), 0o755)
+            # leftovers of an earlier session (the containers' /etc is a tmpfs overlay, but be sure)
+            c.run(
+                [
+                    "sh",
+                    "-c",
+                    "systemctl stop 'disaggctl-sysd*' 2>/dev/null; rm -rf /etc/disaggctl/sysd "
+                    "/var/lib/disaggctl/sysd /etc/systemd/system/disaggctl-sysd*; systemctl daemon-reload",
+                ]
+            )
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DCTL_TEST_TOKEN", 'tok "$1" %n')
+    yield e
+    mp.undo()
+
+
+UNITS = {
+    "s1": ["disaggctl-sysd-decode-0.service", "disaggctl-sysd-prefill-0.service", "disaggctl-sysd-router.service"],
+    "s2": ["disaggctl-sysd-decode-1.service"],
+}
+
+
+def _pids(env: Env) -> dict[str, str]:
+    return {u: env.show(h, u, "MainPID") for h, us in UNITS.items() for u in us}
+
+
+def test_01_plan_shows_creates_with_detailed_exitcode(env: Env) -> None:
+    ctx = env.ctx()
+    saved = env.tmp / "first.json"
+    assert env.backend.plan(ctx, str(saved), detailed_exitcode=True) == 2
+    assert "+ create    /etc/systemd/system/disaggctl-sysd-decode-1.service" in env.text
+    assert "secret, content hidden" in env.text and "tok" not in env.text
+    plan = json.loads(saved.read_text())
+    assert plan["spec_file"].endswith("spec.yaml") and {h["host"] for h in plan["hosts"]} == {"s1", "s2"}
+    assert "tok" not in saved.read_text()  # secrets never land in a saved plan
+
+
+def test_02_apply_starts_everything_and_passes_the_canary(env: Env) -> None:
+    rc = env.backend.apply(env.ctx(), None)
+    assert rc == 0, env.text
+    assert "canary:" in env.text and "Apply complete" in env.text
+    for h, units in UNITS.items():
+        for u in units:
+            assert env.show(h, u, "ActiveState") == "active", (h, u)
+            assert env.show(h, u, "UnitFileState") == "enabled", (h, u)
+    # order on one host: prefill waits for decode, the router for both
+    assert "disaggctl-sysd-decode-0.service" in env.show("s1", "disaggctl-sysd-prefill-0.service", "After")
+    stat = env.sh("s1", "stat", "-c", "%a", "/etc/disaggctl/sysd/secrets.env").strip()
+    assert stat == "600"
+    # the secret reached the process byte for byte (systemd EnvironmentFile parsing)
+    pid = env.show("s1", "disaggctl-sysd-decode-0.service", "MainPID")
+    environ = env.sh("s1", "cat", f"/proc/{pid}/environ").split("\0")
+    assert 'DCTL_TEST_TOKEN=tok "$1" %n' in environ
+    manifest = json.loads(env.sh("s2", "cat", "/var/lib/disaggctl/sysd/manifest.json"))
+    assert manifest["units"] == UNITS["s2"] and not manifest["pending"]
+    assert "/etc/disaggctl/sysd/secrets.env" in manifest["files"]
+
+
+def test_03_second_apply_reports_no_changes_and_touches_nothing(env: Env) -> None:
+    before = _pids(env)
+    mtime = env.sh("s1", "stat", "-c", "%Y.%N", "/var/lib/disaggctl/sysd/manifest.json")
+    assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 0
+    assert env.backend.apply(env.ctx(), None) == 0
+    assert "No changes." in env.text and "canary" not in env.text
+    assert _pids(env) == before
+    assert env.sh("s1", "stat", "-c", "%Y.%N", "/var/lib/disaggctl/sysd/manifest.json") == mtime
+    assert env.backend.status(env.ctx()) == 0, env.text
+
+
+def test_04_hand_edit_is_drift_and_reapply_restarts_only_the_router(env: Env) -> None:
+    env.sh("s1", "sh", "-c", 'sed -i \'s/"retries": 1/"retries": 3/\' /etc/disaggctl/sysd/router.json')
+    assert env.backend.status(env.ctx()) == 1
+    assert "/etc/disaggctl/sysd/router.json edited by hand" in env.text
+    assert env.backend.plan(env.ctx(diff=True), None, detailed_exitcode=True) == 2
+    assert "~ update    /etc/disaggctl/sysd/router.json" in env.text
+    assert '-  "retries": 3,' in env.text and '+  "retries": 1,' in env.text
+    assert "↻ restart   disaggctl-sysd-router.service  (router.json changed)" in env.text
+    before = _pids(env)
+    assert env.backend.apply(env.ctx(), None) == 0, env.text
+    after = _pids(env)
+    changed = {u for u in before if before[u] != after[u]}
+    assert changed == {"disaggctl-sysd-router.service"}
+    assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 0
+
+
+def test_05_stopped_unit_is_drift_and_reapply_starts_it(env: Env) -> None:
+    env.sh("s2", "systemctl", "stop", "disaggctl-sysd-decode-1.service")
+    assert env.backend.status(env.ctx()) == 1 and "unit inactive" in env.text
+    assert env.backend.apply(env.ctx(), None) == 0, env.text
+    assert "not running (inactive/dead)" in env.text
+    assert env.show("s2", "disaggctl-sysd-decode-1.service", "ActiveState") == "active"
+
+
+def test_06_saved_plan_is_refused_when_a_host_changed(env: Env) -> None:
+    saved = env.tmp / "plan.json"
+    assert env.backend.plan(env.ctx(rto=300), str(saved), detailed_exitcode=True) == 2
+    env.sh("s1", "sh", "-c", "echo '# hand edit' >> /etc/systemd/system/disaggctl-sysd-decode-0.service")
+    assert env.backend.apply(env.ctx(rto=300), str(saved)) == 1
+    assert "stale" in env.text and "s1: /etc/systemd/system/disaggctl-sysd-decode-0.service changed" in env.text
+    # a fresh plan applies and converges (the hand edit is overwritten)
+    assert env.backend.plan(env.ctx(rto=300), str(saved), detailed_exitcode=True) == 2
+    assert env.backend.apply(env.ctx(rto=300), str(saved)) == 0, env.text
+    assert "# hand edit" not in env.sh("s1", "cat", "/etc/systemd/system/disaggctl-sysd-decode-0.service")
+    # and a plan saved for one spec is refused for another
+    assert env.backend.plan(env.ctx(rto=300), str(saved), detailed_exitcode=True) == 0
+    assert env.backend.apply(env.ctx(rto=200), str(saved)) == 1 and "renders differently" in env.text
+
+
+def test_07_unit_that_fails_to_start_names_host_unit_and_journal(env: Env) -> None:
+    ctx = env.ctx(rto=200, decode_extra=", env: {FAIL_START: '1'}")
+    assert env.backend.apply(ctx, None) == 1
+    text = env.text
+    assert "apply failed:" in text and "disaggctl-sysd-decode-" in text
+    assert "simulated engine crash: CUDA error: out of memory" in text  # the journal tail
+    # nothing lost: the manifest still names every file; re-running the good spec converges
+    m = json.loads(env.sh("s2", "cat", "/var/lib/disaggctl/sysd/manifest.json"))
+    assert "/etc/systemd/system/disaggctl-sysd-decode-1.service" in m["files"]
+    assert env.backend.apply(env.ctx(rto=200), None) == 0, env.text
+    assert env.backend.plan(env.ctx(rto=200), None, detailed_exitcode=True) == 0
+
+
+def test_08_health_that_never_passes_times_out_naming_the_instance(env: Env) -> None:
+    ctx = env.ctx(rto=200, startup=3, prefill_extra=", env: {STANDIN_FAIL_HEALTH: '1'}")
+    assert env.backend.apply(ctx, None) == 1
+    assert "s1: disaggctl-sysd-prefill-0.service: not healthy" in env.text
+    assert env.backend.apply(env.ctx(rto=200), None) == 0, env.text
+
+
+class _CutAfterFiles:
+    """A connector whose s2 connection drops (network cut, then closed) when units start."""
+
+    def __init__(self, hosts: TestHosts) -> None:
+        self.hosts = hosts
+
+    def __call__(self, target: SshTarget) -> Connection:
+        conn = connect(target)
+        if target.name != "s2":
+            return conn
+        real_run: Callable[..., Any] = conn.run
+
+        def run(argv: list[str], *a: Any, **kw: Any) -> Any:
+            if argv[:2] == ["systemctl", "restart"]:
+                subprocess.run(["ip", "link", "set", "tsysv2", "down"], check=True)
+                conn.client.close()
+            return real_run(argv, *a, **kw)
+
+        conn.run = run  # type: ignore[method-assign]
+        return conn
+
+
+GEN2 = ", env: {GEN: '2'}"  # changes both decode units (s1 and s2)
+
+
+def test_09_host_unreachable_mid_apply(env: Env) -> None:
+    backend = SystemdBackend()
+    backend.connector = _CutAfterFiles(env.hosts)  # type: ignore[assignment]
+    try:
+        assert backend.apply(env.ctx(rto=100, decode_extra=GEN2), None) == 1
+        assert "apply failed: s2:" in env.out.getvalue()
+        # still unreachable: refused before touching anything, naming the host
+        assert env.backend.apply(env.ctx(rto=100, decode_extra=GEN2), None) == 1
+        assert "s2: cannot connect" in env.text and "Nothing was changed" in env.text
+    finally:
+        subprocess.run(["ip", "link", "set", "tsysv2", "up"], check=True)
+    # nothing lost: s2's (pending) manifest names every file it may hold; re-apply converges
+    m = json.loads(env.sh("s2", "cat", "/var/lib/disaggctl/sysd/manifest.json"))
+    assert set(m["files"]) >= {"/etc/systemd/system/disaggctl-sysd-decode-1.service", "/etc/disaggctl/sysd/secrets.env"}
+    assert env.backend.apply(env.ctx(rto=100, decode_extra=GEN2), None) == 0, env.text
+    assert env.backend.plan(env.ctx(rto=100, decode_extra=GEN2), None, detailed_exitcode=True) == 0
+
+
+def test_10_logs_show_the_journal_per_host(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    assert env.backend.logs(env.ctx(rto=100), "decode", None, False, 20) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("s1: ") for line in out.splitlines())
+    assert any(line.startswith("s2: ") for line in out.splitlines())
+
+
+def test_11_scale_down_deletes_what_the_spec_dropped(env: Env) -> None:
+    ctx = env.ctx(rto=100, dreps=1)
+    assert [p.host for p in ctx.desired.processes if p.role.value == "decode"] == ["s1"]
+    assert env.backend.plan(ctx, None, detailed_exitcode=True) == 2
+    assert "- delete    /etc/systemd/system/disaggctl-sysd-decode-1.service" in env.text
+    assert "- delete    disaggctl-sysd-decode-1.service" in env.text
+    assert env.backend.apply(env.ctx(rto=100, dreps=1), None) == 0, env.text
+    assert env.sh("s2", "ls", "/etc/systemd/system/").count("disaggctl-sysd") == 0
+    assert "manifest.json" not in env.sh("s2", "ls", "/var/lib/disaggctl/sysd")
+
+
+def test_12_destroy_removes_exactly_what_the_manifest_owns(env: Env) -> None:
+    env.sh("s1", "touch", "/etc/disaggctl/sysd/not-ours.txt")
+    assert env.backend.destroy(env.ctx(rto=100, dreps=1)) == 0, env.text
+    assert env.sh("s1", "ls", "/etc/disaggctl/sysd").split() == ["not-ours.txt"]
+    assert "disaggctl-sysd" not in env.sh("s1", "systemctl", "list-units", "--all", "--no-legend", "disaggctl-*")
+    assert env.sh("s1", "ls", "/etc/systemd/system/").count("disaggctl-sysd") == 0
+    assert (
+        env.sh("s1", "sh", "-c", "ls /var/lib/disaggctl/sysd 2>&1 || true")
+        .strip()
+        .endswith("No such file or directory")
+    )
+    env.sh("s1", "rm", "-rf", "/etc/disaggctl/sysd")
