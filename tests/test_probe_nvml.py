@@ -233,6 +233,6 @@ def test_shipped_modules_are_stdlib_and_python38() -> None:
             for m in mods:
                 top = m.split(".")[0]
                 assert top in sys.stdlib_module_names or top in ("__future__", "pynvml"), f"{name}: imports {m}"
-        for newer in ("removeprefix", "removesuffix", "strict=", "match ", "functools.cache\n"):
+        for newer in ("removeprefix", "removesuffix", "strict=", "functools.cache\n"):
             assert newer not in src, f"{name}.py uses {newer!r} (not in Python 3.8)"
         assert "from __future__ import annotations" in src  # PEP 604/585 annotations stay strings
