@@ -4,6 +4,7 @@ nvidia-smi fallback, driven by a fake nvidia-smi that prints the recorded captur
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -236,3 +237,17 @@ def test_shipped_modules_are_stdlib_and_python38() -> None:
         for newer in ("removeprefix", "removesuffix", "strict=", "functools.cache\n"):
             assert newer not in src, f"{name}.py uses {newer!r} (not in Python 3.8)"
         assert "from __future__ import annotations" in src  # PEP 604/585 annotations stay strings
+
+
+def test_lost_gpu_is_left_out(fake: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cap = json.loads((REPO / "tests" / "fixtures" / "nvml" / "b200_hgx.json").read_text())
+    cap["devices"][3]["errors"] = {"nvmlDeviceGetHandleByIndex": "GpuIsLost"}
+    cap["devices"][5]["errors"] = {"nvmlDeviceGetName": "Unknown"}
+    path = tmp_path / "lost.json"
+    path.write_text(json.dumps(cap))
+    t = nvml_topo(fake, monkeypatch, str(path))
+    assert [g.index for g in t.gpus] == [0, 1, 2, 4, 5, 6, 7]
+    assert t.gpus[4].index == 5 and t.gpus[4].name is None and t.gpus[4].uuid  # the rest of GPU5 is read
+    assert 3 not in t.gpus[0].nvlink_peers
+    assert any("nvmlDeviceGetHandleByIndex: GPU is lost (GPU 3)" in w for w in t.warnings)
+    assert found(t, 8) == [("gpu_missing", None, "error")]

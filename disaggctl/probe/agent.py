@@ -87,6 +87,8 @@ def probe(mode: str = "auto") -> dict[str, Any]:
                 host = nvml.probe(pynvml)
             except nvml.NvmlUnavailable as e:
                 reasons.append(str(e))
+            except Exception as e:  # any NVML surprise falls back to nvidia-smi, never crashes
+                reasons.append(f"NVML probe failed: {type(e).__name__}: {e}")
     if host is None and mode in ("auto", "smi"):
         try:
             host = probe_smi()

@@ -77,8 +77,11 @@ class Prober:
         except nv.NVMLError as e:
             raise NvmlUnavailable(f"NVML did not start: {_s(e)}") from None
         try:
-            count = nv.nvmlDeviceGetCount()
-            handles = [nv.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            count = self.call("nvmlDeviceGetCount") or 0
+            # A GPU that fell off the bus ("GPU is lost") is left out with a warning; the others
+            # keep their NVML index, so the count check reports the missing one.
+            opened = [(i, self.call("nvmlDeviceGetHandleByIndex", i, gpu=i)) for i in range(count)]
+            handles = {i: h for i, h in opened if h is not None}
             host: dict[str, Any] = {"source": "nvml", "gpus": []}
             driver = self.call("nvmlSystemGetDriverVersion")
             if driver:
@@ -86,9 +89,13 @@ class Prober:
             cuda = self.call("nvmlSystemGetCudaDriverVersion_v2") or self.call("nvmlSystemGetCudaDriverVersion")
             if cuda:
                 host["cuda_driver_version"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
-            bus_ids = [self._bus_id(h, i) for i, h in enumerate(handles)]
-            for i, h in enumerate(handles):
-                host["gpus"].append(self.gpu(i, h, handles, bus_ids))
+            bus_ids = {i: self._bus_id(h, i) for i, h in handles.items()}
+            for i, h in handles.items():
+                try:
+                    host["gpus"].append(self.gpu(i, h, handles, bus_ids))
+                except Exception as e:  # one odd GPU must not lose the host's answer
+                    self._fail("probe", f"{type(e).__name__}: {e}", i)
+                    host["gpus"].append({"index": i, "pci_bus_id": bus_ids[i]})
             host["warnings"] = self.warnings()
             return host
         finally:
@@ -101,7 +108,7 @@ class Prober:
 
     # ------------------------------------------------------------------ one GPU
 
-    def gpu(self, i: int, h: Any, handles: list[Any], bus_ids: list[str | None]) -> dict[str, Any]:
+    def gpu(self, i: int, h: Any, handles: dict[int, Any], bus_ids: dict[int, str | None]) -> dict[str, Any]:
         nv = self.nvml
         g: dict[str, Any] = {"index": i}
         call = self.call
@@ -158,10 +165,11 @@ class Prober:
         if node is not None and int(node) >= 0:
             g["gpu_numa_node"] = int(node)
 
-    def _nvlinks(self, g: dict[str, Any], i: int, h: Any, handles: list[Any], bus_ids: list[str | None]) -> None:
+    def _nvlinks(self, g: dict[str, Any], i: int, h: Any, handles: dict[int, Any],
+                 bus_ids: dict[int, str | None]) -> None:
         nv = self.nvml
         links: list[dict[str, Any]] = []
-        by_bus = {b: j for j, b in enumerate(bus_ids) if b}
+        by_bus = {b: j for j, b in bus_ids.items() if b}
         # NVML_NVLINK_MAX_LINKS (36) exceeds what drivers accept (18): stop at the first error
         for link in range(int(getattr(nv, "NVML_NVLINK_MAX_LINKS", 18))):
             try:
@@ -186,7 +194,7 @@ class Prober:
         # Behind NVSwitches the links end at switches, not GPUs: ask NVML whether P2P over NVLink works
         peers: set[int] = set()
         p2p_known = True
-        for j, other in enumerate(handles):
+        for j, other in handles.items():
             if j == i:
                 continue
             status = self.call("nvmlDeviceGetP2PStatus", h, other, nv.NVML_P2P_CAPS_INDEX_NVLINK, gpu=i)

@@ -56,6 +56,7 @@ _ERRORS = {
     "DriverNotLoaded": (9, "Driver Not Loaded"),
     "LibraryNotFound": (12, "NVML Shared Library Not Found"),
     "FunctionNotFound": (13, "Function Not Found"),
+    "GpuIsLost": (15, "GPU is lost"),
     "InsufficientResources": (23, "Insufficient Resources"),
     "ArgumentVersionMismatch": (25, "Argument Version Mismatch"),
     "Unknown": (999, "Unknown Error"),
@@ -193,7 +194,9 @@ def nvmlDeviceGetCount() -> int:
 
 
 def nvmlDeviceGetHandleByIndex(index: int) -> int:
-    _dev(index)
+    err = _dev(index).get("errors", {}).get("nvmlDeviceGetHandleByIndex")
+    if err:
+        _raise(err)
     return index
 
 
