@@ -276,3 +276,50 @@ def test_render_matches_what_runs(slurm_ns: dict[str, str]) -> None:
         assert len(jobs[0].nodes) == 2  # two het components
     finally:
         LocalRunner().run(cli.scancel_argv(job))
+
+
+@pytest.fixture(scope="module")
+def login_host(slurm_ns: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A login host: a private sshd on 127.0.0.1 whose sessions see this cluster's SLURM_CONF (sshd SetEnv)."""
+    base = tmp_path_factory.mktemp("login")
+    base.chmod(0o700)
+    for key in ("host_ed25519", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / key)], check=True)
+    (base / "authorized_keys").write_text((base / "client_key.pub").read_text())
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    (base / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {base}/host_ed25519\nPidFile {base}/sshd.pid\n"
+        f"AuthorizedKeysFile {base}/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        f"KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nUseDNS no\nLogLevel ERROR\n"
+        f"SetEnv SLURM_CONF={slurm_ns['SLURM_CONF']}\n")
+    subprocess.run(["/usr/sbin/sshd", "-f", str(base / "sshd_config"), "-E", str(base / "sshd.log")], check=True)
+    wait_until(lambda: (base / "sshd.pid").exists(), 10, "sshd to start")
+    yield {"port": str(port), "key": str(base / "client_key")}
+    os.kill(int((base / "sshd.pid").read_text()), 15)
+
+
+def test_submit_through_login_host_over_ssh(slurm_ns: dict[str, str], login_host: dict[str, str],
+                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    name = unique("slo")
+    data = yaml.safe_load(spec_text(name, slurm_ns["vllm"]))
+    data["target"]["submit"] = {"host": "127.0.0.1", "port": int(login_host["port"]), "user": "root",
+                                "key": login_host["key"]}
+    # target.submit has no known_hosts setting: keys are pinned in ~/.ssh/known_hosts, here a private HOME
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ctx, out = make_ctx(yaml.safe_dump(data))
+    backend = SlurmBackend(poll_s=0.5)
+    try:
+        assert backend.apply(ctx, None) == 0
+        assert "via root@127.0.0.1" in out.getvalue(), out.getvalue()
+        assert "Ready: job" in out.getvalue()
+        assert backend.status(ctx) == 0
+    finally:
+        assert backend.destroy(ctx) == 0
+    assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
+    # the login host's key was pinned on first use
+    assert "127.0.0.1" in (tmp_path / ".ssh" / "known_hosts").read_text()
