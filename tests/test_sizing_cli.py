@@ -11,6 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from disaggctl.commands.size import register
+from disaggctl.compile import compile_spec
 from disaggctl.loader import load_spec
 from disaggctl.topology import HostTopology, TopologyFile, dump_topology, from_count
 
@@ -53,7 +54,7 @@ BASE = ("--model", "llama-3.1-70b", "--gpu", "b200", "--gpus", "16")
 
 
 def test_table_shows_the_front_and_the_recommendation(app: typer.Typer, tmp_path: Path) -> None:
-    r = run(app, *BASE, "--isl", "8192", "--osl", "256", store=tmp_path / "c.json")
+    r = run(app, *BASE, "--isl", "8192", "--osl", "256", "--itl", "25", store=tmp_path / "c.json")
     assert r.exit_code == 0, r.output
     assert "Pareto front" in r.output and "tok/s/GPU" in r.output
     assert "Recommendation: disaggregated" in r.output
@@ -61,12 +62,13 @@ def test_table_shows_the_front_and_the_recommendation(app: typer.Typer, tmp_path
 
 
 def test_json_output(app: typer.Typer, tmp_path: Path) -> None:
-    d = as_json(app, *BASE, "--isl", "8192", "--osl", "256", "--ttft", "3000", "--tpot", "40", store=tmp_path / "c")
+    d = as_json(app, *BASE, "--isl", "8192", "--osl", "256", "--ttft", "3000", "--tpot", "40", "--itl", "20", "--mode", "disaggregated",
+                store=tmp_path / "c")
     rec = d["recommendation"]
     assert d["gpu"] == "b200" and d["hardware_profile"] == "b200" and d["gpus"] == 16
-    assert d["sla"] == {"ttft_ms": 3000.0, "tpot_ms": 40.0, "percentile": 90.0}
+    assert d["sla"] == {"ttft_ms": 3000.0, "tpot_ms": 40.0, "percentile": 90.0, "itl_ms": 20.0}
     assert rec["mode"] == "disaggregated" and rec["layout"].endswith("D")
-    assert rec["ttft_ms"] <= 3000 and rec["tpot_ms"] <= 40
+    assert rec["ttft_ms"] <= 3000 and rec["tpot_ms"] <= 40 and rec["itl_ms"] <= 20
     assert rec["prefill"]["max_num_batched_tokens"] >= 8192 and rec["decode"]["max_num_seqs"] >= 1
     assert rec["quantization"] in ("none", "fp8", "modelopt_fp4") and rec["kv_cache_dtype"] in ("auto", "fp8")
     assert rec["local_prefill_threshold"] > 0
@@ -110,7 +112,7 @@ def test_hopper_never_gets_nvfp4(app: typer.Typer, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "expect"),
     [
-        (("--isl", "8192", "--osl", "256"), "disaggregated"),
+        (("--isl", "8192", "--osl", "256", "--itl", "25"), "disaggregated"),
         (("--isl", "1024", "--osl", "1024", "--mode", "aggregated"), "aggregated"),
         (("--isl", "4096", "--osl", "256", "--multi-round-share", "0.8", "--mode", "disaggregated"), "disaggregated"),
     ],
@@ -121,6 +123,11 @@ def test_spec_out_validates(app: typer.Typer, tmp_path: Path, args: tuple[str, .
     loaded = load_spec(out)
     spec = loaded.spec
     rec = d["recommendation"]
+    # what `disaggctl validate` checks beyond the loader: placement on the hosts, compilation
+    desired = compile_spec(loaded)
+    instances = desired.placement.instances
+    assert len(instances) == rec["decode"]["replicas"] + (rec["prefill"] or {}).get("replicas", 0)
+    assert not any("validate" in n for n in d["notes"])
     assert rec["mode"] == expect
     assert spec.profiles == ["b200"] and spec.hardware.gpu == "b200"  # the hardware profile merged in
     assert spec.model.catalog == "llama-3.1-70b" and spec.target.kind == "systemd"
@@ -150,7 +157,9 @@ def test_spec_out_for_a_config_json_model_and_an_nvl72_rack(app: typer.Typer, tm
     r = run(app, "--model", str(cfg / "config.json"), "--gpu", "gb200", "--gpus", "16", "--spec-out", str(out),
             store=tmp_path / "c")
     assert r.exit_code == 0, r.output
-    spec = load_spec(out).spec
+    loaded = load_spec(out)
+    compile_spec(loaded)
+    spec = loaded.spec
     assert spec.model.architecture is not None and spec.model.architecture.kv_heads == 8
     assert spec.model.path == str(cfg)
     assert spec.profiles == ["gb200-nvl72"]
@@ -168,8 +177,9 @@ def test_topology_gives_gpu_type_count_and_hosts(app: typer.Typer, tmp_path: Pat
     d = as_json(app, "--model", "llama-3.1-8b", "--topology", str(path), "--spec-out", str(out),
                 store=tmp_path / "c")
     assert d["gpu"] == "h200" and d["gpus"] == 16
-    spec = load_spec(out).spec
-    assert {h.name for h in spec.hosts} <= {"gpu-a", "gpu-b"}
+    loaded = load_spec(out)
+    compile_spec(loaded)
+    assert {h.name for h in loaded.spec.hosts} <= {"gpu-a", "gpu-b"}
     mixed = TopologyFile(hosts={"a": from_count(8, name="NVIDIA H200"), "b": from_count(8, name="NVIDIA B200")})
     path.write_text(dump_topology(mixed))
     r = run(app, "--model", "llama-3.1-8b", "--topology", str(path))

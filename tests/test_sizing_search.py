@@ -143,8 +143,17 @@ def test_local_prefill_wins_exactly_below_the_threshold() -> None:
     assert all(local_delay(s) <= remote(s) for s in range(16, thr, 16))
 
 
+def test_prefill_chunks_stall_aggregated_decoding_and_an_itl_target_prefers_disaggregation() -> None:
+    loose = search(_problem(isl=8192, osl=256)).best
+    assert loose is not None and loose.mode == "aggregated"
+    assert loose.itl_ms > loose.tpot_ms  # steps that carry an 8k prompt's chunk take longer
+    tight = search(_problem(isl=8192, osl=256, sla=Sla(2000, 50, 90, loose.itl_ms * 0.5))).best
+    assert tight is not None and tight.mode == "disaggregated"
+    assert tight.itl_ms <= loose.itl_ms * 0.5
+
+
 def test_recommended_disaggregated_layout_fills_the_router_and_limits() -> None:
-    r = search(_problem(isl=8192, osl=256))
+    r = search(_problem(isl=8192, osl=256, sla=Sla(2000, 50, 90, 25)))
     b = r.best
     assert b is not None and b.mode == "disaggregated" and b.prefill is not None
     assert b.local_prefill_threshold is not None and b.connector == "nixl"

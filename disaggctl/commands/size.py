@@ -128,7 +128,7 @@ def _row(c: Any, best: Any) -> list[str]:
     mode = "disagg" if c.prefill else "agg"
     return [
         mark, mode, pre, f"{c.decode.replicas}x {c.decode.shape.label}", f"{c.weights}/{c.kv_dtype}", str(c.batch),
-        f"{c.ttft_ms:.0f}", f"{c.tpot_ms:.1f}", f"{c.tps_per_gpu:.0f}", f"{c.tps_per_user:.0f}",
+        f"{c.ttft_ms:.0f}", f"{c.tpot_ms:.1f}", f"{c.itl_ms:.1f}", f"{c.tps_per_gpu:.0f}", f"{c.tps_per_user:.0f}",
         str(c.gpus_used), "yes" if c.meets_sla else "no",
     ]
 
@@ -142,11 +142,12 @@ def _print_table(result: Result, top: int, spec_out: Path | None) -> None:
     p = result.problem
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 132))
+        console = Console(width=max(console.width, 140))
     title = (f"{p.model.name} on {p.gpus} x {p.gpu.key}: ISL {p.workload.isl} OSL {p.workload.osl}, "
-             f"SLA p{p.sla.percentile:g} TTFT <= {p.sla.ttft_ms:g} ms, TPOT <= {p.sla.tpot_ms:g} ms")
+             f"SLA p{p.sla.percentile:g} TTFT <= {p.sla.ttft_ms:g} ms, TPOT <= {p.sla.tpot_ms:g} ms"
+             + (f", ITL <= {p.sla.itl_ms:g} ms" if p.sla.itl_ms else ""))
     table = Table(title=f"Pareto front: throughput per GPU vs tokens/s per user\n{title}")
-    for col in ("", "mode", "prefill", "decode", "weights/KV", "batch", "TTFT ms", "TPOT ms",
+    for col in ("", "mode", "prefill", "decode", "weights/KV", "batch", "TTFT ms", "TPOT ms", "ITL ms",
                 "tok/s/GPU", "tok/s/user", "GPUs", "SLA"):
         table.add_column(col, justify="right" if col.endswith(("ms", "GPU", "user", "GPUs", "batch")) else "left")
     shown = result.pareto[:top]
@@ -172,7 +173,7 @@ def _print_table(result: Result, top: int, spec_out: Path | None) -> None:
         if b.prefill is not None:
             console.print(f"  KV transfer: {b.connector} over {b.kv_link}, {b.kv_transfer_ms:.1f} ms per prompt; "
                           f"router local_prefill_threshold {b.local_prefill_threshold}")
-        console.print(f"  predicted: TTFT {b.ttft_ms:.0f} ms, TPOT {b.tpot_ms:.1f} ms, "
+        console.print(f"  predicted: TTFT {b.ttft_ms:.0f} ms, TPOT {b.tpot_ms:.1f} ms, ITL {b.itl_ms:.1f} ms, "
                       f"{b.output_tps:.0f} output tok/s ({b.tps_per_gpu:.0f} per GPU, {b.request_rate:.2f} req/s)")
     for n in result.notes:
         console.print(f"[yellow]note:[/yellow] {n}")
@@ -249,7 +250,8 @@ def size(
     osl: Annotated[int | None, typer.Option(min=1, help="Output length, tokens [256].")] = None,
     ttft: Annotated[float, typer.Option(min=1, help="TTFT target, ms.")] = 2000.0,
     tpot: Annotated[float, typer.Option(min=0.1, help="TPOT (time per output token) target, ms.")] = 50.0,
-    percentile: Annotated[float, typer.Option(min=1, max=99.99, help="SLA percentile for TTFT.")] = 90.0,
+    percentile: Annotated[float, typer.Option(min=1, max=99.99, help="SLA percentile (TTFT and ITL).")] = 90.0,
+    itl: Annotated[float | None, typer.Option(min=0.1, help="Inter-token latency target (percentile), ms.")] = None,
     rate: Annotated[float | None, typer.Option(min=0.0001, help="Requests/s to serve (open loop).")] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Concurrent clients (closed loop).")] = None,
     multi_round_share: Annotated[
@@ -284,7 +286,8 @@ def size(
 
 def _size(
     model: str | None, gpu: GpuName | None, gpus: int | None, topology: Path | None, workload: str | None,
-    isl: int | None, osl: int | None, ttft: float, tpot: float, percentile: float, rate: float | None,
+    isl: int | None, osl: int | None, ttft: float, tpot: float, percentile: float, itl: float | None,
+    rate: float | None,
     concurrency: int | None, multi_round_share: float | None, nic_gbps: float | None, nvlink_domain_gpus: int | None,
     quantization: Quant, kv_cache_dtype: KvDtype, mode: Mode, output: Output, top: int, spec_out: Path | None,
     calibrate_file: Path | None, cluster: str | None, calibration_file: Path | None,
@@ -332,7 +335,7 @@ def _size(
     if quantization is Quant.nvfp4 and not hw.blackwell:
         raise DisaggError(f"--quantization nvfp4 needs Blackwell GPUs ({gpu_key} is {hw.arch})",)
     problem = Problem(
-        model=info, gpu=hw, gpus=gpus, workload=wl, sla=Sla(ttft, tpot, percentile), efficiency=eff,
+        model=info, gpu=hw, gpus=gpus, workload=wl, sla=Sla(ttft, tpot, percentile, itl), efficiency=eff,
         rate=rate, concurrency=concurrency,
         weights=() if quantization is Quant.auto else (quantization.value,),
         kv_dtypes=("bf16", "fp8") if kv_cache_dtype is KvDtype.auto else (kv_cache_dtype.value,),
@@ -350,6 +353,7 @@ def _size(
 
 
 def _write_spec(result: Result, path: Path, host_names: list[tuple[str, int]] | None) -> None:
+    from disaggctl.compile import compile_spec
     from disaggctl.errors import DisaggError, SpecError
     from disaggctl.loader import load_text
     from disaggctl.sizing.fragment import build_spec, render
@@ -365,10 +369,14 @@ def _write_spec(result: Result, path: Path, host_names: list[tuple[str, int]] | 
                         f"Predicted: TTFT {best.ttft_ms:.0f} ms, TPOT {best.tpot_ms:.1f} ms, "
                         f"{best.tps_per_gpu:.0f} output tok/s per GPU. Hosts are placeholders: rename them.")
     try:
-        load_text(text, str(path))
+        loaded = load_text(text, str(path))
     except SpecError as e:  # a planner bug, not the user's: say so
         raise DisaggError(f"internal error: the sized spec does not validate:\n{e.format()}") from None
     path.write_text(text)
+    try:  # what `disaggctl validate` adds: placement on the placeholder hosts and compilation
+        compile_spec(loaded)
+    except DisaggError as e:
+        result.notes.append(f"`disaggctl validate {path}` reports: {e}")
 
 
 def register(app: typer.Typer) -> None:

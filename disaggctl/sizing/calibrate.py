@@ -175,7 +175,7 @@ def predict(model: ModelInfo, gpu: GpuSpec, eff: Efficiency, m: Measurement) -> 
     shape = Shape(m.tp, m.pp, m.dp)
     if m.mode == "aggregated":
         b = m.concurrency / (m.replicas * shape.pp * shape.dp)
-        tpot, ttft, rate = agg_point(perf, shape, max(m.max_num_batched_tokens, math.ceil(b) + 1), wl, q, b)
+        tpot, ttft, rate, _ = agg_point(perf, shape, max(m.max_num_batched_tokens, math.ceil(b) + 1), wl, q, b)
         if rate <= 0:  # the batch cannot keep its prompts prefilled: prompts queue, decode runs alone
             tpot = perf.decode_step(shape, b, wl.ctx)
             ttft = perf.prefill_time(shape, m.isl, 1, m.max_num_batched_tokens)
@@ -227,11 +227,11 @@ def fit(models: dict[str, ModelInfo], gpu: GpuSpec, ms: list[Measurement], start
         return e_ttft + e_tpot
 
     def search(cs: list[float], ms_: list[float]) -> tuple[float, float]:
-        best = min(((total(replace(start, compute=c, memory=m)), c, m) for c in cs for m in ms_))
+        best = min((total(replace(start, compute=c, memory=m)), c, m) for c in cs for m in ms_)
         return best[1], best[2]
 
     has_ttft = any(m.ttft_ms is not None for m in ms)
-    coarse = GRID[::8] + [GRID[-1]]
+    coarse = [*GRID[::8], GRID[-1]]
     c0, m0 = search(coarse if has_ttft else [start.compute], coarse)
 
     def around(v: float) -> list[float]:

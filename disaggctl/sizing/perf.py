@@ -244,15 +244,17 @@ class Perf:
     def mixed_step(self, shape: Shape, batch: float, ctx: float, prefill_tokens: float, prompt: float) -> float:
         """A decode step that also carries `prefill_tokens` of prompts `prompt` tokens long (chunked)."""
         attn = 2 * self.attn_coef * ctx * batch + self.attn_coef * prefill_tokens * prompt
-        return self.step_time(shape, batch + prefill_tokens, batch * ctx + prefill_tokens * prompt / 2, attn)
+        # a chunk of a longer prompt reads the KV of the prompt's earlier chunks (half of it, on average)
+        prefix = prompt / 2 if prompt > prefill_tokens else 0.0
+        return self.step_time(shape, batch + prefill_tokens, batch * ctx + prefix, attn)
 
     def prefill_time(self, shape: Shape, isl: int, prompts: int = 1, max_batched_tokens: int = 8192) -> float:
         """Prefill `prompts` prompts of `isl` tokens in chunks of at most max_batched_tokens."""
         tokens = prompts * isl
         steps = max(1, math.ceil(tokens / max_batched_tokens))
         attn = prompts * self.attn_coef * isl * isl
-        # chunked prefill re-reads the KV of earlier chunks of the same prompt
-        reread = prompts * isl * isl / 2 if steps > 1 else 0.0
+        # chunk j re-reads the KV of the j earlier chunks once: (steps - 1) / 2 x tokens in all
+        reread = tokens * (steps - 1) / 2
         return self.step_time(shape, tokens, reread, attn, steps)
 
     # ------------------------------------------------------------------ KV transfer

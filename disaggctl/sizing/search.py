@@ -54,6 +54,11 @@ class Sla:
     ttft_ms: float
     tpot_ms: float
     percentile: float = 90.0
+    itl_ms: float | None = None  # inter-token latency at the percentile (aggregated prefill chunks stall it)
+
+    def met(self, ttft_ms: float, tpot_ms: float, itl_ms: float) -> bool:
+        return (ttft_ms <= self.ttft_ms * 1.0001 and tpot_ms <= self.tpot_ms
+                and (self.itl_ms is None or itl_ms <= self.itl_ms))
 
     @property
     def q(self) -> float:
@@ -106,6 +111,7 @@ class Candidate:
     request_rate: float
     output_tps: float
     gpus_used: int
+    itl_ms: float = 0.0  # inter-token latency at the SLA percentile
     kv_link: str | None = None
     kv_transfer_ms: float | None = None
     meets_sla: bool = True
@@ -280,8 +286,8 @@ def _disagg(problem: Problem, perf: Perf, pre: PrefillRole, dshape: Shape, batch
             decode=RolePlan(dshape.tp, dshape.pp, dshape.dp, y, d_tokens, dshape.pp * b),
             prefill=RolePlan(pre.shape.tp, pre.shape.pp, pre.shape.dp, x, pre.max_batched_tokens, pre.max_seqs),
             batch=b, ttft_ms=ttft * 1000, tpot_ms=tpot_s * 1000, request_rate=rate, output_tps=rate * wl.osl,
-            gpus_used=x * gp + y * gd, kv_link=kind, kv_transfer_ms=t_kv * 1000,
-            meets_sla=meets and ttft * 1000 <= sla.ttft_ms * 1.0001 and tpot_s * 1000 <= sla.tpot_ms,
+            gpus_used=x * gp + y * gd, kv_link=kind, kv_transfer_ms=t_kv * 1000, itl_ms=tpot_s * 1000,
+            meets_sla=meets and sla.met(ttft * 1000, tpot_s * 1000, tpot_s * 1000),
         )
 
     if problem.concurrency is not None:
@@ -322,24 +328,34 @@ def _disagg(problem: Problem, perf: Perf, pre: PrefillRole, dshape: Shape, batch
     yield cand(x, y, rate, ttft, tpot, batch)
 
 
-def agg_point(perf: Perf, shape: Shape, chunk: int, wl: Workload, q: float, b: float) -> tuple[float, float, float]:
-    """(tpot, ttft, requests/s) of one aggregated instance with b decoding sequences per DP rank.
+def agg_point(
+    perf: Perf, shape: Shape, chunk: int, wl: Workload, q: float, b: float
+) -> tuple[float, float, float, float]:
+    """(tpot, ttft, requests/s, itl at quantile q) of one aggregated instance, b sequences per DP rank.
 
-    Chunked prefill: every step carries the b decode tokens plus, on average, b x isl / osl prompt
-    tokens (what keeps the batch full); a new prompt needs ceil(isl / (chunk - b)) steps.
+    Chunked prefill: the scheduler fills a step with up to r = min(chunk - b, isl) prompt tokens
+    whenever prompts wait. To keep the batch full, b x isl / osl prompt tokens must be prefilled
+    per decode token, so a share f = b x isl / (osl x r) of the steps carry a chunk and take
+    t_mixed(b, r); the others take t_decode(b). A new prompt needs ceil(isl / (chunk - b)) such steps.
     """
     isl = wl.isl_eff
     room = chunk - b
     if room <= 0:
-        return math.inf, math.inf, 0.0
-    p = b * isl / wl.osl
-    rho = p / room
+        return math.inf, math.inf, 0.0, math.inf
+    r = min(room, isl)
+    share = b * isl / (wl.osl * r)
+    if share > 1:
+        return math.inf, math.inf, 0.0, math.inf
+    full = perf.mixed_step(shape, b, wl.ctx, r, isl)
+    plain = perf.decode_step(shape, b, wl.ctx)
+    tpot = share * full + (1 - share) * plain
+    rho = share * full / tpot  # share of the time spent on prompt chunks
     if rho > RHO_MAX:
-        return math.inf, math.inf, 0.0
-    tpot = perf.mixed_step(shape, b, wl.ctx, p, isl)
-    service = math.ceil(isl / room) * perf.mixed_step(shape, b, wl.ctx, min(room, isl), isl)
+        return math.inf, math.inf, 0.0, math.inf
+    service = math.ceil(isl / room) * full
     ttft = service + percentile_wait(rho, service, q)
-    return tpot, ttft, shape.pp * shape.dp * b / (wl.osl * tpot)
+    itl = full if share > 1 - q else plain
+    return tpot, ttft, shape.pp * shape.dp * b / (wl.osl * tpot), itl
 
 
 def disagg_closed_loop(
@@ -363,33 +379,33 @@ def _aggregated(problem: Problem, perf: Perf, shape: Shape, chunk: int, batch: i
         return
     replicas_all = n // shape.gpus
 
-    def cand(r: int, rate: float, ttft: float, tpot: float, b: int) -> Candidate:
+    def cand(r: int, rate: float, ttft: float, tpot: float, itl: float, b: int) -> Candidate:
         return Candidate(
             mode="aggregated", weights=perf.prec.weights, kv_dtype=perf.prec.kv,
             decode=RolePlan(shape.tp, shape.pp, shape.dp, r, chunk, shape.pp * b), prefill=None, batch=b,
             ttft_ms=ttft * 1000, tpot_ms=tpot * 1000, request_rate=rate, output_tps=rate * wl.osl,
-            gpus_used=r * shape.gpus,
-            meets_sla=ttft * 1000 <= sla.ttft_ms and tpot * 1000 <= sla.tpot_ms,
+            gpus_used=r * shape.gpus, itl_ms=itl * 1000,
+            meets_sla=sla.met(ttft * 1000, tpot * 1000, itl * 1000),
         )
 
     if problem.concurrency is not None:
         b_exact = problem.concurrency / (replicas_all * shape.pp * shape.dp)
         if _pow2_at_least(b_exact) != batch:
             return
-        tpot, ttft, rate = agg_point(perf, shape, chunk, wl, sla.q, b_exact)
+        tpot, ttft, rate, itl = agg_point(perf, shape, chunk, wl, sla.q, b_exact)
         if rate > 0:
-            yield cand(replicas_all, rate * replicas_all, ttft, tpot, batch)
+            yield cand(replicas_all, rate * replicas_all, ttft, tpot, itl, batch)
         return
-    tpot, ttft, rate = agg_point(perf, shape, chunk, wl, sla.q, batch)
+    tpot, ttft, rate, itl = agg_point(perf, shape, chunk, wl, sla.q, batch)
     if rate <= 0:
         return
     if problem.rate is not None:
         r = math.ceil(problem.rate / rate)
         if r > replicas_all:
             return
-        yield cand(r, problem.rate, ttft, tpot, batch)
+        yield cand(r, problem.rate, ttft, tpot, itl, batch)
         return
-    yield cand(replicas_all, rate * replicas_all, ttft, tpot, batch)
+    yield cand(replicas_all, rate * replicas_all, ttft, tpot, itl, batch)
 
 
 def _candidates(problem: Problem, prec: Precision) -> Iterator[Candidate]:
