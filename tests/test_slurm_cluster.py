@@ -161,9 +161,15 @@ def test_apply_status_plan_destroy(slurm_ns: dict[str, str]) -> None:
         assert backend.plan(ctx, None, detailed_exitcode=True) == 0
         assert backend.apply(ctx, None) == 0
         assert [j.job_id for j in list_jobs(LocalRunner(), f"disaggctl-{name}")] == [jobs[0].job_id]
-        # a changed spec is a change: plan says cancel + submit
+        # a saved plan applies while nothing changed
+        plan_file = str(JOBS / f"{name}.plan.json")
+        assert backend.plan(ctx, plan_file, detailed_exitcode=False) == 0
+        assert backend.apply(ctx, plan_file) == 0
+        # a changed spec is a change: plan says cancel + submit; the old saved plan is refused for it
         changed, _ = make_ctx(spec_text(name, slurm_ns["vllm"]).replace("port: 8000", "port: 8001"))
         assert backend.plan(changed, None, detailed_exitcode=True) == 2
+        with pytest.raises(DisaggError, match="another script"):
+            backend.apply(changed, plan_file)
     finally:
         backend.destroy(ctx)
     assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
