@@ -20,13 +20,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from disaggctl.router.config import RouterConfig
 from disaggctl.router.lmcache import Notifications
 from disaggctl.router.metrics import RouterMetrics
 from disaggctl.router.policies import Instance, Pool
+from disaggctl.router.upstream import Client, Response
 
 log = logging.getLogger("disaggctl.router")
 
@@ -84,7 +84,7 @@ class Upcall:
     """An open upstream response; `close()` releases the connection and the in-flight slot."""
 
     inst: Instance
-    resp: aiohttp.ClientResponse
+    resp: Response
 
     def close(self) -> None:
         self.resp.release()
@@ -129,7 +129,7 @@ class Router:
         for inst in (*self.prefill.instances, *self.decode.instances):
             inst.healthy = False  # until the first health poll answers
         self.metrics = RouterMetrics()
-        self.session: aiohttp.ClientSession | None = None
+        self.client = Client(cfg.connect_timeout_s, cfg.request_timeout_s)
         self.notifications: Notifications | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._encode: Callable[[str], int] | None = self._load_tokenizer(cfg.tokenizer)
@@ -149,9 +149,6 @@ class Router:
         return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
 
     async def start(self, app: web.Application | None = None) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=self.cfg.connect_timeout_s)
-        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
         if self.cfg.kv_kind == "lmcache":
             if self.cfg.lmcache_proxy_port is None:
                 raise RuntimeError("kv_kind lmcache needs lmcache_proxy_port in the router config")
@@ -167,8 +164,7 @@ class Router:
                 await self._health_task
         if self.notifications:
             await self.notifications.close()
-        if self.session:
-            await self.session.close()
+        await self.client.close()
 
     async def _health_loop(self) -> None:
         while True:
@@ -183,14 +179,15 @@ class Router:
         await asyncio.gather(*(self._check(i) for i in insts))
 
     async def _check(self, inst: Instance) -> None:
-        assert self.session is not None
-        t = aiohttp.ClientTimeout(total=max(1.0, min(5.0, self.cfg.health_interval_s * 2)))
+        t = max(1.0, min(5.0, self.cfg.health_interval_s * 2))
         try:
-            async with self.session.get(inst.url + "/health", timeout=t) as r:
-                ok = r.status == 200
-                err = None if ok else f"/health answered HTTP {r.status}"
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            ok, err = False, f"/health: {type(e).__name__}: {e}"
+            async with asyncio.timeout(t):
+                r = await self.client.request("GET", inst.url, "/health", timeout=t)
+                await r.read()
+            ok = r.status == 200
+            err = None if ok else f"/health answered HTTP {r.status}"
+        except (TimeoutError, OSError) as e:
+            ok, err = False, f"/health: {e}"
         if ok != inst.healthy:
             log.info(
                 "%s %s is now %s%s", inst.role, inst.name, "healthy" if ok else "unhealthy", "" if ok else f" ({err})"
@@ -213,7 +210,6 @@ class Router:
     ) -> Upcall:
         """POST to one instance of the pool; on connect errors, timeouts and 5xx try another
         (config.retries more). 4xx answers are returned: they are the client's fault."""
-        assert self.session is not None
         tried: list[Instance] = []
         attempts: list[tuple[Instance, str]] = []
         for attempt in range(self.cfg.retries + 1):
@@ -225,17 +221,17 @@ class Router:
                 self.metrics.retry(pool.role)
             inst.in_flight += 1
             try:
-                resp = await self.session.post(inst.url + path, data=data, headers=headers)
-            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                resp = await self.client.request("POST", inst.url, path, data, headers)
+            except OSError as e:
                 inst.in_flight -= 1
-                err = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                err = str(e) or type(e).__name__
                 self._fail(inst, err)
                 attempts.append((inst, err))
                 continue
             if resp.status >= 500:
                 try:
                     text = (await resp.read())[:300].decode(errors="replace")
-                except (TimeoutError, aiohttp.ClientError):
+                except OSError:
                     text = ""
                 resp.release()
                 inst.in_flight -= 1
@@ -304,14 +300,14 @@ class Router:
         return web.json_response(body, status=200 if ok else 503)
 
     async def handle_models(self, request: web.Request) -> web.Response:
-        assert self.session is not None
         inst = self.decode.pick()
         if inst is not None:
             try:
-                async with self.session.get(inst.url + "/v1/models") as r:
-                    if r.status == 200:
-                        return web.Response(body=await r.read(), content_type=JSON_CT)
-            except (TimeoutError, aiohttp.ClientError):
+                r = await self.client.request("GET", inst.url, "/v1/models", timeout=10)
+                raw = await r.read()
+                if r.status == 200:
+                    return web.Response(body=raw, content_type=JSON_CT)
+            except OSError:
                 pass
         data = [{"id": self.cfg.model, "object": "model", "created": 0, "owned_by": "disaggctl"}]
         return web.json_response({"object": "list", "data": data})
@@ -441,7 +437,7 @@ class Router:
         the stream with an error event (the status line is already sent)."""
         resp = up.resp
         try:
-            ctype = resp.headers.get("Content-Type", JSON_CT)
+            ctype = resp.headers.get("content-type", JSON_CT)
             if not ctype.startswith("text/event-stream"):
                 data = await resp.read()
                 self.metrics.observe_ttft(path, time.perf_counter() - ctx.t0)
@@ -457,12 +453,12 @@ class Router:
             await out.prepare(ctx.request)
             first = True
             try:
-                async for chunk in resp.content.iter_any():
+                async for chunk in resp.iter_chunks():
                     if first:
                         self.metrics.observe_ttft(path, time.perf_counter() - ctx.t0)
                         first = False
                     await out.write(chunk)
-            except (TimeoutError, aiohttp.ClientError) as e:
+            except OSError as e:
                 await self.stream_failed(out, up.inst, e)
                 return out
             with contextlib.suppress(ConnectionError):
@@ -472,7 +468,7 @@ class Router:
             up.close()
 
     async def stream_failed(self, out: web.StreamResponse, inst: Instance, e: BaseException) -> None:
-        err = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        err = str(e) or type(e).__name__
         self._fail(inst, err)
         self.metrics.error("stream_interrupted", 502)
         msg = f"{inst.role} instance {inst.name} ({inst.url}) failed mid-stream: {err}"
@@ -618,12 +614,12 @@ class Router:
             await out.write(comp.chunk(first_text, None))
             self.metrics.observe_ttft(DISAGG, time.perf_counter() - ctx.t0)
             try:
-                async for line in up.resp.content:
+                async for line in up.resp.iter_lines():
                     if ctx.chat:
                         line = comp.to_chat_line(line)
                     if line:
                         await out.write(line)
-            except (TimeoutError, aiohttp.ClientError) as e:
+            except OSError as e:
                 await self.stream_failed(out, up.inst, e)
                 return out
             with contextlib.suppress(ConnectionError):

@@ -85,7 +85,7 @@ def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
     return total
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20) -> None:
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -269,7 +269,7 @@ class Standin:
         self.procs.append(r)
         _wait_port(port, proc, log)
         if wait_healthy:
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60
             while http("GET", r.url + "/health")[0] != 200:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"router never healthy:\n{log.read_text()[-3000:]}")
