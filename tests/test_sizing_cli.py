@@ -62,8 +62,8 @@ def test_table_shows_the_front_and_the_recommendation(app: typer.Typer, tmp_path
 
 
 def test_json_output(app: typer.Typer, tmp_path: Path) -> None:
-    d = as_json(app, *BASE, "--isl", "8192", "--osl", "256", "--ttft", "3000", "--tpot", "40", "--itl", "20", "--mode", "disaggregated",
-                store=tmp_path / "c")
+    d = as_json(app, *BASE, "--isl", "8192", "--osl", "256", "--ttft", "3000", "--tpot", "40", "--itl", "20",
+                "--mode", "disaggregated", store=tmp_path / "c")
     rec = d["recommendation"]
     assert d["gpu"] == "b200" and d["hardware_profile"] == "b200" and d["gpus"] == 16
     assert d["sla"] == {"ttft_ms": 3000.0, "tpot_ms": 40.0, "percentile": 90.0, "itl_ms": 20.0}
@@ -143,7 +143,8 @@ def test_spec_out_validates(app: typer.Typer, tmp_path: Path, args: tuple[str, .
         assert spec.prefill.replicas == rec["prefill"]["replicas"]
         assert spec.prefill.max_num_batched_tokens == rec["prefill"]["max_num_batched_tokens"]
         assert spec.router.local_prefill_threshold == rec["local_prefill_threshold"]
-        assert spec.kv_transfer.kind == rec["connector"]
+        assert spec.kv_transfer.kind == rec["connector"] == ("lmcache" if "--multi-round-share" in args else "nixl")
+        assert spec.kv_offload.enabled == (rec["connector"] == "lmcache")
 
 
 def test_spec_out_for_a_config_json_model_and_an_nvl72_rack(app: typer.Typer, tmp_path: Path) -> None:

@@ -505,6 +505,12 @@ def search(problem: Problem) -> Result:
         dis = [c for c in ok if c.mode == "disaggregated"]
         best_agg = max(agg, key=score) if agg else None
         best_dis = max(dis, key=score) if dis else None
+        if best_dis and problem.workload.multi_round_share >= LMCACHE_MULTI_ROUND:
+            # LMCache (P/D plus CPU offload of earlier rounds) needs equal TP: worth a 10% cost
+            same = [c for c in dis if c.prefill and c.prefill.tp == c.decode.tp and c.prefill.pp == c.decode.pp == 1]
+            alt = max(same, key=score) if same else None
+            if alt and alt.tps_per_gpu * DISAGG_MARGIN >= best_dis.tps_per_gpu:
+                best_dis = alt
         if best_agg and best_dis:
             best = best_dis if best_dis.tps_per_gpu > DISAGG_MARGIN * best_agg.tps_per_gpu else best_agg
         else:
