@@ -20,7 +20,9 @@ def _model(key: str) -> ModelInfo:
     return ModelInfo(e.key, e.hub_id, e.architecture, e.key)
 
 
-def _cand(prefill: RolePlan | None, decode: RolePlan, connector: str | None = "nixl", weights: str = "fp8") -> Candidate:
+def _cand(
+    prefill: RolePlan | None, decode: RolePlan, connector: str | None = "nixl", weights: str = "fp8"
+) -> Candidate:
     return Candidate(mode="disaggregated" if prefill else "aggregated", weights=weights, kv_dtype="fp8",
                      decode=decode, prefill=prefill, batch=decode.max_num_seqs, ttft_ms=100, tpot_ms=20,
                      request_rate=10, output_tps=1000, gpus_used=decode.gpus + (prefill.gpus if prefill else 0),
