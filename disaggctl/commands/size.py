@@ -133,6 +133,15 @@ def _row(c: Any, best: Any) -> list[str]:
     ]
 
 
+def _spread(front: list[Any], top: int) -> list[Any]:
+    """`top` points of the front, evenly spaced from the most interactive to the most efficient."""
+    if len(front) <= top:
+        return front
+    if top == 1:
+        return front[-1:]
+    return [front[round(i * (len(front) - 1) / (top - 1))] for i in range(top)]
+
+
 def _print_table(result: Result, top: int, spec_out: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -150,7 +159,7 @@ def _print_table(result: Result, top: int, spec_out: Path | None) -> None:
     for col in ("", "mode", "prefill", "decode", "weights/KV", "batch", "TTFT ms", "TPOT ms", "ITL ms",
                 "tok/s/GPU", "tok/s/user", "GPUs", "SLA"):
         table.add_column(col, justify="right" if col.endswith(("ms", "GPU", "user", "GPUs", "batch")) else "left")
-    shown = result.pareto[:top]
+    shown = _spread(result.pareto, top)
     if result.best is not None and all(c is not result.best for c in shown):
         shown = [*shown, result.best]
     for c in shown:
@@ -181,7 +190,7 @@ def _print_table(result: Result, top: int, spec_out: Path | None) -> None:
         console.print(f"wrote {spec_out}")
 
 
-def _json(result: Result, top: int) -> dict[str, Any]:
+def _json(result: Result) -> dict[str, Any]:
     from dataclasses import asdict
 
     from disaggctl.sizing.fragment import spec_kv_dtype, spec_quantization
@@ -202,7 +211,7 @@ def _json(result: Result, top: int) -> dict[str, Any]:
         "load": {"rate": p.rate, "concurrency": p.concurrency},
         "efficiency": asdict(p.efficiency),
         "recommendation": best,
-        "pareto": [c.to_dict() for c in result.pareto[:top]],
+        "pareto": [c.to_dict() for c in result.pareto],
         "candidates_evaluated": len(result.candidates),
         "notes": result.notes,
     }
@@ -263,7 +272,7 @@ def size(
     kv_cache_dtype: Annotated[KvDtype, typer.Option(help="KV-cache dtype to consider.")] = KvDtype.auto,
     mode: Annotated[Mode, typer.Option(help="Restrict to aggregated or disaggregated serving.")] = Mode.auto,
     output: Annotated[Output, typer.Option("--output", "-o", help="table or json.")] = Output.table,
-    top: Annotated[int, typer.Option(min=1, help="Pareto points to show.")] = 12,
+    top: Annotated[int, typer.Option(min=1, help="Pareto points the table shows (evenly spread).")] = 12,
     spec_out: Annotated[Path | None, typer.Option(help="Write the recommendation as a spec YAML.")] = None,
     calibrate_file: Annotated[
         Path | None, typer.Option("--calibrate", help="Fit efficiency factors from benchmark results (JSON).")
@@ -347,7 +356,7 @@ def _size(
     if spec_out is not None:
         _write_spec(result, spec_out, host_names)
     if output is Output.json:
-        print(json.dumps(_json(result, top), indent=2))
+        print(json.dumps(_json(result), indent=2))
     else:
         _print_table(result, top, spec_out)
 
