@@ -279,7 +279,7 @@ def _disagg(problem: Problem, perf: Perf, pre: PrefillRole, dshape: Shape, batch
     meets = cap > 0 and tpot * 1000 <= sla.tpot_ms
     per_pre = cap if cap > 0 else pre.mu * 0.5  # best effort when the TTFT target cannot be met
 
-    def cand(x: int, y: int, rate: float, ttft: float, tpot_s: float, b: int) -> Candidate:
+    def cand(x: int, y: int, rate: float, ttft: float, tpot_s: float, b: int, gate: bool = True) -> Candidate:
         d_tokens = _pow2_at_least(max(1024, dshape.pp * b + 256))
         return Candidate(
             mode="disaggregated", weights=perf.prec.weights, kv_dtype=perf.prec.kv,
@@ -287,7 +287,7 @@ def _disagg(problem: Problem, perf: Perf, pre: PrefillRole, dshape: Shape, batch
             prefill=RolePlan(pre.shape.tp, pre.shape.pp, pre.shape.dp, x, pre.max_batched_tokens, pre.max_seqs),
             batch=b, ttft_ms=ttft * 1000, tpot_ms=tpot_s * 1000, request_rate=rate, output_tps=rate * wl.osl,
             gpus_used=x * gp + y * gd, kv_link=kind, kv_transfer_ms=t_kv * 1000, itl_ms=tpot_s * 1000,
-            meets_sla=meets and sla.met(ttft * 1000, tpot_s * 1000, tpot_s * 1000),
+            meets_sla=(meets or not gate) and sla.met(ttft * 1000, tpot_s * 1000, tpot_s * 1000),
         )
 
     if problem.concurrency is not None:
@@ -298,7 +298,7 @@ def _disagg(problem: Problem, perf: Perf, pre: PrefillRole, dshape: Shape, batch
             if _pow2_at_least(b) != batch:
                 continue  # every x lands on exactly one ladder rung: evaluate it there
             ttft, tp_s, rate, _ = disagg_closed_loop(perf, pre, dshape, x, y, c, wl, sla.q, kind)
-            yield cand(x, y, rate, ttft, tp_s, b)
+            yield cand(x, y, rate, ttft, tp_s, b, gate=False)  # judged on its own TTFT and TPOT
         return
     if problem.rate is not None:
         lam = problem.rate
