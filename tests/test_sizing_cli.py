@@ -245,3 +245,13 @@ def test_rate_and_concurrency_modes(app: typer.Typer, tmp_path: Path) -> None:
     assert d["recommendation"]["request_rate"] == 10 and d["load"]["rate"] == 10
     d = as_json(app, *BASE, "--concurrency", "64", store=tmp_path / "c")
     assert d["load"]["concurrency"] == 64 and d["recommendation"] is not None
+
+
+def test_the_disaggctl_app_has_the_size_command(tmp_path: Path) -> None:
+    from disaggctl.cli import app as real
+
+    r = CliRunner().invoke(real, ["size", "--help"])
+    assert r.exit_code == 0 and "--spec-out" in r.output and "--calibrate" in r.output
+    r = CliRunner().invoke(real, ["size", "--model", "llama-3.1-8b", "--gpu", "h100", "--gpus", "8", "-o", "json",
+                                  "--calibration-file", str(tmp_path / "c.json")])
+    assert r.exit_code == 0 and json.loads(r.stdout)["recommendation"]["weights"] in ("bf16", "fp8")
