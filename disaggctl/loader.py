@@ -183,7 +183,7 @@ def model_at(loc: Path_, data: Any) -> type[BaseModel] | None:
     node = data
     for part in loc:
         if isinstance(part, int) or (isinstance(node, dict) and part not in cls.model_fields):
-            node = node[part] if isinstance(node, (list, dict)) and _has(node, part) else None
+            node = _child(node, part)
             continue
         f = cls.model_fields.get(str(part))
         if f is None:
@@ -206,6 +206,12 @@ def _has(node: Any, part: Any) -> bool:
     return part in node
 
 
+def _child(node: Any, part: Any) -> Any:
+    if isinstance(node, (dict, list)) and _has(node, part):
+        return node[part]
+    return None
+
+
 def _kind_of(cls: type[BaseModel]) -> Any:
     f = cls.model_fields.get("kind")
     if f is None:
@@ -221,10 +227,7 @@ def _data_path(loc: tuple[Any, ...], data: Any) -> Path_:
     for part in loc:
         if isinstance(node, dict) and part not in node and node.get("kind") == part:
             continue
-        if isinstance(node, (dict, list)) and _has(node, part):
-            node = node[part]
-        else:
-            node = None
+        node = _child(node, part)
         out.append(part)
     return tuple(out)
 

@@ -412,7 +412,14 @@ def _check_fit(ctx: _Ctx, instances: list[Instance]) -> None:
         per_gpu = min(m for m in mems if m is not None) * MIB
         util = pool.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
         shards = pool.tensor_parallel * pool.pipeline_parallel
-        weights = arch.weight_bytes(weight_bits(spec, arch)) / shards
+        bits = weight_bits(spec, arch)
+        total = arch.weight_bytes(bits)
+        if pool.expert_parallel and arch.experts and arch.active_params_b:
+            # expert parallelism spreads the routed experts over every DP rank of the instance
+            active = arch.active_b * 1e9 * bits / 8
+            weights = active / shards + (total - active) / (shards * pool.data_parallel)
+        else:
+            weights = total / shards
         kv = arch.kv_bytes_per_token(kv_bytes) * tokens / shards
         need = weights + kv
         if need > per_gpu * util:
