@@ -23,7 +23,9 @@ class ModelArchitecture(BaseModel):
     layers: int = Field(ge=1, description="Number of transformer layers (num_hidden_layers).")
     hidden_size: int = Field(ge=1, description="Model width (hidden_size).")
     attention_heads: int = Field(ge=1, description="Query attention heads (num_attention_heads).")
-    kv_heads: int = Field(ge=1, description="Key/value heads (num_key_value_heads; equal to attention_heads without GQA).")
+    kv_heads: int = Field(
+        ge=1, description="Key/value heads (num_key_value_heads; equal to attention_heads without GQA)."
+    )
     head_dim: int = Field(ge=1, description="Dimension of one attention head.")
     params_b: float = Field(gt=0, description="Total parameters, in billions.")
     active_params_b: float | None = Field(

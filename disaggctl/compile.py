@@ -74,22 +74,35 @@ def kv_transfer_config(spec: ClusterSpec, inst: Instance) -> dict[str, Any]:
         extra: dict[str, Any] = {"backends": list(kv.backends)}
         if kv.num_threads:
             extra["num_threads"] = kv.num_threads
-        cfg: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_role": role,
-                               "kv_buffer_device": kv.buffer_device, "kv_connector_extra_config": extra}
+        cfg: dict[str, Any] = {
+            "kv_connector": "NixlConnector",
+            "kv_role": role,
+            "kv_buffer_device": kv.buffer_device,
+            "kv_connector_extra_config": extra,
+        }
     elif isinstance(kv, LmcacheTransfer):
         lm_extra: dict[str, Any] = {"discard_partial_chunks": False, "lmcache_rpc_port": inst.lmcache_rpc_port}
         if inst.role is Role.DECODE:
             lm_extra["skip_last_n_tokens"] = 1
         return {"kv_connector": "LMCacheConnectorV1", "kv_role": role, "kv_connector_extra_config": lm_extra}
     else:
-        cfg = {"kv_connector": "ExampleConnector", "kv_role": role,
-               "kv_connector_extra_config": {"shared_storage_path": kv.path}}
+        cfg = {
+            "kv_connector": "ExampleConnector",
+            "kv_role": role,
+            "kv_connector_extra_config": {"shared_storage_path": kv.path},
+        }
     if spec.kv_offload.enabled:
         # LMCache CPU offload next to the P/D connector: vLLM's MultiConnector tries them in order.
-        offload = {"kv_connector": "LMCacheConnectorV1", "kv_role": role,
-                   "kv_connector_extra_config": {"lmcache_rpc_port": f"offload-{inst.name}"}}
-        return {"kv_connector": "MultiConnector", "kv_role": role,
-                "kv_connector_extra_config": {"connectors": [cfg, offload]}}
+        offload = {
+            "kv_connector": "LMCacheConnectorV1",
+            "kv_role": role,
+            "kv_connector_extra_config": {"lmcache_rpc_port": f"offload-{inst.name}"},
+        }
+        return {
+            "kv_connector": "MultiConnector",
+            "kv_role": role,
+            "kv_connector_extra_config": {"connectors": [cfg, offload]},
+        }
     return cfg
 
 
@@ -155,13 +168,26 @@ def serve_args(spec: ClusterSpec, inst: Instance, node: NodeSlot, vllm_bin: str)
     if inst.data_parallel > 1:
         argv += ["--data-parallel-size", str(inst.data_parallel)]
     if len(inst.nodes) > 1:
-        argv += ["--nnodes", str(len(inst.nodes)), "--node-rank", str(node.node_rank),
-                 "--master-addr", inst.head.address, "--master-port", str(inst.master_port)]
+        argv += [
+            "--nnodes",
+            str(len(inst.nodes)),
+            "--node-rank",
+            str(node.node_rank),
+            "--master-addr",
+            inst.head.address,
+            "--master-port",
+            str(inst.master_port),
+        ]
         if inst.data_parallel > 1:
             local = max(1, inst.data_parallel // len(inst.nodes))
-            argv += ["--data-parallel-size-local", str(local),
-                     "--data-parallel-address", inst.head.address,
-                     "--data-parallel-rpc-port", str((inst.master_port or 0) + 1)]
+            argv += [
+                "--data-parallel-size-local",
+                str(local),
+                "--data-parallel-address",
+                inst.head.address,
+                "--data-parallel-rpc-port",
+                str((inst.master_port or 0) + 1),
+            ]
         if headless:
             argv.append("--headless")
     if pool.expert_parallel:
@@ -192,7 +218,9 @@ def serve_args(spec: ClusterSpec, inst: Instance, node: NodeSlot, vllm_bin: str)
     return argv
 
 
-def serve_env(spec: ClusterSpec, inst: Instance, node: NodeSlot, cfg_dir: str, has_lmcache_file: bool) -> dict[str, str]:
+def serve_env(
+    spec: ClusterSpec, inst: Instance, node: NodeSlot, cfg_dir: str, has_lmcache_file: bool
+) -> dict[str, str]:
     env: dict[str, str] = {"PYTHONHASHSEED": str(spec.engine.python_hash_seed)}
     target = spec.target
     cpu = isinstance(target, LocalTarget) and target.cpu
@@ -225,19 +253,30 @@ def serve_env(spec: ClusterSpec, inst: Instance, node: NodeSlot, cfg_dir: str, h
 
 def router_config(spec: ClusterSpec, placement: Placement) -> RouterConfig:
     def up(i: Instance) -> Upstream:
-        return Upstream(name=i.name, url=i.url, lmcache_host=i.head.address if i.lmcache_init_ports else None,
-                        lmcache_init_ports=list(i.lmcache_init_ports),
-                        lmcache_alloc_ports=list(i.lmcache_alloc_ports))
+        return Upstream(
+            name=i.name,
+            url=i.url,
+            lmcache_host=i.head.address if i.lmcache_init_ports else None,
+            lmcache_init_ports=list(i.lmcache_init_ports),
+            lmcache_alloc_ports=list(i.lmcache_alloc_ports),
+        )
 
     r = spec.router
     lm = isinstance(spec.kv_transfer, LmcacheTransfer)
     return RouterConfig(
-        name=spec.name, bind=r.bind, port=r.port, model=spec.model.name, kv_kind=spec.kv_transfer.kind,
+        name=spec.name,
+        bind=r.bind,
+        port=r.port,
+        model=spec.model.name,
+        kv_kind=spec.kv_transfer.kind,
         prefill=[up(i) for i in placement.by_role(Role.PREFILL)],
         decode=[up(i) for i in placement.by_role(Role.DECODE)],
-        prefill_policy=r.prefill_policy, decode_policy=r.decode_policy,
-        local_prefill_threshold=r.local_prefill_threshold, max_prefill_queue=r.max_prefill_queue,
-        request_timeout_s=r.request_timeout_s, retries=r.retries,
+        prefill_policy=r.prefill_policy,
+        decode_policy=r.decode_policy,
+        local_prefill_threshold=r.local_prefill_threshold,
+        max_prefill_queue=r.max_prefill_queue,
+        request_timeout_s=r.request_timeout_s,
+        retries=r.retries,
         lmcache_proxy_bind="0.0.0.0" if lm else None,
         lmcache_proxy_port=placement.lmcache_proxy_port if lm else None,
     )
@@ -253,9 +292,20 @@ def router_process(spec: ClusterSpec, placement: Placement, cfg_dir: str) -> tup
             argv += ["--prefill", i.url]
         for i in placement.by_role(Role.DECODE):
             argv += ["--decode", i.url]
-        argv += ["--kv-connector", "nixl", "--prefill-policy", r.prefill_policy, "--decode-policy", r.decode_policy,
-                 "--host", r.bind, "--port", str(r.port),
-                 "--request-timeout-secs", str(int(r.request_timeout_s))]
+        argv += [
+            "--kv-connector",
+            "nixl",
+            "--prefill-policy",
+            r.prefill_policy,
+            "--decode-policy",
+            r.decode_policy,
+            "--host",
+            r.bind,
+            "--port",
+            str(r.port),
+            "--request-timeout-secs",
+            str(int(r.request_timeout_s)),
+        ]
         if r.metrics_port is not None:
             argv += ["--prometheus-port", str(r.metrics_port)]
     else:
@@ -263,10 +313,16 @@ def router_process(spec: ClusterSpec, placement: Placement, cfg_dir: str) -> tup
         files.append(ConfigFile(name="router.json", content=cfg.model_dump_json(indent=2) + "\n"))
         argv = [python_bin, "-m", "disaggctl.router", "--config", f"{cfg_dir}/router.json"]
     proc = Process(
-        name="router", instance="router", role=Role.ROUTER, host=placement.router_host,
-        address=placement.router_address, argv=argv,
+        name="router",
+        instance="router",
+        role=Role.ROUTER,
+        host=placement.router_host,
+        address=placement.router_address,
+        argv=argv,
         env={"PYTHONHASHSEED": str(spec.engine.python_hash_seed)},
-        files=[f.name for f in files], http_port=r.port, start_order=START_ORDER[Role.ROUTER],
+        files=[f.name for f in files],
+        http_port=r.port,
+        start_order=START_ORDER[Role.ROUTER],
     )
     return proc, files
 
@@ -290,27 +346,45 @@ def compile_placement(spec: ClusterSpec, placement: Placement) -> DesiredState:
                 if cf not in bucket:
                     bucket.append(cf)
                 file_names.append(cf.name)
-            processes.append(Process(
-                name=name, instance=inst.name, role=inst.role, host=node.host, address=node.address,
-                argv=serve_args(spec, inst, node, vllm_bin),
-                env=serve_env(spec, inst, node, cfg_dir, lm is not None),
-                files=file_names, gpus=list(node.gpus), numa_node=node.numa_node, cpus=node.cpus,
-                http_port=inst.http_port if node.node_rank == 0 else None, node_rank=node.node_rank,
-                start_order=START_ORDER[inst.role],
-            ))
+            processes.append(
+                Process(
+                    name=name,
+                    instance=inst.name,
+                    role=inst.role,
+                    host=node.host,
+                    address=node.address,
+                    argv=serve_args(spec, inst, node, vllm_bin),
+                    env=serve_env(spec, inst, node, cfg_dir, lm is not None),
+                    files=file_names,
+                    gpus=list(node.gpus),
+                    numa_node=node.numa_node,
+                    cpus=node.cpus,
+                    http_port=inst.http_port if node.node_rank == 0 else None,
+                    node_rank=node.node_rank,
+                    start_order=START_ORDER[inst.role],
+                )
+            )
     router, router_files = router_process(spec, placement, cfg_dir)
     processes.append(router)
     if router_files:
         files.setdefault(router.host, []).extend(router_files)
     processes.sort(key=lambda p: p.start_order)  # stable: placement order inside a role
     return DesiredState(
-        name=spec.name, vllm_version=VLLM_VERSION, model_name=spec.model.name, kv_kind=spec.kv_transfer.kind,
-        config_dir=cfg_dir, processes=processes, files=files, router_url=placement.router_url, placement=placement,
+        name=spec.name,
+        vllm_version=VLLM_VERSION,
+        model_name=spec.model.name,
+        kv_kind=spec.kv_transfer.kind,
+        config_dir=cfg_dir,
+        processes=processes,
+        files=files,
+        router_url=placement.router_url,
+        placement=placement,
     )
 
 
-def compile_spec(loaded: LoadedSpec, topology: TopologyFile | None = None, *,
-                 allow_degraded: bool = False) -> DesiredState:
+def compile_spec(
+    loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_degraded: bool = False
+) -> DesiredState:
     """spec -> placement -> processes. Raises SpecError with file:line:col on any problem."""
     placement = place(loaded, topology, allow_degraded=allow_degraded)
     return compile_placement(loaded.spec, placement)

@@ -57,9 +57,11 @@ def _to_data(node: yaml.Node, file: str, path: Path_, pos: Positions) -> Any:
         out: dict[Any, Any] = {}
         seen: dict[Any, Location] = {}
         for knode, vnode in node.value:
-            key = yaml.SafeLoader.construct_scalar(yaml.SafeLoader(""), knode) if isinstance(
-                knode, yaml.ScalarNode
-            ) else str(knode.value)
+            key = (
+                yaml.SafeLoader.construct_scalar(yaml.SafeLoader(""), knode)
+                if isinstance(knode, yaml.ScalarNode)
+                else str(knode.value)
+            )
             kloc = Location(file, knode.start_mark.line + 1, knode.start_mark.column + 1)
             if key in seen:
                 raise _DupKeyError(str(key), kloc, seen[key])
@@ -250,7 +252,9 @@ def issues_from_validation(err: ValidationError, data: Any) -> list[Issue]:
             allowed = sorted(model.model_fields) if model else []
             close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
             msg = f"unknown key {key!r}"
-            hint = f"did you mean {close[0]!r}?" if close else (f"allowed keys: {', '.join(allowed)}" if allowed else None)
+            hint = (
+                f"did you mean {close[0]!r}?" if close else (f"allowed keys: {', '.join(allowed)}" if allowed else None)
+            )
         elif typ == "missing":
             msg = f"required field {str(path[-1])!r} is missing"
             hint = "see `disaggctl schema` or docs/spec-reference.md"
@@ -295,8 +299,9 @@ def load_text(text: str, file: str = "<spec>", profiles: list[str] | None = None
 
     data, pos = parse_yaml(text, file)
     if not isinstance(data, dict):
-        raise SpecError([Issue((), "the spec must be a YAML mapping (name:, model:, hosts: ...)", None,
-                               Location(file, 1, 1))], file)
+        raise SpecError(
+            [Issue((), "the spec must be a YAML mapping (name:, model:, hosts: ...)", None, Location(file, 1, 1))], file
+        )
     data = apply_profiles(data, pos, file, profiles or [])
     try:
         spec = ClusterSpec.model_validate(data)
@@ -314,6 +319,7 @@ def load_spec(path: str | Path, profiles: list[str] | None = None) -> LoadedSpec
     try:
         text = p.read_text()
     except OSError as e:
-        raise SpecError([Issue((), f"cannot read spec: {e.strerror}", "check the path", Location(str(p), 1, 1))],
-                        str(p)) from None
+        raise SpecError(
+            [Issue((), f"cannot read spec: {e.strerror}", "check the path", Location(str(p), 1, 1))], str(p)
+        ) from None
     return load_text(text, str(p), profiles)

@@ -37,8 +37,14 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 # "Minimal KV cache": room for one sequence this long (or max_model_len when shorter).
 MIN_KV_TOKENS = 4096
 # Bits per weight by quantization (NVFP4 carries a scale per 16 values: ~4.5 bits).
-QUANT_BITS = {Quantization.NVFP4: 4.5, Quantization.FP8: 8.0, Quantization.MODELOPT: 8.0,
-              Quantization.AWQ: 4.25, Quantization.GPTQ: 4.25, Quantization.MXFP4: 4.25}
+QUANT_BITS = {
+    Quantization.NVFP4: 4.5,
+    Quantization.FP8: 8.0,
+    Quantization.MODELOPT: 8.0,
+    Quantization.AWQ: 4.25,
+    Quantization.GPTQ: 4.25,
+    Quantization.MXFP4: 4.25,
+}
 
 
 # --------------------------------------------------------------------------- host state
@@ -90,25 +96,33 @@ def host_topologies(loaded: LoadedSpec, topology: TopologyFile | None) -> dict[s
             try:
                 tf = load_topology(path)
             except (OSError, ValueError) as e:
-                issues.add(("hosts", i, "topology"), f"cannot read topology file {str(path)!r}: {e}",
-                           "create it with `disaggctl probe` or `disaggctl topology`")
+                issues.add(
+                    ("hosts", i, "topology"),
+                    f"cannot read topology file {str(path)!r}: {e}",
+                    "create it with `disaggctl probe` or `disaggctl topology`",
+                )
                 continue
             topo = tf.hosts.get(h.name) or (next(iter(tf.hosts.values())) if len(tf.hosts) == 1 else None)
             if topo is None:
-                issues.add(("hosts", i, "topology"), f"topology file has no host {h.name!r}",
-                           f"hosts in the file: {', '.join(tf.hosts)}")
+                issues.add(
+                    ("hosts", i, "topology"),
+                    f"topology file has no host {h.name!r}",
+                    f"hosts in the file: {', '.join(tf.hosts)}",
+                )
                 continue
             out[h.name] = topo
             continue
         count = h.gpus if h.gpus is not None else hw.gpus_per_host
         if count is None:
-            issues.add(("hosts", i, "gpus"), f"host {h.name} has no GPU count or topology",
-                       "set gpus: N, topology: FILE, or a hardware profile (profiles: [b200])")
+            issues.add(
+                ("hosts", i, "gpus"),
+                f"host {h.name} has no GPU count or topology",
+                "set gpus: N, topology: FILE, or a hardware profile (profiles: [b200])",
+            )
             continue
         gpu_type = h.gpu or hw.gpu
         arch = "blackwell" if is_blackwell(gpu_type, hw.arch) else ("hopper" if gpu_type else None)
-        out[h.name] = from_count(count, name=gpu_type.value if gpu_type else None, memory_mib=memory,
-                                 architecture=arch)
+        out[h.name] = from_count(count, name=gpu_type.value if gpu_type else None, memory_mib=memory, architecture=arch)
     if issues.issues:
         raise loaded.error(issues.issues)
     return out
@@ -153,7 +167,7 @@ def _pick_gpus(state: HostState, count: int, allowed: set[int] | None) -> list[i
 def _clique(state: HostState, candidates: list[int], count: int) -> list[int] | None:
     for start in range(len(candidates)):
         chosen = [candidates[start]]
-        for g in candidates[start + 1:]:
+        for g in candidates[start + 1 :]:
             if all(_connected(state, g, c) for c in chosen):
                 chosen.append(g)
                 if len(chosen) == count:
@@ -253,8 +267,11 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
                 warnings.append(text + " (GPU skipped)")
             else:
                 host_bad = True
-                issues.add(("hosts", i), f"host {h.name} is degraded: {p.message}",
-                           "fix the host, drop it from the spec, or pass --allow-degraded")
+                issues.add(
+                    ("hosts", i),
+                    f"host {h.name} is degraded: {p.message}",
+                    "fix the host, drop it from the spec, or pass --allow-degraded",
+                )
         free = [] if host_bad else sorted(g.index for g in topo.gpus if g.index not in bad)
         states.append(HostState(h, i, topo, _domain(h, topo), free))
     ctx = _Ctx(spec, states, issues, warnings)
@@ -273,8 +290,11 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
         fixed.append((kv.proxy_port, "lmcache proxy", ("kv_transfer", "proxy_port")))
     for port, owner, path in fixed:
         if port in router_state.ports:
-            issues.add(path, f"port {port} on host {router_state.spec.name} is already used by "
-                             f"{router_state.ports[port]}", "give every process on a host its own port")
+            issues.add(
+                path,
+                f"port {port} on host {router_state.spec.name} is already used by {router_state.ports[port]}",
+                "give every process on a host its own port",
+            )
         else:
             router_state.ports[port] = owner
 
@@ -287,12 +307,14 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
             slots = _place_instance(ctx, role, pool, r)
             if slots is None:
                 placed = sum(1 for i in instances if i.role is role)
-                issues.add((role.value, "replicas"),
-                           f"cannot place {role.value} instance {r} ({pool.gpus_per_replica} GPUs: TP "
-                           f"{pool.tensor_parallel} x PP {pool.pipeline_parallel} x DP {pool.data_parallel}); "
-                           f"{placed} of {pool.replicas} placed, {available} free GPUs for {needed} needed",
-                           "add hosts or GPUs, lower replicas or parallelism, or widen the pool's host selector "
-                           "(a TP group needs NVLink-connected GPUs in one domain)")
+                issues.add(
+                    (role.value, "replicas"),
+                    f"cannot place {role.value} instance {r} ({pool.gpus_per_replica} GPUs: TP "
+                    f"{pool.tensor_parallel} x PP {pool.pipeline_parallel} x DP {pool.data_parallel}); "
+                    f"{placed} of {pool.replicas} placed, {available} free GPUs for {needed} needed",
+                    "add hosts or GPUs, lower replicas or parallelism, or widen the pool's host selector "
+                    "(a TP group needs NVLink-connected GPUs in one domain)",
+                )
                 break
             instances.append(_make_instance(ctx, role, pool, r, slots))
     _check_fit(ctx, instances)
@@ -346,19 +368,33 @@ def _make_instance(ctx: _Ctx, role: Role, pool: Pool, r: int, slots: list[tuple[
     for rank, (st, gpus) in enumerate(slots):
         g0 = st.gpu(gpus[0])
         numas = {st.gpu(g).numa_node for g in gpus}
-        nodes.append(NodeSlot(
-            host=st.spec.name, address=st.spec.addr, node_rank=rank, gpus=gpus,
-            numa_node=g0.numa_node if len(numas) == 1 else None,
-            cpus=g0.cpu_affinity if len({st.gpu(g).cpu_affinity for g in gpus}) == 1 else None,
-            nics=_nics_for(st, gpus),
-        ))
+        nodes.append(
+            NodeSlot(
+                host=st.spec.name,
+                address=st.spec.addr,
+                node_rank=rank,
+                gpus=gpus,
+                numa_node=g0.numa_node if len(numas) == 1 else None,
+                cpus=g0.cpu_affinity if len({st.gpu(g).cpu_affinity for g in gpus}) == 1 else None,
+                nics=_nics_for(st, gpus),
+            )
+        )
     return Instance(
-        name=name, role=role, index=r, tensor_parallel=pool.tensor_parallel,
-        pipeline_parallel=pool.pipeline_parallel, data_parallel=pool.data_parallel, nodes=nodes,
-        http_port=http, side_channel_port=side, master_port=master,
-        lmcache_init_ports=init_ports, lmcache_alloc_ports=alloc_ports,
+        name=name,
+        role=role,
+        index=r,
+        tensor_parallel=pool.tensor_parallel,
+        pipeline_parallel=pool.pipeline_parallel,
+        data_parallel=pool.data_parallel,
+        nodes=nodes,
+        http_port=http,
+        side_channel_port=side,
+        master_port=master,
+        lmcache_init_ports=init_ports,
+        lmcache_alloc_ports=alloc_ports,
         lmcache_rpc_port=f"{'producer' if role is Role.PREFILL else 'consumer'}{r}"
-        if isinstance(kv, LmcacheTransfer) else None,
+        if isinstance(kv, LmcacheTransfer)
+        else None,
     )
 
 
@@ -381,10 +417,12 @@ def _check_nvfp4(ctx: _Ctx) -> None:
     for st in ctx.hosts:
         for g in st.topo.gpus:
             if g.is_blackwell is False:
-                ctx.issues.add(("model", "quantization"),
-                               f"NVFP4 (modelopt_fp4) needs Blackwell GPUs, but GPU {g.index} of host "
-                               f"{st.spec.name} is {g.name or g.architecture}",
-                               "use quantization: fp8 on Hopper, or place on Blackwell hosts")
+                ctx.issues.add(
+                    ("model", "quantization"),
+                    f"NVFP4 (modelopt_fp4) needs Blackwell GPUs, but GPU {g.index} of host "
+                    f"{st.spec.name} is {g.name or g.architecture}",
+                    "use quantization: fp8 on Hopper, or place on Blackwell hosts",
+                )
                 return
 
 
@@ -423,9 +461,11 @@ def _check_fit(ctx: _Ctx, instances: list[Instance]) -> None:
         kv = arch.kv_bytes_per_token(kv_bytes) * tokens / shards
         need = weights + kv
         if need > per_gpu * util:
-            ctx.issues.add((role.value, "tensor_parallel"),
-                           f"the model does not fit: {need / 1e9:.1f} GB per GPU (weights {weights / 1e9:.1f} GB "
-                           f"+ KV for {tokens} tokens {kv / 1e9:.2f} GB) > {per_gpu * util / 1e9:.1f} GB usable "
-                           f"({util:.2f} of {per_gpu / 1e9:.0f} GB)",
-                           f"raise tensor_parallel/pipeline_parallel (x{need / (per_gpu * util):.1f} at least), "
-                           "quantize (fp8, or modelopt_fp4 on Blackwell), or use GPUs with more memory")
+            ctx.issues.add(
+                (role.value, "tensor_parallel"),
+                f"the model does not fit: {need / 1e9:.1f} GB per GPU (weights {weights / 1e9:.1f} GB "
+                f"+ KV for {tokens} tokens {kv / 1e9:.2f} GB) > {per_gpu * util / 1e9:.1f} GB usable "
+                f"({util:.2f} of {per_gpu / 1e9:.0f} GB)",
+                f"raise tensor_parallel/pipeline_parallel (x{need / (per_gpu * util):.1f} at least), "
+                "quantize (fp8, or modelopt_fp4 on Blackwell), or use GPUs with more memory",
+            )

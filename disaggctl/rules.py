@@ -46,19 +46,28 @@ def _hosts(spec: ClusterSpec, out: IssueList) -> None:
     for i, h in enumerate(spec.hosts):
         jump = h.ssh.jump
         if jump and "@" not in jump and ":" not in jump and jump not in names and "." not in jump:
-            out.add(("hosts", i, "ssh", "jump"), f"jump host {jump!r} is not a declared host",
-                    "name a host from `hosts:` or write user@address[:port]")
+            out.add(
+                ("hosts", i, "ssh", "jump"),
+                f"jump host {jump!r} is not a declared host",
+                "name a host from `hosts:` or write user@address[:port]",
+            )
         if jump == h.name:
             out.add(("hosts", i, "ssh", "jump"), "a host cannot be its own jump host")
         if h.gpus is not None and h.topology is not None:
-            out.add(("hosts", i, "gpus"), "give either gpus or topology, not both",
-                    "the topology file already says how many GPUs the host has")
+            out.add(
+                ("hosts", i, "gpus"),
+                "give either gpus or topology, not both",
+                "the topology file already says how many GPUs the host has",
+            )
     for role in (Role.PREFILL, Role.DECODE):
         pool = spec.pool(role)
         for j, n in enumerate(pool.hosts.names):
             if n not in names:
-                out.add((role.value, "hosts", "names", j), f"host {n!r} is not declared",
-                        f"declared hosts: {', '.join(sorted(names))}")
+                out.add(
+                    (role.value, "hosts", "names", j),
+                    f"host {n!r} is not declared",
+                    f"declared hosts: {', '.join(sorted(names))}",
+                )
 
 
 def _parallelism(spec: ClusterSpec, out: IssueList) -> None:
@@ -69,19 +78,28 @@ def _parallelism(spec: ClusterSpec, out: IssueList) -> None:
         pool = spec.pool(role)
         tp = pool.tensor_parallel
         if arch.attention_heads % tp:
-            out.add((role.value, "tensor_parallel"),
-                    f"tensor_parallel {tp} does not divide the model's {arch.attention_heads} attention heads",
-                    f"use a divisor of {arch.attention_heads}: {_divisors(arch.attention_heads)}")
+            out.add(
+                (role.value, "tensor_parallel"),
+                f"tensor_parallel {tp} does not divide the model's {arch.attention_heads} attention heads",
+                f"use a divisor of {arch.attention_heads}: {_divisors(arch.attention_heads)}",
+            )
         elif arch.kv_latent_dim is None and arch.kv_heads % tp and tp % arch.kv_heads:
-            out.add((role.value, "tensor_parallel"),
-                    f"tensor_parallel {tp} and the model's {arch.kv_heads} KV heads do not divide each other",
-                    f"use a divisor or multiple of {arch.kv_heads}")
+            out.add(
+                (role.value, "tensor_parallel"),
+                f"tensor_parallel {tp} and the model's {arch.kv_heads} KV heads do not divide each other",
+                f"use a divisor or multiple of {arch.kv_heads}",
+            )
         if pool.pipeline_parallel > arch.layers:
-            out.add((role.value, "pipeline_parallel"),
-                    f"pipeline_parallel {pool.pipeline_parallel} exceeds the model's {arch.layers} layers")
+            out.add(
+                (role.value, "pipeline_parallel"),
+                f"pipeline_parallel {pool.pipeline_parallel} exceeds the model's {arch.layers} layers",
+            )
         if pool.expert_parallel and not arch.experts:
-            out.add((role.value, "expert_parallel"), "expert_parallel needs a mixture-of-experts model",
-                    "remove expert_parallel or set model.architecture.experts")
+            out.add(
+                (role.value, "expert_parallel"),
+                "expert_parallel needs a mixture-of-experts model",
+                "remove expert_parallel or set model.architecture.experts",
+            )
 
 
 def _connector(spec: ClusterSpec, out: IssueList) -> None:
@@ -89,12 +107,17 @@ def _connector(spec: ClusterSpec, out: IssueList) -> None:
     p_tp, d_tp = spec.prefill.tensor_parallel, spec.decode.tensor_parallel
     if isinstance(kv, LmcacheTransfer):
         if p_tp != d_tp:
-            out.add(("prefill", "tensor_parallel"),
-                    f"LMCache P/D needs equal tensor_parallel on both roles (prefill {p_tp}, decode {d_tp})",
-                    "LMCache 0.5.6 pairs sender rank i with receiver port i; use the same TP, or kind: nixl")
+            out.add(
+                ("prefill", "tensor_parallel"),
+                f"LMCache P/D needs equal tensor_parallel on both roles (prefill {p_tp}, decode {d_tp})",
+                "LMCache 0.5.6 pairs sender rank i with receiver port i; use the same TP, or kind: nixl",
+            )
         if spec.router.kind == "vllm-router":
-            out.add(("router", "kind"), "vllm-router does not speak LMCache's P/D protocol",
-                    "use router kind builtin with kv_transfer kind lmcache")
+            out.add(
+                ("router", "kind"),
+                "vllm-router does not speak LMCache's P/D protocol",
+                "use router kind builtin with kv_transfer kind lmcache",
+            )
         ports = {"init_port": kv.init_port, "alloc_port": kv.alloc_port, "proxy_port": kv.proxy_port}
         ranges = {k: (v, v + max(d_tp, 1) * max(spec.decode.replicas, 1)) for k, v in ports.items()}
         keys = list(ranges)
@@ -102,45 +125,59 @@ def _connector(spec: ClusterSpec, out: IssueList) -> None:
             for b in range(a + 1, len(keys)):
                 (s1, e1), (s2, e2) = ranges[keys[a]], ranges[keys[b]]
                 if s1 < e2 and s2 < e1:
-                    out.add(("kv_transfer", keys[b]),
-                            f"{keys[b]} range {s2}-{e2 - 1} overlaps {keys[a]} range {s1}-{e1 - 1}",
-                            "space the LMCache port bases apart (one port per TP rank and decode instance)")
+                    out.add(
+                        ("kv_transfer", keys[b]),
+                        f"{keys[b]} range {s2}-{e2 - 1} overlaps {keys[a]} range {s1}-{e1 - 1}",
+                        "space the LMCache port bases apart (one port per TP rank and decode instance)",
+                    )
     if isinstance(kv, NixlTransfer) and p_tp > d_tp:
-        out.add(("prefill", "tensor_parallel"),
-                f"NIXL needs decode tensor_parallel >= prefill tensor_parallel (prefill {p_tp}, decode {d_tp})",
-                "vLLM refuses a decode TP smaller than the prefill TP; raise decode.tensor_parallel")
+        out.add(
+            ("prefill", "tensor_parallel"),
+            f"NIXL needs decode tensor_parallel >= prefill tensor_parallel (prefill {p_tp}, decode {d_tp})",
+            "vLLM refuses a decode TP smaller than the prefill TP; raise decode.tensor_parallel",
+        )
     if spec.kv_transfer.kind == "shared-storage" and spec.router.kind == "vllm-router":
-        out.add(("router", "kind"), "vllm-router cannot drive the shared-storage connector",
-                "use router kind builtin")
+        out.add(("router", "kind"), "vllm-router cannot drive the shared-storage connector", "use router kind builtin")
     if isinstance(kv, NixlTransfer) and kv.ucx_net_devices != "auto" and "all" in kv.ucx_net_devices:
-        out.add(("kv_transfer", "ucx_net_devices"), "UCX_NET_DEVICES=all picks up management NICs and fails",
-                "list the GPU-affine devices (mlx5_N:1) or use auto")
+        out.add(
+            ("kv_transfer", "ucx_net_devices"),
+            "UCX_NET_DEVICES=all picks up management NICs and fails",
+            "list the GPU-affine devices (mlx5_N:1) or use auto",
+        )
 
 
 def _quantization(spec: ClusterSpec, out: IssueList) -> None:
     if spec.model.quantization is not Quantization.NVFP4:
         return
     default = is_blackwell(spec.hardware.gpu, spec.hardware.arch)
-    for i, h in enumerate(spec.hosts):
+    for h in spec.hosts:
         bw = is_blackwell(h.gpu) if h.gpu is not None else default
         if bw is False:
-            gpu = (h.gpu or spec.hardware.gpu or spec.hardware.arch or "?")
-            out.add(("model", "quantization"),
-                    f"NVFP4 (modelopt_fp4) needs Blackwell GPUs, but host {h.name} has {gpu}",
-                    "use an FP8 checkpoint (quantization: fp8) on Hopper, or Blackwell hosts")
+            gpu = h.gpu or spec.hardware.gpu or spec.hardware.arch or "?"
+            out.add(
+                ("model", "quantization"),
+                f"NVFP4 (modelopt_fp4) needs Blackwell GPUs, but host {h.name} has {gpu}",
+                "use an FP8 checkpoint (quantization: fp8) on Hopper, or Blackwell hosts",
+            )
             return
 
 
 def _router(spec: ClusterSpec, out: IssueList) -> None:
     names = {h.name for h in spec.hosts}
     if spec.router.host is not None and spec.router.host not in names:
-        out.add(("router", "host"), f"router host {spec.router.host!r} is not a declared host",
-                f"declared hosts: {', '.join(sorted(names))}")
+        out.add(
+            ("router", "host"),
+            f"router host {spec.router.host!r} is not a declared host",
+            f"declared hosts: {', '.join(sorted(names))}",
+        )
     if spec.router.kind == "vllm-router" and isinstance(spec.target, SlurmTarget) is False:
         pass
     if spec.router.metrics_port is not None and spec.router.metrics_port == spec.router.port:
-        out.add(("router", "metrics_port"), f"metrics_port {spec.router.metrics_port} is the router's own port",
-                "pick another port")
+        out.add(
+            ("router", "metrics_port"),
+            f"metrics_port {spec.router.metrics_port} is the router's own port",
+            "pick another port",
+        )
 
 
 def _gpu_pins(spec: ClusterSpec, out: IssueList) -> None:
@@ -153,9 +190,11 @@ def _gpu_pins(spec: ClusterSpec, out: IssueList) -> None:
     shared_hosts = sorted(p_hosts & d_hosts)
     common = sorted(set(p.gpus) & set(d.gpus))
     if shared_hosts and common:
-        out.add(("decode", "hosts", "gpus"),
-                f"GPU {common[0]} of host {shared_hosts[0]} is given to both prefill and decode",
-                "give each pool its own GPU indices on a shared host")
+        out.add(
+            ("decode", "hosts", "gpus"),
+            f"GPU {common[0]} of host {shared_hosts[0]} is given to both prefill and decode",
+            "give each pool its own GPU indices on a shared host",
+        )
     for role, sel in ((Role.PREFILL, p), (Role.DECODE, d)):
         if len(set(sel.gpus)) != len(sel.gpus):
             out.add((role.value, "hosts", "gpus"), "a GPU index is listed twice")

@@ -162,7 +162,9 @@ class Model(Strict):
 class Ssh(Strict):
     """How disaggctl reaches a host."""
 
-    user: str = Field(default="root", pattern=r"^[a-z_][a-z0-9_.-]*$", description="SSH user; sudo -n is used when not root.")
+    user: str = Field(
+        default="root", pattern=r"^[a-z_][a-z0-9_.-]*$", description="SSH user; sudo -n is used when not root."
+    )
     port: int = Field(default=22, ge=1, le=65535, description="SSH port.")
     key: str | None = Field(default=None, description="Private key file; the ssh-agent and default keys otherwise.")
     jump: str | None = Field(
@@ -392,7 +394,9 @@ class SystemdTarget(Strict):
     state_dir: str = Field(default="/var/lib/disaggctl", description="Where the manifest and KV scratch live.")
     vllm_bin: str = Field(default="/opt/vllm/bin/vllm", description="The `vllm` executable on the hosts.")
     python_bin: str = Field(default="/opt/vllm/bin/python", description="Python with disaggctl's router installed.")
-    router_bin: str = Field(default="/opt/vllm/bin/vllm-router", description="`vllm-router` executable (kind vllm-router).")
+    router_bin: str = Field(
+        default="/opt/vllm/bin/vllm-router", description="`vllm-router` executable (kind vllm-router)."
+    )
     run_as: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]*$", description="User= of the units.")
     start_timeout_s: int = Field(default=1800, ge=10, description="TimeoutStartSec: model loading can take minutes.")
     numa_bind: bool = Field(default=True, description="Bind each instance to the NUMA node of its GPUs.")
@@ -422,7 +426,9 @@ class SystemdTarget(Strict):
 class SlurmSubmit(Strict):
     """Where sbatch runs."""
 
-    host: str | None = Field(default=None, description="Login host (a declared host name or address); local when empty.")
+    host: str | None = Field(
+        default=None, description="Login host (a declared host name or address); local when empty."
+    )
     user: str | None = Field(default=None, description="SSH user on the login host.")
     port: int = Field(default=22, ge=1, le=65535, description="SSH port of the login host.")
     key: str | None = Field(default=None, description="SSH key for the login host.")
@@ -453,7 +459,9 @@ class SlurmTarget(Strict):
     router_bin: str = Field(default="vllm-router", description="`vllm-router` executable (kind vllm-router).")
     submit: SlurmSubmit = Field(default_factory=SlurmSubmit, description="Where to run sbatch.")
     successor: SlurmSuccessor = Field(default_factory=SlurmSuccessor, description="Walltime chaining.")
-    gpus_per_node: int | None = Field(default=None, ge=1, description="GPUs of one node (defaults to hardware.gpus_per_host).")
+    gpus_per_node: int | None = Field(
+        default=None, ge=1, description="GPUs of one node (defaults to hardware.gpus_per_host)."
+    )
 
     @field_validator("partition", "account", "qos", "constraint", "exclude", "container_image")
     @classmethod
@@ -507,7 +515,9 @@ class Workload(Strict):
 
     isl: int = Field(default=1024, ge=1, description="Typical input (prompt) length, tokens.")
     osl: int = Field(default=256, ge=1, description="Typical output length, tokens.")
-    multi_round_share: float = Field(default=0, ge=0, le=1, description="Share of traffic that repeats an earlier prefix.")
+    multi_round_share: float = Field(
+        default=0, ge=0, le=1, description="Share of traffic that repeats an earlier prefix."
+    )
 
 
 class Engine(Strict):
@@ -518,7 +528,10 @@ class Engine(Strict):
     host_bind: str = Field(default="0.0.0.0", description="Address vLLM's HTTP server binds to.")
     http_port: int = Field(default=8100, ge=1024, le=65000, description="First vLLM HTTP port on a host.")
     multinode_port: int = Field(
-        default=29500, ge=1024, le=65000, description="First port of torch.distributed / DP RPC for multi-node instances."
+        default=29500,
+        ge=1024,
+        le=65000,
+        description="First port of torch.distributed / DP RPC for multi-node instances.",
     )
 
     @field_validator("env")

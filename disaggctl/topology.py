@@ -119,14 +119,25 @@ class TopologyFile(Model):
     hosts: dict[str, HostTopology] = Field(default_factory=dict)
 
 
-def from_count(count: int, *, name: str | None = None, memory_mib: int | None = None,
-               architecture: str | None = None, numa_nodes: int = 1) -> HostTopology:
+def from_count(
+    count: int,
+    *,
+    name: str | None = None,
+    memory_mib: int | None = None,
+    architecture: str | None = None,
+    numa_nodes: int = 1,
+) -> HostTopology:
     """A topology of `count` fully NVLinked GPUs, split evenly over `numa_nodes` (from the spec alone)."""
     per_numa = max(1, count // max(1, numa_nodes))
     gpus = [
-        Gpu(index=i, name=name, memory_total_mib=memory_mib, architecture=architecture,
+        Gpu(
+            index=i,
+            name=name,
+            memory_total_mib=memory_mib,
+            architecture=architecture,
             numa_node=min(i // per_numa, numa_nodes - 1) if numa_nodes > 1 else None,
-            nvlink_peers=[j for j in range(count) if j != i])
+            nvlink_peers=[j for j in range(count) if j != i],
+        )
         for i in range(count)
     ]
     return HostTopology(gpus=gpus, source="count")

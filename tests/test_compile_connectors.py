@@ -39,8 +39,12 @@ def kvcfg(p: Process) -> dict[str, object]:
 def test_nixl_roles_env_and_side_channel() -> None:
     d = compiled(SPEC)
     p0, d0 = d.process("prefill-0"), d.process("decode-0")
-    assert kvcfg(p0) == {"kv_connector": "NixlConnector", "kv_role": "kv_producer", "kv_buffer_device": "cuda",
-                         "kv_connector_extra_config": {"backends": ["UCX"]}}
+    assert kvcfg(p0) == {
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_producer",
+        "kv_buffer_device": "cuda",
+        "kv_connector_extra_config": {"backends": ["UCX"]},
+    }
     assert kvcfg(d0)["kv_role"] == "kv_consumer"
     assert p0.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.0.0.1"
     assert d0.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.0.0.2"
@@ -76,8 +80,11 @@ def test_vllm_router_argv() -> None:
 def test_shared_storage() -> None:
     d = compiled(SPEC.replace("{kind: nixl}", "{kind: shared-storage, path: /mnt/kv}"))
     p = d.process("prefill-0")
-    assert kvcfg(p) == {"kv_connector": "ExampleConnector", "kv_role": "kv_producer",
-                        "kv_connector_extra_config": {"shared_storage_path": "/mnt/kv"}}
+    assert kvcfg(p) == {
+        "kv_connector": "ExampleConnector",
+        "kv_role": "kv_producer",
+        "kv_connector_extra_config": {"shared_storage_path": "/mnt/kv"},
+    }
     assert p.argv[p.argv.index("--block-size") + 1] == "32"
     assert "VLLM_NIXL_SIDE_CHANNEL_HOST" not in p.env
 
@@ -92,11 +99,16 @@ def _lmcache(d: DesiredState, host: str, name: str) -> dict[str, object]:
 def test_lmcache_configs() -> None:
     d = compiled(SPEC.replace("{kind: nixl}", "{kind: lmcache, buffer_size_mb: 1024}"))
     p0, d1 = d.process("prefill-0"), d.process("decode-1")
-    assert kvcfg(p0) == {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_producer",
-                         "kv_connector_extra_config": {"discard_partial_chunks": False,
-                                                       "lmcache_rpc_port": "producer0"}}
-    assert kvcfg(d1)["kv_connector_extra_config"] == {"discard_partial_chunks": False,
-                                                      "lmcache_rpc_port": "consumer1", "skip_last_n_tokens": 1}
+    assert kvcfg(p0) == {
+        "kv_connector": "LMCacheConnectorV1",
+        "kv_role": "kv_producer",
+        "kv_connector_extra_config": {"discard_partial_chunks": False, "lmcache_rpc_port": "producer0"},
+    }
+    assert kvcfg(d1)["kv_connector_extra_config"] == {
+        "discard_partial_chunks": False,
+        "lmcache_rpc_port": "consumer1",
+        "skip_last_n_tokens": 1,
+    }
     assert p0.env["LMCACHE_CONFIG_FILE"] == "/etc/disaggctl/t/lmcache-prefill-0.yaml"
     sender = _lmcache(d, "a", "prefill-0")
     receiver = _lmcache(d, "b", "decode-1")
@@ -105,8 +117,10 @@ def test_lmcache_configs() -> None:
     assert receiver["pd_peer_init_port"] == [7302, 7303] and receiver["pd_peer_alloc_port"] == [7402, 7403]
     old_names = {"nixl_role", "enable_nixl", "enable_xpyd", "pd_retrieve_locations", "nixl_peer_host"}
     assert not old_names & set(sender) and not old_names & set(receiver)
-    rpc = [kvcfg(d.process(n))["kv_connector_extra_config"]["lmcache_rpc_port"]  # type: ignore[index]
-           for n in ("prefill-0", "prefill-1")]
+    rpc = [
+        kvcfg(d.process(n))["kv_connector_extra_config"]["lmcache_rpc_port"]  # type: ignore[index]
+        for n in ("prefill-0", "prefill-1")
+    ]
     assert len(set(rpc)) == 2
 
 

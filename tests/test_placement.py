@@ -27,10 +27,20 @@ def hgx(numa_split: bool = True, nics: bool = True, dead: int | None = None) -> 
     gpus = []
     for i in range(8):
         peers = [] if i == dead else [j for j in range(8) if j not in (i, dead)]
-        gpus.append(Gpu(index=i, name="NVIDIA B200", architecture="blackwell", memory_total_mib=183359,
-                        numa_node=(i // 4) if numa_split else 0, cpu_affinity="0-55" if i < 4 else "56-111",
-                        nvlink_peers=peers))
-    nic_list = [Nic(name=f"mlx5_{i}", numa_node=i // 4, state="4: ACTIVE", rate_gbps=400) for i in range(8)] if nics else []
+        gpus.append(
+            Gpu(
+                index=i,
+                name="NVIDIA B200",
+                architecture="blackwell",
+                memory_total_mib=183359,
+                numa_node=(i // 4) if numa_split else 0,
+                cpu_affinity="0-55" if i < 4 else "56-111",
+                nvlink_peers=peers,
+            )
+        )
+    nic_list = (
+        [Nic(name=f"mlx5_{i}", numa_node=i // 4, state="4: ACTIVE", rate_gbps=400) for i in range(8)] if nics else []
+    )
     return HostTopology(gpus=gpus, nics=nic_list, source="test")
 
 
@@ -44,7 +54,7 @@ def test_deterministic_and_no_gpu_shared() -> None:
 
 def test_ports_unique_per_host_and_router_port_reserved() -> None:
     p = place(load_text(SPEC, "s.yaml"))
-    for host, ports in p.ports.items():
+    for ports in p.ports.values():
         assert len(ports) == len(set(ports))
     assert p.ports["a"][8000] == "router"
     http = [(i.head.host, i.http_port) for i in p.instances]
@@ -79,7 +89,7 @@ def test_host_level_problem_refused_unless_allowed() -> None:
     loaded = load_text(spec, "s.yaml")
     try:
         place(loaded, topo)
-    except Exception as e:  # noqa: BLE001 - asserting on the message below
+    except Exception as e:
         assert "host a is degraded: driver 550 is too old" in str(e)
         assert "--allow-degraded" in str(e)
     else:
@@ -90,10 +100,21 @@ def test_host_level_problem_refused_unless_allowed() -> None:
 
 def test_nvl72_instance_spans_trays_of_one_clique_only() -> None:
     def tray(clique: int) -> HostTopology:
-        return HostTopology(gpus=[
-            Gpu(index=i, architecture="blackwell", memory_total_mib=189471, nvlink_peers=[j for j in range(4) if j != i],
-                cluster_uuid="4f1a2b3c-0000-1111-2222-333344445555", clique_id=clique, fabric_state="completed")
-            for i in range(4)])
+        return HostTopology(
+            gpus=[
+                Gpu(
+                    index=i,
+                    architecture="blackwell",
+                    memory_total_mib=189471,
+                    nvlink_peers=[j for j in range(4) if j != i],
+                    cluster_uuid="4f1a2b3c-0000-1111-2222-333344445555",
+                    clique_id=clique,
+                    fabric_state="completed",
+                )
+                for i in range(4)
+            ]
+        )
+
     spec = """\
 name: r
 model: {path: meta-llama/Llama-3.1-70B-Instruct}
@@ -120,15 +141,16 @@ def test_tp_never_spans_hgx_hosts() -> None:
     spec = spec.replace("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-405B-Instruct")
     try:
         place(load_text(spec, "s.yaml"))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         assert "cannot place prefill instance 0" in str(e)
     else:
         raise AssertionError("TP16 was placed across two HGX hosts")
 
 
 def test_pp_across_hgx_hosts_is_allowed() -> None:
-    spec = SPEC.replace("prefill: {replicas: 3, tensor_parallel: 2}",
-                        "prefill: {replicas: 1, tensor_parallel: 8, pipeline_parallel: 2}")
+    spec = SPEC.replace(
+        "prefill: {replicas: 3, tensor_parallel: 2}", "prefill: {replicas: 1, tensor_parallel: 8, pipeline_parallel: 2}"
+    )
     spec = spec.replace("decode: {replicas: 2, tensor_parallel: 4}", "decode: {replicas: 0, tensor_parallel: 8}")
     p = place(load_text(spec, "s.yaml"))
     (inst,) = p.instances
@@ -137,8 +159,9 @@ def test_pp_across_hgx_hosts_is_allowed() -> None:
 
 
 def test_multinode_compiles_to_nnodes_and_headless() -> None:
-    spec = SPEC.replace("prefill: {replicas: 3, tensor_parallel: 2}",
-                        "prefill: {replicas: 1, tensor_parallel: 8, pipeline_parallel: 2}")
+    spec = SPEC.replace(
+        "prefill: {replicas: 3, tensor_parallel: 2}", "prefill: {replicas: 1, tensor_parallel: 8, pipeline_parallel: 2}"
+    )
     spec = spec.replace("decode: {replicas: 2, tensor_parallel: 4}", "decode: {replicas: 0, tensor_parallel: 8}")
     d = compile_spec(load_text(spec, "s.yaml"))
     head, worker = d.process("prefill-0"), d.process("prefill-0-node1")

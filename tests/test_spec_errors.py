@@ -97,7 +97,8 @@ def test_missing_required() -> None:
 
 def test_gpu_given_to_two_pools() -> None:
     text = BASE.replace("prefill:\n", "prefill:\n  hosts: {gpus: [0, 1]}\n").replace(
-        "decode:\n", "decode:\n  hosts: {gpus: [1, 2]}\n")
+        "decode:\n", "decode:\n  hosts: {gpus: [1, 2]}\n"
+    )
     err = one_error(text)
     assert err.startswith("spec.yaml:12:11 decode.hosts.gpus: GPU 1 of host node1 is given to both prefill and decode")
 
@@ -123,19 +124,27 @@ def test_tp_must_divide_heads() -> None:
 
 
 def test_tp_and_kv_heads() -> None:
-    text = BASE.replace("  path: meta-llama/Llama-3.1-8B-Instruct\n", """  path: /models/custom
+    text = (
+        BASE.replace(
+            "  path: meta-llama/Llama-3.1-8B-Instruct\n",
+            """  path: /models/custom
   architecture: {layers: 4, hidden_size: 1536, attention_heads: 12, kv_heads: 3, head_dim: 128, params_b: 1}
-""").replace("prefill:\n  tensor_parallel: 2", "prefill:\n  tensor_parallel: 2").replace(
-        "decode:\n  tensor_parallel: 2", "decode:\n  tensor_parallel: 8")
+""",
+        )
+        .replace("prefill:\n  tensor_parallel: 2", "prefill:\n  tensor_parallel: 2")
+        .replace("decode:\n  tensor_parallel: 2", "decode:\n  tensor_parallel: 8")
+    )
     errs = errors_of(text)
     assert any("prefill.tensor_parallel: tensor_parallel 2 and the model's 3 KV heads" in e for e in errs), errs
-    assert any("decode.tensor_parallel: tensor_parallel 8 does not divide the model's 12 attention heads" in e
-               for e in errs), errs
+    assert any(
+        "decode.tensor_parallel: tensor_parallel 8 does not divide the model's 12 attention heads" in e for e in errs
+    ), errs
 
 
 def test_lmcache_needs_equal_tp() -> None:
-    text = BASE.replace("kind: nixl", "kind: lmcache").replace("decode:\n  tensor_parallel: 2",
-                                                                "decode:\n  tensor_parallel: 4")
+    text = BASE.replace("kind: nixl", "kind: lmcache").replace(
+        "decode:\n  tensor_parallel: 2", "decode:\n  tensor_parallel: 4"
+    )
     err = one_error(text)
     assert err.startswith("spec.yaml:9:3 prefill.tensor_parallel: LMCache P/D needs equal tensor_parallel")
     assert "hint:" in err
@@ -148,16 +157,20 @@ def test_nixl_refuses_prefill_tp_above_decode() -> None:
 
 
 def test_nvfp4_on_hopper() -> None:
-    text = BASE.replace("  path: meta-llama/Llama-3.1-8B-Instruct\n",
-                        "  path: meta-llama/Llama-3.1-8B-Instruct\n  quantization: modelopt_fp4\n")
+    text = BASE.replace(
+        "  path: meta-llama/Llama-3.1-8B-Instruct\n",
+        "  path: meta-llama/Llama-3.1-8B-Instruct\n  quantization: modelopt_fp4\n",
+    )
     text = text.replace("    gpus: 8\n", "    gpus: 8\n    gpu: h100\n")
     err = one_error(text)
     assert err.startswith("spec.yaml:4:3 model.quantization: NVFP4 (modelopt_fp4) needs Blackwell GPUs")
 
 
 def test_nvfp4_on_hopper_from_profile() -> None:
-    text = "profiles: [h100]\n" + BASE.replace("  path: meta-llama/Llama-3.1-8B-Instruct\n",
-                                              "  path: meta-llama/Llama-3.1-8B-Instruct\n  quantization: modelopt_fp4\n")
+    text = "profiles: [h100]\n" + BASE.replace(
+        "  path: meta-llama/Llama-3.1-8B-Instruct\n",
+        "  path: meta-llama/Llama-3.1-8B-Instruct\n  quantization: modelopt_fp4\n",
+    )
     assert "NVFP4" in one_error(text)
 
 

@@ -55,8 +55,9 @@ def _context(spec: Path, profiles: list[str], topology: Path | None, allow_degra
     loaded = _load(spec, profiles)
     topo = _topology(topology)
     desired = _compile(loaded, topo, allow_degraded)
-    return OpsContext(loaded=loaded, desired=desired, console=Console(stderr=kw.pop("stderr", False)),
-                      topology=topo, **kw)
+    return OpsContext(
+        loaded=loaded, desired=desired, console=Console(stderr=kw.pop("stderr", False)), topology=topo, **kw
+    )
 
 
 def _read_plan(path: Path) -> dict[str, Any]:
@@ -82,9 +83,18 @@ def plan_json(desired: DesiredState) -> dict[str, Any]:
         "config_dir": desired.config_dir,
         "processes": [
             {
-                "name": p.name, "instance": p.instance, "role": p.role.value, "host": p.host, "address": p.address,
-                "gpus": p.gpus, "numa_node": p.numa_node, "http_port": p.http_port, "node_rank": p.node_rank,
-                "argv": p.argv, "env": p.env, "files": p.files,
+                "name": p.name,
+                "instance": p.instance,
+                "role": p.role.value,
+                "host": p.host,
+                "address": p.address,
+                "gpus": p.gpus,
+                "numa_node": p.numa_node,
+                "http_port": p.http_port,
+                "node_rank": p.node_rank,
+                "argv": p.argv,
+                "env": p.env,
+                "files": p.files,
             }
             for p in desired.processes
         ],
@@ -105,8 +115,14 @@ def print_plan_table(desired: DesiredState, show_commands: bool = True) -> None:
     for col in ("process", "role", "host", "GPUs", "port", "NUMA"):
         table.add_column(col)
     for p in desired.processes:
-        table.add_row(p.name, p.role.value, f"{p.host} ({p.address})", ",".join(map(str, p.gpus)) or "-",
-                      str(p.http_port or "-"), "-" if p.numa_node is None else str(p.numa_node))
+        table.add_row(
+            p.name,
+            p.role.value,
+            f"{p.host} ({p.address})",
+            ",".join(map(str, p.gpus)) or "-",
+            str(p.http_port or "-"),
+            "-" if p.numa_node is None else str(p.numa_node),
+        )
     console.print(table)
     for w in desired.placement.warnings:
         console.print(f"[yellow]warning:[/] {w}")
@@ -114,8 +130,13 @@ def print_plan_table(desired: DesiredState, show_commands: bool = True) -> None:
         for p in desired.processes:
             env = " ".join(f"{k}={v}" for k, v in p.env.items())
             console.print(f"[bold]{p.name}[/] on {p.host}:", highlight=False)
-            console.print(f"  {shell_line([f'{k}={v}' for k, v in p.env.items()])} {shell_line(p.argv)}"
-                          if env else f"  {shell_line(p.argv)}", highlight=False, soft_wrap=True)
+            console.print(
+                f"  {shell_line([f'{k}={v}' for k, v in p.env.items()])} {shell_line(p.argv)}"
+                if env
+                else f"  {shell_line(p.argv)}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def register(app: typer.Typer) -> None:
