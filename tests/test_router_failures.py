@@ -119,3 +119,34 @@ def test_health_follows_an_engine_that_comes_up_late(standin: Standin) -> None:
     while http("GET", r.url + "/health")[0] != 200:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_client_leaving_mid_stream_is_not_an_upstream_failure(standin: Standin) -> None:
+    import socket
+    import time
+
+    d = standin.engine("decode-0", args=("--standin-token-latency-ms", "100"))
+    r = standin.router(kv_kind="nixl", prefill=[], decode=[d])
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 50, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", r.port)) as s:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        assert b"200 OK" in s.recv(4096)  # the stream started
+    deadline = time.monotonic() + 20
+    while metric_sum(r.metrics(), "disaggctl_router_upstream_in_flight") != 0:
+        assert time.monotonic() < deadline, "the upstream call was never released"
+        time.sleep(0.05)
+    m = r.metrics()
+    assert metric_sum(m, "disaggctl_router_upstream_failures_total") == 0
+    assert metric_sum(m, "disaggctl_router_errors_total", kind="client_disconnected") == 1
+    assert metric_sum(m, "disaggctl_router_upstream_healthy", upstream="decode-0") == 1
+
+
+def test_decode_dying_mid_body_of_a_json_answer_is_a_502(standin: Standin) -> None:
+    d = standin.engine("decode-0", args=("--standin-die-mid-stream", "1"))
+    r = standin.router(kv_kind="nixl", prefill=[], decode=[d], retries=0)
+    status, out = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3})
+    assert status == 502 and "decode-0" in out["error"]["message"], out
+    assert "connection lost" in out["error"]["message"]

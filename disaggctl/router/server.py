@@ -16,7 +16,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from disaggctl.router.config import RouterConfig
 from disaggctl.router.lmcache import Notifications
 from disaggctl.router.metrics import RouterMetrics
 from disaggctl.router.policies import Instance, Pool
-from disaggctl.router.upstream import Client, Response
+from disaggctl.router.upstream import Client, Response, UpstreamError
 
 log = logging.getLogger("disaggctl.router")
 
@@ -222,19 +222,23 @@ class Router:
             inst.in_flight += 1
             try:
                 resp = await self.client.request("POST", inst.url, path, data, headers)
-            except OSError as e:
+            except UpstreamError as e:
                 inst.in_flight -= 1
                 err = str(e) or type(e).__name__
                 self._fail(inst, err)
                 attempts.append((inst, err))
                 continue
+            except BaseException:  # cancelled: the client went away
+                inst.in_flight -= 1
+                raise
             if resp.status >= 500:
                 try:
                     text = (await resp.read())[:300].decode(errors="replace")
-                except OSError:
+                except UpstreamError:
                     text = ""
-                resp.release()
-                inst.in_flight -= 1
+                finally:
+                    resp.release()
+                    inst.in_flight -= 1
                 err = f"HTTP {resp.status} {text}".strip()
                 self._fail(inst, err)
                 attempts.append((inst, err))
@@ -375,6 +379,9 @@ class Router:
         try:
             data = await up.resp.read()
             status = up.resp.status
+        except UpstreamError as e:
+            self._fail(up.inst, str(e))
+            raise UpstreamUnavailable("prefill", [(up.inst, str(e))]) from None
         finally:
             up.close()
         parsed = None
@@ -439,7 +446,11 @@ class Router:
         try:
             ctype = resp.headers.get("content-type", JSON_CT)
             if not ctype.startswith("text/event-stream"):
-                data = await resp.read()
+                try:
+                    data = await resp.read()
+                except UpstreamError as e:
+                    self._fail(up.inst, str(e))
+                    raise UpstreamUnavailable(up.inst.role, [(up.inst, str(e))]) from None
                 self.metrics.observe_ttft(path, time.perf_counter() - ctx.t0)
                 if resp.status >= 400:
                     self.metrics.error("decode_rejected", resp.status)
@@ -451,21 +462,39 @@ class Router:
                 headers={"Content-Type": ctype, "Cache-Control": "no-cache", "X-Request-Id": ctx.rid},
             )
             await out.prepare(ctx.request)
-            first = True
-            try:
-                async for chunk in resp.iter_chunks():
-                    if first:
-                        self.metrics.observe_ttft(path, time.perf_counter() - ctx.t0)
-                        first = False
-                    await out.write(chunk)
-            except OSError as e:
-                await self.stream_failed(out, up.inst, e)
-                return out
-            with contextlib.suppress(ConnectionError):
-                await out.write_eof()
-            return out
+            ttft = [path]
+            return await self.pump(ctx, out, up, resp.iter_chunks(), ttft)
         finally:
             up.close()
+
+    async def pump(
+        self,
+        ctx: Ctx,
+        out: web.StreamResponse,
+        up: Upcall,
+        parts: AsyncIterator[bytes],
+        ttft: list[str],
+        convert: Callable[[bytes], bytes] | None = None,
+    ) -> web.StreamResponse:
+        """Copy an upstream SSE body to the client. An upstream failure ends the stream with an
+        error event; a client that went away just ends it (the upstream is not to blame)."""
+        try:
+            async for chunk in parts:
+                if ttft:
+                    self.metrics.observe_ttft(ttft.pop(), time.perf_counter() - ctx.t0)
+                if convert is not None:
+                    chunk = convert(chunk)
+                if chunk:
+                    await out.write(chunk)
+        except UpstreamError as e:
+            await self.stream_failed(out, up.inst, e)
+            return out
+        except ConnectionError:  # the client disconnected; closing the upstream aborts generation
+            self.metrics.error("client_disconnected", 499)
+            return out
+        with contextlib.suppress(ConnectionError):
+            await out.write_eof()
+        return out
 
     async def stream_failed(self, out: web.StreamResponse, inst: Instance, e: BaseException) -> None:
         err = str(e) or type(e).__name__
@@ -597,7 +626,11 @@ class Router:
         comp = Completion(ctx, parsed)
         try:
             if not ctx.body.get("stream"):
-                d = json.loads(await up.resp.read())
+                try:
+                    d = json.loads(await up.resp.read())
+                except UpstreamError as e:
+                    self._fail(up.inst, str(e))
+                    raise UpstreamUnavailable("decode", [(up.inst, str(e))]) from None
                 self.metrics.observe_ttft(DISAGG, time.perf_counter() - ctx.t0)
                 ch = d["choices"][0]
                 u = d.get("usage") or {}
@@ -613,18 +646,7 @@ class Router:
             out = await comp.open_stream()
             await out.write(comp.chunk(first_text, None))
             self.metrics.observe_ttft(DISAGG, time.perf_counter() - ctx.t0)
-            try:
-                async for line in up.resp.iter_lines():
-                    if ctx.chat:
-                        line = comp.to_chat_line(line)
-                    if line:
-                        await out.write(line)
-            except OSError as e:
-                await self.stream_failed(out, up.inst, e)
-                return out
-            with contextlib.suppress(ConnectionError):
-                await out.write_eof()
-            return out
+            return await self.pump(ctx, out, up, up.resp.iter_lines(), [], comp.to_chat_line if ctx.chat else None)
         finally:
             up.close()
 

@@ -34,7 +34,8 @@ What it emulates, enough for routers and deployers to be tested without a GPU:
   --standin-fail-status / STANDIN_FAIL_STATUS            answer generation requests with this status
   --standin-fail-health / STANDIN_FAIL_HEALTH=1          /health always 503
   --standin-health-delay-s / STANDIN_HEALTH_DELAY_S      /health 503 for this long after start
-  --standin-die-mid-stream / STANDIN_DIE_MID_STREAM      close the connection after N streamed tokens
+  --standin-die-mid-stream / STANDIN_DIE_MID_STREAM      abort the connection after N streamed tokens
+                                                         (a JSON answer: after half its bytes)
   --standin-record / STANDIN_RECORD                      append every request as a JSON line to FILE
 - Introspection for tests: GET /standin/requests (requests seen), POST /standin/reset.
 """
@@ -489,7 +490,16 @@ class Server:
                 usage=usage,
                 kv_transfer_params=out_params,
             )
-            await conn.send(200, json.dumps(resp).encode())
+            data = json.dumps(resp).encode()
+            if e.die_mid_stream:  # emulate a crash while the JSON answer is on the wire
+                conn.w.write(
+                    f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n".encode()
+                    + data[: len(data) // 2]
+                )
+                await conn.w.drain()
+                conn.w.transport.abort()
+                return False
+            await conn.send(200, data)
             return True
         finally:
             e.running -= 1
