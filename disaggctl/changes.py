@@ -86,45 +86,63 @@ class Observed:
 
 
 def parse_observe(host: str, text: str) -> Observed:
-    """Parse the observe script's output (sections @@manifest, @@files, @@unit NAME, @@cmdline)."""
+    """Parse the observe script's output.
+
+    Sections: @@manifest (JSON), @@paths (every path of interest), @@sha (sha256sum lines),
+    @@mode (`stat -c '%a %n'` lines), @@show (`systemctl show` blocks, blank-line separated,
+    each with Id=), @@cmdlines ("PID base64-of-/proc/PID/cmdline"), @@end.
+    A path listed but absent from @@sha is missing on the host.
+    """
     obs = Observed(host)
     section = ""
     manifest_lines: list[str] = []
-    current: dict[str, str] = {}
-    unit_name = ""
-
-    def flush_unit() -> None:
-        if unit_name:
-            cmd = current.get("@cmdline")
-            obs.units[unit_name] = UnitFact(
-                unit=unit_name,
-                load_state=current.get("LoadState", ""),
-                active_state=current.get("ActiveState", ""),
-                sub_state=current.get("SubState", ""),
-                main_pid=int(current.get("MainPID", "0") or 0),
-                n_restarts=int(current.get("NRestarts", "0") or 0),
-                unit_file_state=current.get("UnitFileState", ""),
-                need_reload=current.get("NeedDaemonReload", "no") == "yes",
-                cmdline=_decode_cmdline(cmd) if cmd is not None else None,
-            )
-
+    sha: dict[str, str] = {}
+    modes: dict[str, int] = {}
+    paths: list[str] = []
+    blocks: list[dict[str, str]] = [{}]
+    cmdlines: dict[int, list[str]] = {}
     for line in text.split("\n"):
-        if line.startswith("@@unit "):
-            flush_unit()
-            section, unit_name, current = "unit", line[7:].strip(), {}
-            continue
-        if line in ("@@manifest", "@@files", "@@end"):
+        if line.startswith("@@") and line[2:] in ("manifest", "paths", "sha", "mode", "show", "cmdlines", "end"):
             section = line[2:]
             continue
         if section == "manifest":
             manifest_lines.append(line)
-        elif section == "files" and line:
-            sha, mode, path = line.split(" ", 2)
-            obs.files[path] = FileFact(None if sha == "-" else sha, None if mode == "-" else int(mode, 8))
-        elif section == "unit" and "=" in line:
-            k, _, v = line.partition("=")
-            current[k] = v
-    flush_unit()
+        elif section == "paths" and line:
+            paths.append(line)
+        elif section == "sha" and line:
+            escaped = line.startswith("\\")  # sha256sum escapes names with a backslash or newline
+            digest, _, path = (line[1:] if escaped else line).partition("  ")
+            sha[path.replace("\\\\", "\\") if escaped else path] = digest
+        elif section == "mode" and line:
+            mode, _, path = line.partition(" ")
+            modes[path] = int(mode, 8)
+        elif section == "show":
+            if not line:
+                blocks.append({})
+            elif "=" in line:
+                k, _, v = line.partition("=")
+                blocks[-1][k] = v
+        elif section == "cmdlines" and line:
+            pid_text, _, b64 = line.partition(" ")
+            cmdlines[int(pid_text)] = _decode_cmdline(b64)
+    for path in paths:
+        obs.files[path] = FileFact(sha.get(path), modes.get(path) if path in sha else None)
+    for b in blocks:
+        unit = b.get("Id")
+        if not unit:
+            continue
+        main_pid = int(b.get("MainPID", "0") or 0)
+        obs.units[unit] = UnitFact(
+            unit=unit,
+            load_state=b.get("LoadState", ""),
+            active_state=b.get("ActiveState", ""),
+            sub_state=b.get("SubState", ""),
+            main_pid=main_pid,
+            n_restarts=int(b.get("NRestarts", "0") or 0),
+            unit_file_state=b.get("UnitFileState", ""),
+            need_reload=b.get("NeedDaemonReload", "no") == "yes",
+            cmdline=cmdlines.get(main_pid) if main_pid > 0 else None,
+        )
     obs.manifest = parse_manifest("\n".join(manifest_lines).strip() or None)
     return obs
 

@@ -36,21 +36,26 @@ def test_parse_observe_output() -> None:
     cmd = base64.b64encode(b"/usr/bin/python3\0/x/standin.py\0serve\0m\0").decode()
     text = (
         '@@manifest\n{"deployment": "demo", "host": "s1", "spec_hash": "abc", "files": {"/a": {"sha256": "1", '
-        '"mode": 420}}, "units": ["u.service"]}\n\n@@files\n'
-        f"{'f' * 64} 600 /etc/disaggctl/demo/secrets.env\n- - /etc/systemd/system/u.service\n"
-        "@@unit u.service\nLoadState=loaded\nActiveState=active\nSubState=running\nMainPID=42\nNRestarts=0\n"
-        f"UnitFileState=enabled\nNeedDaemonReload=no\n@cmdline={cmd}\n@@end\n"
+        '"mode": 420}}, "units": ["u.service"]}\n\n'
+        "@@paths\n/etc/disaggctl/demo/secrets.env\n/etc/systemd/system/u.service\n/etc/x\\y\n"
+        f"@@sha\n{'f' * 64}  /etc/disaggctl/demo/secrets.env\n\\{'e' * 64}  /etc/x\\\\y\n"
+        "@@mode\n600 /etc/disaggctl/demo/secrets.env\n644 /etc/x\\y\n"
+        "@@show\nId=u.service\nLoadState=loaded\nActiveState=active\nSubState=running\nMainPID=42\nNRestarts=0\n"
+        "UnitFileState=enabled\nNeedDaemonReload=no\n\nId=v.service\nLoadState=not-found\nActiveState=inactive\n"
+        f"SubState=dead\nMainPID=0\n\n@@cmdlines\n42 {cmd}\n@@end\n"
     )
     obs = parse_observe("s1", text)
     assert obs.manifest is not None and obs.manifest.spec_hash == "abc" and obs.manifest.units == ["u.service"]
     assert obs.files["/etc/disaggctl/demo/secrets.env"] == FileFact("f" * 64, 0o600)
     assert obs.files["/etc/systemd/system/u.service"] == FileFact(None, None)
+    assert obs.files["/etc/x\\y"] == FileFact("e" * 64, 0o644)
     u = obs.units["u.service"]
     assert u.running and u.main_pid == 42 and u.cmdline == ["/usr/bin/python3", "/x/standin.py", "serve", "m"]
+    assert not obs.units["v.service"].running and obs.units["v.service"].cmdline is None
 
 
 def test_parse_observe_tolerates_a_mangled_manifest() -> None:
-    obs = parse_observe("s1", "@@manifest\n{not json\n@@files\n@@end\n")
+    obs = parse_observe("s1", "@@manifest\n{not json\n@@paths\n@@end\n")
     assert obs.manifest is None and obs.files == {}
 
 

@@ -60,21 +60,23 @@ T = TypeVar("T")
 #   @@manifest (JSON) | @@files ("sha256 mode path", "- - path" when missing) | @@unit NAME (systemctl show)
 OBSERVE_SCRIPT = r"""
 d=$1; shift
-printf '@@manifest\n'; cat -- "$d/manifest.json" 2>/dev/null; printf '\n@@files\n'
+printf '@@manifest\n'; cat -- "$d/manifest.json" 2>/dev/null; printf '\n@@paths\n'
 paths=$( { printf '%s\n' "$@"; cat -- "$d/owned" 2>/dev/null; } | sort -u)
-printf '%s\n' "$paths" | while IFS= read -r p; do
-  [ -n "$p" ] || continue
-  if [ -f "$p" ]; then s=$(sha256sum < "$p"); printf '%s %s %s\n' "${s%% *}" "$(stat -c %a -- "$p")" "$p"
-  else printf -- '- - %s\n' "$p"; fi
-done
-command -v systemctl >/dev/null 2>&1 || exit 0
-for u in $(printf '%s\n' "$paths" | sed -n 's#^/etc/systemd/system/\([^/ ]*\.\(service\|target\)\)$#\1#p'); do
-  printf '@@unit %s\n' "$u"
-  systemctl show --property=LoadState,ActiveState,SubState,MainPID,NRestarts,UnitFileState,NeedDaemonReload -- "$u"
-  pid=$(systemctl show --property=MainPID --value -- "$u")
-  if [ "${pid:-0}" -gt 0 ] && [ -r "/proc/$pid/cmdline" ]; then
-    printf '@cmdline='; base64 -w0 < "/proc/$pid/cmdline"; echo
-  fi
+printf '%s\n' "$paths"
+printf '@@sha\n'
+printf '%s\n' "$paths" | while IFS= read -r p; do [ -f "$p" ] && printf '%s\0' "$p"; done | xargs -0r sha256sum --
+printf '@@mode\n'
+printf '%s\n' "$paths" | while IFS= read -r p; do [ -f "$p" ] && printf '%s\0' "$p"; done | xargs -0r stat -c '%a %n' --
+command -v systemctl >/dev/null 2>&1 || { printf '@@end\n'; exit 0; }
+units=$(printf '%s\n' "$paths" | sed -n 's#^/etc/systemd/system/\([^/ ]*\.\(service\|target\)\)$#\1#p')
+[ -n "$units" ] || { printf '@@end\n'; exit 0; }
+printf '@@show\n'
+# shellcheck disable=SC2086 # unit names carry no spaces (prefix, deployment and process names are checked)
+systemctl show --property=Id,LoadState,ActiveState,SubState,MainPID,NRestarts,UnitFileState,NeedDaemonReload -- $units
+printf '\n@@cmdlines\n'
+for pid in $(systemctl show --property=MainPID --value -- $units); do
+  [ "$pid" -gt 0 ] 2>/dev/null && [ -r "/proc/$pid/cmdline" ] || continue
+  printf '%s ' "$pid"; base64 -w0 < "/proc/$pid/cmdline"; echo
 done
 printf '@@end\n'
 """
@@ -477,6 +479,8 @@ class SystemdBackend:
 
         if not any(h.units_with(Action.CREATE, Action.RESTART) for h in plan.hosts):
             return
+        if not any(p.role.value == "router" for p in c.desired.processes):
+            return  # nothing to send a request through (partial deployments, the fan-out bench)
         h = c.spec.health
         decode_metrics = [
             p.health_url.rsplit("/", 1)[0] + "/metrics"
