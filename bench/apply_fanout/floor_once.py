@@ -9,6 +9,7 @@ Usage: floor_once.py HOSTS_JSON SYSHOSTS_BASE
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -19,8 +20,6 @@ from pathlib import Path
 import paramiko
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
-import contextlib
-
 from run import CONFIG, SERVER, unit_text  # noqa: E402
 
 hosts = [tuple(h) for h in json.loads(Path(sys.argv[1]).read_text())]
