@@ -134,5 +134,5 @@ def test_vllm_rejects_a_bad_connector(vllm_parser: Any, tiny_model: Path) -> Non
         vllm_parser,
         [str(tiny_model), "--kv-transfer-config", '{"kv_connector":"P2pNcclConnector","kv_role":"kv_producer"}'],
     )
-    with pytest.raises(Exception, match="P2pNcclConnector|Unsupported|not"):
+    with pytest.raises(Exception, match=r"P2pNcclConnector|Unsupported|not"):
         AsyncEngineArgs.from_cli_args(args).create_engine_config()
