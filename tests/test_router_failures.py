@@ -67,6 +67,12 @@ def test_prefill_down_falls_back_to_local_prefill(standin: Standin) -> None:
     m = r.metrics()
     assert metric_sum(m, "disaggctl_router_requests_total", path="local_prefill", reason="prefill_failed") == 1
     assert m['disaggctl_router_upstream_failures_total{upstream="prefill-0",role="prefill"}'] == 1
+    # now known unhealthy: later requests go local without trying it again
+    status, _ = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 2})
+    assert status == 200
+    m = r.metrics()
+    assert metric_sum(m, "disaggctl_router_requests_total", path="local_prefill", reason="no_healthy_prefill") == 1
+    assert m['disaggctl_router_upstream_failures_total{upstream="prefill-0",role="prefill"}'] == 1
 
 
 def test_mid_stream_failure_ends_the_stream_with_an_error_event(standin: Standin) -> None:

@@ -42,6 +42,7 @@ def cfg(**kw: object) -> RouterConfig:
 
 def test_token_estimate_uses_chars_per_token() -> None:
     r = Router(cfg(chars_per_token=4.0, local_prefill_threshold=10))
+    r.prefill.instances[0].healthy = True
     assert r.count_tokens({"prompt": "x" * 40}, chat=False) == 10
     assert r.count_tokens({"prompt": "x" * 39}, chat=False) == 10  # rounds up
     assert r.count_tokens({"prompt": [1, 2, 3]}, chat=False) == 3  # token ids count exactly
@@ -186,3 +187,16 @@ def test_router_cli_command_is_registered() -> None:
         )
     assert r.returncode == 0, r.stderr
     assert "--config" in r.stdout
+
+
+def test_unhealthy_prefills_are_skipped_only_while_their_failure_is_recent() -> None:
+    import time
+
+    r = Router(cfg(local_prefill_threshold=0, health_interval_s=2.0))
+    p = r.prefill.instances[0]
+    assert not p.healthy  # not polled yet: still tried
+    assert r.decide({"prompt": "x"}, chat=False)[0] == "disaggregated"
+    p.failed_at = time.monotonic()
+    assert r.decide({"prompt": "x"}, chat=False) == ("local_prefill", "no_healthy_prefill")
+    p.failed_at = time.monotonic() - 3.0  # half-open: one is tried again
+    assert r.decide({"prompt": "x"}, chat=False)[0] == "disaggregated"

@@ -195,12 +195,14 @@ class Router:
         inst.healthy = ok
         if err:
             inst.last_error = err
+            inst.failed_at = time.monotonic()
 
     # ------------------------------------------------------------------ upstream calls
 
     def _fail(self, inst: Instance, err: str) -> None:
         inst.healthy = False  # the health poll brings it back
         inst.last_error = err
+        inst.failed_at = time.monotonic()
         inst.failures += 1
         self.metrics.upstream_failure(inst.name, inst.role)
         log.warning("%s %s failed: %s", inst.role, inst.name, err)
@@ -273,6 +275,12 @@ class Router:
             return LOCAL, "no_prefill"
         if cfg.local_prefill_threshold > 0 and self.count_tokens(body, chat) < cfg.local_prefill_threshold:
             return LOCAL, "short_prompt"
+        if not self.prefill.any_healthy():
+            # every prefill failed a call or a health poll within the last poll interval: don't pay a
+            # failed call per request (after that, one is tried again: a half-open circuit breaker)
+            now = time.monotonic()
+            if all(now - i.failed_at < cfg.health_interval_s for i in self.prefill.instances):
+                return LOCAL, "no_healthy_prefill"
         if cfg.max_prefill_queue is not None and self.prefill.min_in_flight() >= cfg.max_prefill_queue:
             return LOCAL, "prefill_queue"
         return DISAGG, "long_prompt"
