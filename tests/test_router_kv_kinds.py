@@ -125,3 +125,16 @@ def test_lmcache_missing_notification_is_a_clear_error(standin: Standin) -> None
     status, out = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 3})
     assert status == 502, out
     assert "prefill-0" in out["error"]["message"] and "notification" in out["error"]["message"]
+
+
+def test_lmcache_token_id_prompt_skips_tokenize(standin: Standin) -> None:
+    p, d, r = standin.pair("lmcache")
+    ids = list(range(100, 140))
+    status, via = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 3})
+    assert status == 200, via
+    assert p.requests("/tokenize") == []
+    assert p.requests("/v1/completions")[0]["body"]["prompt"] == ids
+    _, direct = post_json(d.url + "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 3})
+    assert via["choices"][0]["text"] == direct["choices"][0]["text"]
+    status, out = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": ["a" * 80, "b" * 80]})
+    assert status == 400 and "one string" in out["error"]["message"]

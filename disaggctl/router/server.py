@@ -529,24 +529,9 @@ class Router:
             log.warning("decode %s has no LMCache receiver ports; prefilling locally", dinst.name)
             return await self.local(ctx, "no_receiver")
         body = ctx.body
-        tok_req: dict[str, Any]
-        if ctx.chat:
-            tok_req = {
-                "messages": body.get("messages"),
-                "add_generation_prompt": body.get("add_generation_prompt", True),
-            }
-        else:
-            tok_req = {"prompt": body.get("prompt")}
-        up = await self.call(self.prefill, "/tokenize", json.dumps(tok_req).encode(), ctx.headers)
-        try:
-            tdata = await up.resp.read()
-            tstatus = up.resp.status
-        finally:
-            up.close()
-        if tstatus != 200:
-            self.metrics.error("prefill_rejected", tstatus)
-            return web.Response(status=tstatus, body=tdata, content_type=JSON_CT)
-        tokens: list[int] = json.loads(tdata)["tokens"]
+        tokens = await self.lmcache_tokens(ctx)
+        if isinstance(tokens, web.Response):
+            return tokens
 
         base = {k: v for k, v in body.items() if k not in CHAT_ONLY} if ctx.chat else dict(body)
         want = body.get("max_completion_tokens") if ctx.chat else None
@@ -615,6 +600,42 @@ class Router:
         if up.resp.status != 200:
             return await self.relay(ctx, up, DISAGG)
         return await self.lmcache_answer(ctx, up, parsed, first_text)
+
+    async def lmcache_tokens(self, ctx: Ctx) -> list[int] | web.Response:
+        """The prompt's token ids: given by the client, or from a prefill's /tokenize (vLLM's
+        TokenizeCompletionRequest takes one string; the chat form applies the chat template)."""
+        body = ctx.body
+        if ctx.chat:
+            tok_req: dict[str, Any] = {
+                "messages": body.get("messages"),
+                "add_generation_prompt": body.get("add_generation_prompt", True),
+            }
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+                prompt = prompt[0]
+            if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+                return list(prompt)
+            if not isinstance(prompt, str):
+                self.metrics.error("bad_request", 400)
+                return error_response(
+                    400, "prompt must be one string or one list of token ids (LMCache P/D)", "BadRequestError"
+                )
+            tok_req = {"prompt": prompt}
+        up = await self.call(self.prefill, "/tokenize", json.dumps(tok_req).encode(), ctx.headers)
+        try:
+            tdata = await up.resp.read()
+            tstatus = up.resp.status
+        except UpstreamError as e:
+            self._fail(up.inst, str(e))
+            raise UpstreamUnavailable("prefill", [(up.inst, str(e))]) from None
+        finally:
+            up.close()
+        if tstatus != 200:
+            self.metrics.error("prefill_rejected", tstatus)
+            return web.Response(status=tstatus, body=tdata, content_type=JSON_CT)
+        tokens: list[int] = json.loads(tdata)["tokens"]
+        return tokens
 
     async def lmcache_prefill_only(
         self, ctx: Ctx, parsed: dict[str, Any], text: str, n_prompt: int

@@ -399,6 +399,8 @@ class Server:
             elif path == "/metrics":
                 await conn.send(200, e.metrics().encode(), "text/plain; version=0.0.4")
             elif path == "/tokenize" and method == "POST":
+                if "messages" not in (body or {}) and not isinstance((body or {}).get("prompt"), str):
+                    raise HttpError(400, "prompt: Input should be a valid string")  # as vLLM's pydantic model
                 ids = self.prompt_ids(body or {}, chat="messages" in (body or {}))
                 await conn.send(
                     200,
