@@ -176,7 +176,7 @@ class Supervisor:
             except OSError as e:
                 log.write(f"=== disaggctl: cannot start {spec.argv[0]}: {e}\n".encode())
                 self.log(f"{spec.name}: cannot start: {e}")
-                st.state, st.pid, st.last_exit = "failed", None, 127
+                st.state, st.pid, st.last_exit, st.started_at = "failed", None, 127, time.time()
                 self.save()
                 return
         self.children[spec.name] = child
@@ -231,7 +231,7 @@ class Supervisor:
                 self.start(spec)
 
     def apply_table(self, new: Table) -> None:
-        """SIGHUP: converge to a new table, restarting only what changed."""
+        """SIGHUP: converge to a new table, restarting only what changed (and what had failed)."""
         old = {p.name: p for p in self.table.processes}
         fresh = {p.name: p for p in new.processes}
         for spec in reversed(self.table.processes):
@@ -240,7 +240,8 @@ class Supervisor:
                 self.states.pop(spec.name, None)
         self.table = new
         for spec in new.processes:
-            if old.get(spec.name) != spec or spec.name not in self.states:
+            st = self.states.get(spec.name)
+            if old.get(spec.name) != spec or st is None or st.state == "failed":
                 self.states.pop(spec.name, None)
                 self.start(spec)
         self.save()

@@ -140,9 +140,7 @@ def test_gives_up_after_max_restarts(tmp_path: Path, sup: Callable[[], object]) 
     assert (paths(str(state))["logs"] / "prefill-0.log").read_text().count("=== disaggctl") == 3
 
 
-def test_missing_executable_fails_the_process_not_the_supervisor(
-    tmp_path: Path, sup: Callable[[], object]
-) -> None:
+def test_missing_executable_fails_the_process_not_the_supervisor(tmp_path: Path, sup: Callable[[], object]) -> None:
     state = tmp_path / "state"
     bad = replace(proc(state, "decode-0", ""), argv=["/nonexistent/vllm", "serve"])
     write_table(state, [bad, proc(state, "router", SLEEPER, 2)], max_restarts=0)

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ def _why(old: ProcSpec, new: ProcSpec) -> str:
     return ", ".join(names.get(f, f) for f in changed) + " changed"
 
 
-def diff(old: Table | None, new: Table, running: bool) -> list[Action]:
+def diff(old: Table | None, new: Table, running: bool, failed: Set[str] = frozenset()) -> list[Action]:
     """Pure: the actions that take the deployed table `old` to `new`."""
     actions: list[Action] = []
     before = {p.name: p for p in old.processes} if old else {}
@@ -78,6 +78,8 @@ def diff(old: Table | None, new: Table, running: bool) -> list[Action]:
             actions.append(Action("update", p.name, _why(o, p)))
         elif not running:
             actions.append(Action("start", p.name, "supervisor not running"))
+        elif p.name in failed:
+            actions.append(Action("start", p.name, "failed: start it again"))
         else:
             actions.append(Action("unchanged", p.name))
     names = {p.name for p in new.processes}
@@ -216,15 +218,20 @@ def _proc_states(state_dir: str) -> dict[str, dict[str, Any]]:
     return procs if isinstance(procs, dict) else {}
 
 
+def _failed(state_dir: str) -> set[str]:
+    """Processes the running supervisor gave up on (max_restarts reached): apply starts them again."""
+    if supervisor_pid(state_dir) is None:
+        return set()
+    return {n for n, st in _proc_states(state_dir).items() if st.get("state") == "failed"}
+
+
 def _wait_reloaded(state_dir: str, names: list[str], since: float, timeout_s: float = 90.0) -> None:
     """After SIGHUP: wait until every changed process was (re)started after `since` or failed."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         states = _proc_states(state_dir)
-        if all(
-            (states.get(n) or {}).get("state") == "failed" or ((states.get(n) or {}).get("started_at") or 0) >= since
-            for n in names
-        ):
+        # started_at is stamped on every start attempt, also one that fails at once
+        if all(((states.get(n) or {}).get("started_at") or 0) >= since for n in names):
             return
         time.sleep(0.1)
     raise DisaggError(f"the supervisor did not restart {', '.join(names)}; see {paths(state_dir)['supervisor_log']}")
@@ -248,7 +255,7 @@ class LocalBackend:
         new = table(ctx.desired, target)
         old = deployed_table(state_dir)
         running = supervisor_pid(state_dir) is not None
-        actions = diff(old, new, running)
+        actions = diff(old, new, running, _failed(state_dir))
         files = _changed_files(render(ctx.desired, target))
         if ctx.output == "json":
             data = {"target": "local", "state_dir": state_dir, "actions": [asdict(a) for a in actions], "files": files}
@@ -284,25 +291,21 @@ class LocalBackend:
             if saved.get("table") != new.to_json():
                 raise DisaggError(f"the spec no longer compiles to {plan_file}; run `disaggctl plan` again")
         running = supervisor_pid(state_dir) is not None
-        actions = diff(old, new, running)
+        actions = diff(old, new, running, _failed(state_dir))
         files = _changed_files(rendered)
         _print_plan(ctx, state_dir, actions, files)
         if _changes(actions) or files:
             if not ctx.yes and not self._confirm(ctx):
                 ctx.console.print("Apply cancelled.")
                 return 1
-            preflight(desired, new, old, running)
+            preflight(desired, new, old, supervisor_pid(state_dir) is not None)
             self._write(rendered, state_dir)
             t0 = time.time()
-            if (
-                running
-                and old is not None
-                and (old.restart_on_crash, old.max_restarts)
-                == (
-                    new.restart_on_crash,
-                    new.max_restarts,
-                )
-            ):
+            same_policy = old is not None and (old.restart_on_crash, old.max_restarts) == (
+                new.restart_on_crash,
+                new.max_restarts,
+            )
+            if running and same_policy:
                 pid = supervisor_pid(state_dir)
                 assert pid is not None
                 os.kill(pid, signal.SIGHUP)
@@ -310,7 +313,7 @@ class LocalBackend:
                 _wait_reloaded(state_dir, changed, t0)
                 ctx.console.print(f"supervisor (pid {pid}) restarted: {', '.join(changed) or 'nothing'}")
             else:
-                if running:
+                if supervisor_pid(state_dir) is not None:
                     stop_supervisor(state_dir)
                 pid = start_supervisor(state_dir)
                 ctx.console.print(f"supervisor started (pid {pid}); logs in {paths(state_dir)['logs']}")
