@@ -398,6 +398,10 @@ class Router:
                 parsed = json.loads(data)
             except ValueError:
                 parsed = None
+            if not isinstance(parsed, dict):
+                err = f"answered 200 with a body that is not a JSON object: {data[:100]!r}"
+                self._fail(up.inst, err)
+                raise UpstreamUnavailable("prefill", [(up.inst, err)])
         return up.inst, status, parsed, data
 
     def prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
