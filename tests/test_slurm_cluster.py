@@ -89,7 +89,7 @@ target:
 def make_ctx(text: str) -> tuple[OpsContext, io.StringIO]:
     loaded = load_text(text, "slurm-test.yaml")
     out = io.StringIO()
-    ctx = OpsContext(loaded=loaded, desired=compile_spec(loaded), console=Console(file=out, width=200))
+    ctx = OpsContext(loaded=loaded, desired=compile_spec(loaded), console=Console(file=out, width=200), yes=True)
     return ctx, out
 
 
@@ -402,3 +402,31 @@ def test_real_vllm_cpu_pair_under_slurm(slurm_ns: dict[str, str], tiny_model: Pa
         backend.destroy(ctx)
     assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
     wait_until(lambda: not procs_with_env(f"VLLM_CACHE_ROOT={cache}"), 60, "vLLM processes to exit")
+
+
+def test_cli_apply_status_destroy(slurm_ns: dict[str, str], tmp_path: Path) -> None:
+    """The same through the real CLI (`disaggctl apply/status/plan/destroy`), as a user runs it."""
+    name = unique("slc")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(name, slurm_ns["vllm"]))
+    cli_argv = [str(VENV_PY), "-m", "disaggctl.cli"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli_argv, *args], capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+
+    try:
+        r = run("apply", str(spec), "-y")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "Ready: job" in r.stdout + r.stderr
+        r = run("status", str(spec))
+        assert r.returncode == 0 and "health 200" in r.stdout, r.stdout + r.stderr
+        r = run("plan", str(spec), "--detailed-exitcode")
+        assert r.returncode == 0 and "No changes" in r.stdout, r.stdout + r.stderr
+        # without -y and without a terminal, destroy refuses to cancel
+        r = run("destroy", str(spec))
+        assert r.returncode == 1 and "pass -y" in r.stdout + r.stderr, r.stdout + r.stderr
+    finally:
+        r = run("destroy", str(spec), "-y")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []

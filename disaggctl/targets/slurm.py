@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,22 +187,25 @@ class SlurmBackend:
         p = self.plan_for(ctx, run)
         if out_file:
             with open(out_file, "w") as f:
-                json.dump(p.to_json(), f, indent=2)
+                json.dump({**_meta(ctx), **p.to_json()}, f, indent=2)
         if ctx.output == "json":
             ctx.console.print_json(json.dumps(p.to_json()))
         else:
-            for j in p.jobs:
-                tag = j.tag
-                what = "matches the spec" if tag and tag.hash == p.hash else \
-                    f"runs another script (hash {tag.hash if tag else 'none'})"
-                self._say(ctx, f"job {j.job_id} {j.state} on {','.join(j.nodes)}: {what}")
-            if not p.changes:
-                self._say(ctx, f"No changes: job {p.keep} runs the rendered script (hash {p.hash}).")
-            for c in p.cancel:
-                self._say(ctx, f"~ cancel job {c} (clean shutdown: router, prefill, decode)")
-            if p.submit:
-                self._say(ctx, f"+ submit job {job_name(ctx.spec)} (hash {p.hash}) via {run.where}")
+            self._show(ctx, p, run)
         return 2 if detailed_exitcode and p.changes else 0
+
+    def _show(self, ctx: OpsContext, p: PlanResult, run: Runner) -> None:
+        for j in p.jobs:
+            tag = j.tag
+            what = "matches the spec" if tag and tag.hash == p.hash else \
+                f"runs another script (hash {tag.hash if tag else 'none'})"
+            self._say(ctx, f"job {j.job_id} {j.state} on {','.join(j.nodes)}: {what}")
+        if not p.changes:
+            self._say(ctx, f"No changes: job {p.keep} runs the rendered script (hash {p.hash}).")
+        for c in p.cancel:
+            self._say(ctx, f"~ cancel job {c} (clean shutdown: router, prefill, decode)")
+        if p.submit:
+            self._say(ctx, f"+ submit job {job_name(ctx.spec)} (hash {p.hash}) via {run.where}")
 
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
         run = self._runner_factory(ctx.spec)
@@ -215,6 +219,10 @@ class SlurmBackend:
                                   f"(hash {saved.get('hash')}, now {digest}); run `disaggctl plan` again")
             if saved.get("observed") != p.to_json()["observed"]:
                 raise DisaggError(f"the jobs changed since {plan_file} was made; run `disaggctl plan` again")
+        if p.cancel and not ctx.yes and not plan_file:
+            self._show(ctx, p, run)
+            if not _confirm(f"Cancel job(s) {', '.join(p.cancel)} and submit the new script?"):
+                return 1
         if p.cancel:
             self._stop_jobs(ctx, run, p.cancel)
         job_id = p.keep
@@ -266,6 +274,10 @@ class SlurmBackend:
         if not jobs:
             self._say(ctx, f"Nothing to destroy: no job named {job_name(ctx.spec)}.")
             return 0
+        for j in jobs:
+            self._say(ctx, f"- job {j.job_id} {j.state} on {','.join(j.nodes)}")
+        if not ctx.yes and not _confirm("Cancel these jobs?"):
+            return 1
         self._stop_jobs(ctx, run, [j.job_id for j in jobs])
         self._say(ctx, "Destroyed.")
         return 0
@@ -392,6 +404,21 @@ class SlurmBackend:
             if self._clock() - start > timeout_s:
                 return False
             self._sleep(self._poll_s)
+
+
+def _meta(ctx: OpsContext) -> dict[str, object]:
+    """What `disaggctl apply plan.json` needs to rebuild the context (as the other targets write it)."""
+    topo = ctx.options.get("topology_file")
+    return {"spec_file": os.path.abspath(ctx.loaded.file), "profiles": list(ctx.loaded.spec.profiles),
+            "topology_file": str(topo) if topo else None}
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise DisaggError("refusing to cancel jobs without confirmation: stdin is not a terminal; pass -y")
+    from rich.prompt import Confirm
+
+    return bool(Confirm.ask(question, default=False))
 
 
 def sbatch_test_only(run: Runner, desired: DesiredState, spec: ClusterSpec, path: str) -> Result:
