@@ -37,8 +37,14 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tests" / "support" / "standin_engine.py"
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 8  # ~90 tokens: long enough to disaggregate
-NIXL_PREFILL = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-                "remote_block_ids": None, "remote_host": None, "remote_port": None}
+NIXL_PREFILL = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
 
 
 def free_port() -> int:
@@ -112,12 +118,14 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def load(mode: str, urls: dict[str, str], concurrency: int, n: int, max_tokens: int,
-               pid: int | None = None) -> dict[str, float]:
+async def load(
+    mode: str, urls: dict[str, str], concurrency: int, n: int, max_tokens: int, pid: int | None = None
+) -> dict[str, float]:
     body: dict[str, object] = {"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
     lat: list[float] = []
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as s:
+
         async def call(i: int) -> None:
             if mode == "direct":
                 await one_direct(s, urls["prefill"], urls["decode"], body, i)
@@ -140,8 +148,13 @@ async def load(mode: str, urls: dict[str, str], concurrency: int, n: int, max_to
         wall = time.perf_counter() - t0
         cpu = cpu_seconds(pid) - cpu0
     lat.sort()
-    return {"p50": statistics.median(lat) * 1000, "p99": lat[int(len(lat) * 0.99) - 1] * 1000,
-            "rps": n / wall, "n": float(n), "cpu_us": cpu / n * 1e6}
+    return {
+        "p50": statistics.median(lat) * 1000,
+        "p99": lat[int(len(lat) * 0.99) - 1] * 1000,
+        "rps": n / wall,
+        "n": float(n),
+        "cpu_us": cpu / n * 1e6,
+    }
 
 
 def main() -> None:
@@ -150,8 +163,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,64")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--python", default=sys.executable, help="Python for the stand-in engines")
-    ap.add_argument("--vllm-router", default=shutil.which("vllm-router") or str(Path(sys.executable).parent /
-                                                                                "vllm-router"))
+    ap.add_argument(
+        "--vllm-router", default=shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--logdir", default="/tmp/disaggctl-bench-router")
     args = ap.parse_args()
@@ -165,30 +179,85 @@ def main() -> None:
     logdir.mkdir(parents=True, exist_ok=True)
     procs = Procs(logdir)
     pp, dp, bp, vp = free_port(), free_port(), free_port(), free_port()
-    urls = {"prefill": f"http://127.0.0.1:{pp}", "decode": f"http://127.0.0.1:{dp}",
-            "builtin": f"http://127.0.0.1:{bp}", "vllm-router": f"http://127.0.0.1:{vp}"}
+    urls = {
+        "prefill": f"http://127.0.0.1:{pp}",
+        "decode": f"http://127.0.0.1:{dp}",
+        "builtin": f"http://127.0.0.1:{bp}",
+        "vllm-router": f"http://127.0.0.1:{vp}",
+    }
     try:
         for name, port, role in (("prefill", pp, "kv_producer"), ("decode", dp, "kv_consumer")):
             ktc = json.dumps({"kv_connector": "NixlConnector", "kv_role": role})
-            p = procs.start(name, [args.python, str(STANDIN), "serve", "tiny", "--host", "127.0.0.1", "--port",
-                                   str(port), "--kv-transfer-config", ktc])
+            p = procs.start(
+                name,
+                [
+                    args.python,
+                    str(STANDIN),
+                    "serve",
+                    "tiny",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--kv-transfer-config",
+                    ktc,
+                ],
+            )
             wait_http(urls[name] + "/health", p)
-        cfg = {"bind": "127.0.0.1", "port": bp, "model": "tiny", "kv_kind": "nixl", "local_prefill_threshold": 0,
-               "prefill": [{"name": "prefill-0", "url": urls["prefill"]}],
-               "decode": [{"name": "decode-0", "url": urls["decode"]}]}
+        cfg = {
+            "bind": "127.0.0.1",
+            "port": bp,
+            "model": "tiny",
+            "kv_kind": "nixl",
+            "local_prefill_threshold": 0,
+            "prefill": [{"name": "prefill-0", "url": urls["prefill"]}],
+            "decode": [{"name": "decode-0", "url": urls["decode"]}],
+        }
         (logdir / "router.json").write_text(json.dumps(cfg))
         pids: dict[str, int | None] = {"direct": None}
-        p = procs.start("builtin", [sys.executable, "-m", "disaggctl.router", "--config", str(logdir / "router.json"),
-                                    "--log-level", "WARNING"])
+        p = procs.start(
+            "builtin",
+            [
+                sys.executable,
+                "-m",
+                "disaggctl.router",
+                "--config",
+                str(logdir / "router.json"),
+                "--log-level",
+                "WARNING",
+            ],
+        )
         wait_http(urls["builtin"] + "/health", p)
         pids["builtin"] = p.pid
         modes = ["direct", "builtin"]
         if Path(args.vllm_router).exists():
-            p = procs.start("vllm-router", [args.vllm_router, "--vllm-pd-disaggregation", "--prefill", urls["prefill"],
-                                            "--decode", urls["decode"], "--kv-connector", "nixl",
-                                            "--prefill-policy", "round_robin", "--decode-policy", "round_robin",
-                                            "--host", "127.0.0.1", "--port", str(vp), "--log-level", "warning",
-                                            "--max-concurrent-requests", "1024", "--queue-size", "1024"])
+            p = procs.start(
+                "vllm-router",
+                [
+                    args.vllm_router,
+                    "--vllm-pd-disaggregation",
+                    "--prefill",
+                    urls["prefill"],
+                    "--decode",
+                    urls["decode"],
+                    "--kv-connector",
+                    "nixl",
+                    "--prefill-policy",
+                    "round_robin",
+                    "--decode-policy",
+                    "round_robin",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(vp),
+                    "--log-level",
+                    "warning",
+                    "--max-concurrent-requests",
+                    "1024",
+                    "--queue-size",
+                    "1024",
+                ],
+            )
             wait_http(urls["vllm-router"] + "/health", p)
             pids["vllm-router"] = p.pid
             modes.append("vllm-router")
@@ -198,8 +267,7 @@ def main() -> None:
         for c in (int(x) for x in args.concurrency.split(",")):
             results[str(c)] = {}
             for mode in modes:
-                results[str(c)][mode] = asyncio.run(load(mode, urls, c, args.requests, args.max_tokens,
-                                                              pids[mode]))
+                results[str(c)][mode] = asyncio.run(load(mode, urls, c, args.requests, args.max_tokens, pids[mode]))
         report(results, args)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
@@ -208,27 +276,35 @@ def main() -> None:
 
 
 def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
-    print(f"\nrouter overhead: {args.requests} non-streaming requests per row, max_tokens {args.max_tokens}, "
-          f"{os.cpu_count()} CPUs shared by client, engines and routers (loopback)\n")
-    print(f"{'conc':>4} {'mode':<12} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'added p50':>10} {'added p99':>10} "
-          f"{'router CPU/req':>15}")
+    print(
+        f"\nrouter overhead: {args.requests} non-streaming requests per row, max_tokens {args.max_tokens}, "
+        f"{os.cpu_count()} CPUs shared by client, engines and routers (loopback)\n"
+    )
+    print(
+        f"{'conc':>4} {'mode':<12} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'added p50':>10} {'added p99':>10} "
+        f"{'router CPU/req':>15}"
+    )
     for c, rows in results.items():
         base = rows["direct"]
         for mode, r in rows.items():
             add50 = f"{r['p50'] - base['p50']:+.3f}" if mode != "direct" else "-"
             add99 = f"{r['p99'] - base['p99']:+.3f}" if mode != "direct" else "-"
             cpu = f"{r['cpu_us']:.0f} us" if mode != "direct" else "-"
-            print(f"{c:>4} {mode:<12} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['rps']:>8.0f} {add50:>10} {add99:>10} "
-                  f"{cpu:>15}")
+            print(
+                f"{c:>4} {mode:<12} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['rps']:>8.0f} {add50:>10} {add99:>10} "
+                f"{cpu:>15}"
+            )
     print()
     for c, rows in results.items():
         b = rows["builtin"]
         line = f"concurrency {c}: builtin added p50 {b['p50'] - rows['direct']['p50']:+.3f} ms"
         if "vllm-router" in rows:
             v = rows["vllm-router"]
-            line += (f"; vllm-router added p50 {v['p50'] - rows['direct']['p50']:+.3f} ms; "
-                     f"throughput builtin/vllm-router = {b['rps'] / v['rps']:.2f}x; "
-                     f"router CPU per request builtin/vllm-router = {b['cpu_us'] / v['cpu_us']:.2f}x")
+            line += (
+                f"; vllm-router added p50 {v['p50'] - rows['direct']['p50']:+.3f} ms; "
+                f"throughput builtin/vllm-router = {b['rps'] / v['rps']:.2f}x; "
+                f"router CPU per request builtin/vllm-router = {b['cpu_us'] / v['cpu_us']:.2f}x"
+            )
         print(line)
     print("targets: builtin added p50 <= 1 ms at concurrency 1; builtin throughput >= 0.5x vllm-router at 64")
 

@@ -811,4 +811,5 @@ def serve(cfg: RouterConfig) -> None:
         len(cfg.prefill),
         len(cfg.decode),
     )
-    web.run_app(app, host=cfg.bind, port=cfg.port, access_log=None, print=None, loop=loop)
+    # on SIGTERM, open requests get 10 s to finish (aiohttp's default is 60 s; supervisors kill sooner)
+    web.run_app(app, host=cfg.bind, port=cfg.port, access_log=None, print=None, loop=loop, shutdown_timeout=10)
