@@ -192,6 +192,10 @@ def test_hand_built_state_and_newline_rejected() -> None:
     twin = router.model_copy(update={"address": "10.1.0.2"})
     with pytest.raises(DisaggError, match="share the address"):
         render_slurm(_state([ok, twin]), spec)
+    # IPv6 / bracketed slot addresses cannot be swapped for the run-time IPv4 address
+    v6 = ok.model_copy(update={"address": "fd00::2"})
+    with pytest.raises(DisaggError, match="node slot"):
+        render_slurm(_state([v6, router]), spec)
     # the same config file name with two contents on two slots cannot share the job folder
     files = {"a": [ConfigFile(name="x.json", content="1")], "b": [ConfigFile(name="x.json", content="2")]}
     with pytest.raises(DisaggError, match=r"x\.json"):

@@ -310,6 +310,9 @@ def render_slurm(desired: DesiredState, spec: ClusterSpec) -> Rendered:
     comp_of = {h: i for i, h in enumerate(hosts)}
     addrs: dict[str, str] = {}
     for p in desired.processes:
+        if ":" in p.address or "[" in p.address:
+            raise DisaggError(f"hosts.{p.host}.address: {p.address!r}: under Slurm a host is a node slot whose address "
+                              "is found at run time (IPv4); leave address out or give a plain name")
         prev = addrs.setdefault(p.address, f"DCTL_ADDR_{comp_of[p.host]}")
         if prev != f"DCTL_ADDR_{comp_of[p.host]}":
             raise DisaggError(f"hosts {p.host!r} and {hosts[int(prev.rsplit('_', 1)[1])]!r} share the address "

@@ -74,8 +74,12 @@ class SshRunner:
         if s.host in {h.name for h in spec.hosts}:
             target = ssh.target_for(spec, s.host)
         else:
+            # known_hosts/strict_host_keys: read when the spec grows them (target.submit has neither yet)
+            known = getattr(s, "known_hosts", None)
             target = ssh.SshTarget(name=s.host, address=s.host, port=s.port, user=s.user or getpass.getuser(),
-                                   key=os.path.expanduser(s.key) if s.key else None)
+                                   key=os.path.expanduser(s.key) if s.key else None,
+                                   known_hosts=str(known) if known else None,
+                                   strict=bool(getattr(s, "strict_host_keys", False)))
         self.where = f"{target.user}@{target.address}"
         self._conn = ssh.connect(target)
 
