@@ -91,3 +91,22 @@ def test_record_file(tmp_path: Path, standin: Standin) -> None:
     e = standin.engine("d0", args=("--standin-record", str(rec)))
     post_json(e.url + "/v1/completions", {"model": "tiny", "prompt": "abc", "max_tokens": 1})
     assert '"prompt": "abc"' in rec.read_text()
+
+
+def test_lmcache_yaml_as_compile_writes_it() -> None:
+    import yaml
+
+    cfg = {
+        "chunk_size": 256,
+        "local_cpu": False,
+        "enable_pd": True,
+        "pd_role": "receiver",
+        "pd_peer_host": "10.0.0.2",
+        "pd_peer_init_port": [8300, 8301],
+        "pd_peer_alloc_port": [8400, 8401],
+        "nixl_backends": ["UCX"],
+        "pd_buffer_size": 1073741824,
+        "pd_proxy_host": "10.0.0.1",
+    }
+    for style in (False, None):  # block lists (what compile writes) and flow lists
+        assert se.parse_flat_yaml(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=style)) == cfg

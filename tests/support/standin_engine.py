@@ -211,11 +211,7 @@ class Engine:
         path = os.environ.get("LMCACHE_CONFIG_FILE")
         if path and os.path.exists(path):
             with open(path) as f:
-                for line in f:
-                    line = line.split("#", 1)[0].rstrip()
-                    if ":" in line and not line.startswith(" "):
-                        k, v = line.split(":", 1)
-                        cfg[k.strip()] = _yaml_scalar(v.strip())
+                cfg.update(parse_flat_yaml(f.read()))
         for k, v in os.environ.items():
             if k.startswith("LMCACHE_") and k != "LMCACHE_CONFIG_FILE":
                 cfg[k[len("LMCACHE_") :].lower()] = _yaml_scalar(v)
@@ -269,11 +265,35 @@ class Engine:
         return "\n".join(lines) + "\n"
 
 
+def parse_flat_yaml(text: str) -> dict[str, Any]:
+    """The YAML `yaml.safe_dump` writes for a flat mapping: `key: scalar`, `key: [flow, list]`
+    and block lists (`key:` then `- item` lines). Enough for LMCache configs, stdlib only."""
+    cfg: dict[str, Any] = {}
+    last: str | None = None
+    for raw in text.splitlines():
+        line = raw.split(" #", 1)[0].rstrip()
+        if not line or line.lstrip().startswith("#"):
+            continue
+        stripped = line.lstrip()
+        if stripped.startswith("- ") and last is not None:
+            if not isinstance(cfg.get(last), list):
+                cfg[last] = []
+            cfg[last].append(_yaml_scalar(stripped[2:].strip()))
+        elif ":" in line and not line.startswith(" "):
+            k, v = line.split(":", 1)
+            last = k.strip()
+            cfg[last] = _yaml_scalar(v.strip()) if v.strip() else None
+    return cfg
+
+
 def _yaml_scalar(v: str) -> Any:
     if v.startswith("[") or v.startswith("{"):
         try:
             return json.loads(v)
         except ValueError:
+            if v.startswith("[") and v.endswith("]"):  # a flow list of plain scalars: [UCX, 8300]
+                inner = v[1:-1].strip()
+                return [_yaml_scalar(x.strip()) for x in inner.split(",")] if inner else []
             return v
     if v.lower() in ("true", "false"):
         return v.lower() == "true"
