@@ -55,8 +55,8 @@ def test_threshold_zero_always_disaggregates(standin: Standin) -> None:
 
 
 def test_full_prefill_queue_sends_new_requests_to_decode(standin: Standin) -> None:
-    # prefill holds each request 1.5 s; with max_prefill_queue 1, a second long prompt must not queue
-    p = standin.engine("prefill-0", kv="nixl", role="kv_producer", args=("--standin-latency-ms", "1500"))
+    # prefill holds each request 5 s; with max_prefill_queue 1, a second long prompt must not queue
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer", args=("--standin-latency-ms", "5000"))
     d = standin.engine("decode-0", kv="nixl", role="kv_consumer")
     r = standin.router(kv_kind="nixl", prefill=[p], decode=[d], max_prefill_queue=1)
     results: list[int] = []

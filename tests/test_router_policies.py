@@ -73,7 +73,7 @@ def test_round_robin_spreads_requests_over_two_decodes(standin: Standin) -> None
 
 
 def test_least_loaded_avoids_the_busy_decode(standin: Standin) -> None:
-    slow = standin.engine("decode-0", args=("--standin-latency-ms", "1500"))
+    slow = standin.engine("decode-0", args=("--standin-latency-ms", "60000"))  # held until stopped
     fast = standin.engine("decode-1")
     r = standin.router(kv_kind="nixl", prefill=[], decode=[slow, fast], decode_policy="least_loaded")
     hold = threading.Thread(
@@ -90,4 +90,6 @@ def test_least_loaded_avoids_the_busy_decode(standin: Standin) -> None:
         post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": f"y{i}", "max_tokens": 1})
     # while one request is open on the slow instance, every new one goes to the idle one
     assert len(slow.requests()) == 1 and len(fast.requests()) == 4
-    hold.join(20)
+    slow.stop()  # releases the held request (the router retries it on the fast instance)
+    hold.join(30)
+    assert not hold.is_alive()
