@@ -335,16 +335,22 @@ class SlurmBackend:
                 raise DisaggError(f"job {job_id} disappeared from Slurm before it was ready")
             tag = job.tag
             state = tag.state if tag else "?"
+            endpoint = tag.endpoint if tag else ""
+            fields: dict[str, str] = {}
+            if job.running:
+                # The state file says the same as the comment; it also carries every process's URL, and it
+                # still works where a site does not let users update their job's comment.
+                fields = cli.parse_state_file(read_file(run, f"{ctx.desired.config_dir}/state.{job_id}") or "")
+                if fields.get("job") == job_id and fields.get("state") and state in ("?", "submitted", "starting"):
+                    state, endpoint = fields["state"], fields.get("endpoint", "")
             now = f"{job.state}/{state}"
             if now != last:
                 self._say(ctx, f"job {job_id}: {job.state}" + (f" ({job.reason})" if job.reason not in ("", "None")
                                                                else "") + f", deployment {state}")
                 last = now
-            if tag and tag.state == "ready" and job.running:
-                text = read_file(run, f"{ctx.desired.config_dir}/state.{job_id}") or ""
-                fields = cli.parse_state_file(text)
+            if state == "ready" and job.running and endpoint:
                 urls = {k[4:]: v for k, v in fields.items() if k.startswith("url.")}
-                return tag.endpoint, urls
+                return endpoint, urls
             if job.finished or state == "failed":
                 self._fail(run, job, f"job {job_id} ended ({job.state}, exit {job.exit_code}) before it was ready"
                            if job.finished else f"job {job_id} reported a failure")
