@@ -495,6 +495,9 @@ class SystemdBackend:
             for p in c.desired.processes
             if p.role.value == "decode" and p.health_url
         ]
+        if c.spec.router.kind == "builtin":
+            with phases.step("router", "all instances back in the router"):
+                router_sees_all(c.desired.router_url, min(h.startup_timeout_s, 120.0), h.interval_s)
         with phases.step("router", "canary"):
             try:
                 res = run_canary(
@@ -641,6 +644,31 @@ class SystemdBackend:
 
 
 _ROLE_NAME = {0: "decode", 1: "prefill", 2: "router"}
+
+
+def router_sees_all(router_url: str, timeout_s: float, interval_s: float) -> bool:
+    """Wait until the builtin router's /health marks every upstream healthy.
+
+    The router health-checks its upstreams on its own interval: right after a restart it may
+    still route around an instance (a canary then prefills locally and shows no KV transfer).
+    Returns False at the timeout and lets the canary report what it sees.
+    """
+    import json
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(router_url.rstrip("/") + "/health", timeout=5) as r:
+                body = json.loads(r.read())
+            pools = [*body.get("prefill", []), *body.get("decode", [])]
+            if pools and all(i.get("healthy") for i in pools):
+                return True
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
 
 
 def _raise_first(results: Mapping[str, object], phase: str) -> None:
