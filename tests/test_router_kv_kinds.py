@@ -121,7 +121,7 @@ def test_lmcache_missing_notification_is_a_clear_error(standin: Standin) -> None
     # a prefill with no proxy configured never notifies: the router times out naming the prefill
     d = standin.engine("decode-0", kv="lmcache", role="kv_consumer")
     p = standin.engine("prefill-0", kv="lmcache", role="kv_producer", proxy_port=None)
-    r = standin.router(kv_kind="lmcache", prefill=[p], decode=[d], request_timeout_s=2)
+    r = standin.router(kv_kind="lmcache", prefill=[p], decode=[d], lmcache_notify_timeout_s=2)
     status, out = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 3})
     assert status == 502, out
     assert "prefill-0" in out["error"]["message"] and "notification" in out["error"]["message"]

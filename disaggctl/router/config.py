@@ -47,6 +47,7 @@ class RouterConfig(BaseModel):
     # LMCache: the router binds a ZMQ PULL socket here and waits for one message per decoder TP rank
     lmcache_proxy_bind: str | None = None  # "0.0.0.0"
     lmcache_proxy_port: int | None = None
+    lmcache_notify_timeout_s: float | None = None  # wait for the KV-written notifications (default: request_timeout_s)
 
 
 def load_router_config(path: str) -> RouterConfig:

@@ -573,13 +573,14 @@ class Router:
                         )
                     ],
                 )
+            wait_s = self.cfg.lmcache_notify_timeout_s or self.cfg.request_timeout_s
             try:
-                await asyncio.wait_for(ready, self.cfg.request_timeout_s)
+                await asyncio.wait_for(ready, wait_s)
             except TimeoutError:
                 self._fail(pinst, "no LMCache transfer notification")
                 raise UpstreamUnavailable(
                     "prefill",
-                    [(pinst, f"no LMCache notification for request {ctx.rid} within {self.cfg.request_timeout_s} s")],
+                    [(pinst, f"no LMCache notification for request {ctx.rid} within {wait_s} s")],
                 ) from None
         finally:
             self.notifications.forget(ctx.rid)
