@@ -28,6 +28,8 @@ def _sh(*args: object, env: dict[str, str] | None = None, timeout: float = 600) 
 class TestHosts:
     """Hosts reachable over SSH as root with `key`; host keys pinned in `known_hosts`."""
 
+    __test__ = False  # a fixture value, not a test class
+
     base: Path
     hosts: list[tuple[str, str]]  # (name, ip)
     key: Path
