@@ -208,11 +208,10 @@ def _candidates(ctx: _Ctx, pool: Pool) -> list[HostState]:
     return out
 
 
-def _place_instance(ctx: _Ctx, role: Role, pool: Pool, index: int) -> list[tuple[HostState, list[int]]] | None:
+def _place_instance(pool: Pool, cands: list[HostState]) -> list[tuple[HostState, list[int]]] | None:
     total = pool.gpus_per_replica
     tp = pool.tensor_parallel
     allowed = set(pool.hosts.gpus) or None
-    cands = _candidates(ctx, pool)
     # one host
     for st in cands:
         picked = _pick_gpus(st, total, allowed)
@@ -302,9 +301,11 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
     for role in (Role.PREFILL, Role.DECODE):
         pool = spec.pool(role)
         needed = pool.replicas * pool.gpus_per_replica
-        available = sum(len(s.free) for s in _candidates(ctx, pool))
+        cands = _candidates(ctx, pool)
+        available = sum(len(s.free) for s in cands)
         for r in range(pool.replicas):
-            slots = _place_instance(ctx, role, pool, r)
+            cands = [st for st in cands if st.free]  # first fit: full hosts drop out
+            slots = _place_instance(pool, cands)
             if slots is None:
                 placed = sum(1 for i in instances if i.role is role)
                 issues.add(
