@@ -13,7 +13,9 @@ import io
 import json
 import os
 import subprocess
+import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -274,17 +276,36 @@ def test_hostile_values_reach_the_process_byte_for_byte(slurm_ns: dict[str, str]
 def test_successor_takes_over_before_the_time_limit(slurm_ns: dict[str, str]) -> None:
     """time limit 2 min, lead 1 min: the job submits a successor after 60 s (excluding its own nodes);
     the successor comes up on the two other nodes, switches the endpoint file to its router and
-    releases the old job, which shuts down cleanly."""
+    releases the old job, which shuts down cleanly. A client that follows the endpoint file keeps
+    getting answers all along: from the old router, then from the new one."""
     name = unique("sls")
     ctx, _ = make_ctx(spec_text(name, slurm_ns["vllm"], time_limit="2", successor=True))
     backend = SlurmBackend(poll_s=0.5)
     run = LocalRunner()
     jobname = f"disaggctl-{name}"
+    endpoint_file = JOBS / name / "endpoint"
+    results: list[tuple[str, str]] = []  # (job named by the endpoint file, outcome)
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            ep = cli.parse_state_file(endpoint_file.read_text())
+            try:
+                body = json.dumps({"model": "tiny", "prompt": "walltime " * 40, "max_tokens": 4}).encode()
+                req = urllib.request.Request(ep["endpoint"] + "/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    results.append((ep["job"], str(r.status)))
+            except (OSError, KeyError, ValueError) as e:
+                results.append((ep.get("job", "?"), f"error: {e}"))
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=client, daemon=True)
     try:
         assert backend.apply(ctx, None) == 0
         first = list_jobs(run, jobname)[0]
-        endpoint_file = JOBS / name / "endpoint"
         assert cli.parse_state_file(endpoint_file.read_text())["job"] == first.job_id
+        thread.start()
 
         def switched() -> bool:
             return cli.parse_state_file(endpoint_file.read_text()).get("job") not in (None, first.job_id)
@@ -293,9 +314,16 @@ def test_successor_takes_over_before_the_time_limit(slurm_ns: dict[str, str]) ->
         ep = cli.parse_state_file(endpoint_file.read_text())
         second = ep["job"]
         wait_until(lambda: [j.job_id for j in list_jobs(run, jobname)] == [second], 90, "the old job to leave")
+        time.sleep(2)  # a few requests to the new router alone
+        stop.set()
+        thread.join(15)
         new = list_jobs(run, jobname)[0]
         assert set(new.nodes).isdisjoint(first.nodes), (new.nodes, first.nodes)
-        # the endpoint serves through the successor's router: the full canary passes there
+        # the endpoint stayed available to a client following the endpoint file
+        failures = [r for r in results if r[1] != "200"]
+        assert not failures, failures
+        assert {job for job, _ in results} == {first.job_id, second}, results
+        # the successor's router passes the full canary
         urls = cli.parse_state_file((JOBS / name / f"state.{second}").read_text())
         backend.check_health(ctx, ep["endpoint"], {k[4:]: v for k, v in urls.items() if k.startswith("url.")})
         old_log = (JOBS / name / f"slurm-{first.job_id}.out").read_text()
@@ -303,6 +331,7 @@ def test_successor_takes_over_before_the_time_limit(slurm_ns: dict[str, str]) ->
         new_log = (JOBS / name / f"slurm-{second}.out").read_text()
         assert f"releasing predecessor job {first.job_id}" in new_log, new_log
     finally:
+        stop.set()
         backend.destroy(ctx)
     assert list_jobs(run, jobname) == []
     wait_until(lambda: not procs_with(f"/models/{name}"), 30, "job processes to exit")

@@ -38,6 +38,7 @@ from disaggctl.versions import VLLM_VERSION
 SCRIPT_NAME = "job.sbatch"
 STOP_TIMEOUT_S = 30  # per step: SIGTERM, then SIGKILL after this long
 MAX_GRACE_S = 120  # `--signal=B:TERM@<grace>`: time to shut down before the limit
+HANDOVER_S = 10  # walltime chaining: old and new router both serve this long after the endpoint switched
 SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./+-]+$")  # #SBATCH lines are not shell: no quoting possible there
 SAFE_MOUNT = re.compile(r"^[A-Za-z0-9_./:+@-]+$")
 ADDR_FLAGS = frozenset({"--master-addr", "--data-parallel-address"})
@@ -186,6 +187,7 @@ class JobContext:
     urls: list[str]  # "name=url" shell words
     successor: bool
     successor_after_s: int
+    handover_s: int
     exclude: str  # the spec's exclude list, for the successor ("" or ",list")
     multi: bool  # more than one component (a heterogeneous job)
 
@@ -387,7 +389,7 @@ def render_slurm(desired: DesiredState, spec: ClusterSpec) -> Rendered:
             startup_timeout_s=int(spec.health.startup_timeout_s), interval_s=spec.health.interval_s,
             components=components, files=files, launchers=launchers, steps=steps, engines=engines,
             routers=routers, stop_order=stop_order, endpoint=endpoint, urls=urls,
-            successor=t.successor.enabled, successor_after_s=after,
+            successor=t.successor.enabled, successor_after_s=after, handover_s=HANDOVER_S,
             exclude=f",{t.exclude}" if t.exclude else "", multi=multi,
         )
         return _env().get_template("job.sbatch.j2").render(c=ctx)
