@@ -14,7 +14,7 @@ from disaggctl.spec import ClusterSpec
 _RENDERERS = {
     "systemd": ("disaggctl.render.systemd", "render_systemd"),
     "slurm": ("disaggctl.render.slurm", "render_slurm"),
-    "local": ("disaggctl.render.local", "render_local"),
+    "local": ("disaggctl.render.local", "render"),
 }
 
 
@@ -23,6 +23,8 @@ def render(desired: DesiredState, spec: ClusterSpec, secrets: Mapping[str, str] 
     func = getattr(importlib.import_module(module_name), func_name)
     if spec.target.kind == "systemd":
         result: Rendered = func(desired, spec, secrets)
+    elif spec.target.kind == "local":
+        result = func(desired, spec.target)
     else:
         result = func(desired, spec)
     return result
