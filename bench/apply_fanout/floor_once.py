@@ -56,7 +56,8 @@ def one(h: tuple[str, str]) -> bool:
         s.close()
         rc, _ = run(
             c,
-            "systemctl daemon-reload && systemctl enable -q bench-floor.service && "
+            # one systemd reload, like disaggctl (a plain `enable` would reload a second time)
+            "systemctl enable --no-reload -q bench-floor.service && systemctl daemon-reload && "
             "systemctl restart bench-floor.service",
         )
         assert rc == 0
