@@ -164,11 +164,15 @@ def test_shared_storage_path(vllm_pair: VllmPair) -> None:
     print(f"\napply (switch to shared-storage) took {vllm_pair.apply_seconds['shared-storage']:.1f} s")
     prompt = unique(LONG)
     before = decode_counters(vllm_pair)
-    got = text_of(*vllm_pair.complete(vllm_pair.router_url, prompt))
-    kv, comp = settle(vllm_pair, before, 40)
+    dis0 = router_requests(vllm_pair, "disaggregated")
+    status, body = vllm_pair.complete(vllm_pair.router_url, prompt)
+    got = text_of(status, body)
+    kv, comp = settle(vllm_pair, before, int(body["usage"]["prompt_tokens"]))
     ref = text_of(*vllm_pair.complete(vllm_pair.prefill_url, prompt))
     assert got == ref
-    assert kv >= 32 and comp < kv, f"kv={kv} computed={comp}"
+    router_metrics = [line for line in vllm_pair.metrics(vllm_pair.router_url).splitlines() if "_total{" in line]
+    assert router_requests(vllm_pair, "disaggregated") == dis0 + 1, "\n".join(router_metrics)
+    assert kv >= 32 and comp < kv, f"kv={kv} computed={comp}\n{vllm_pair.logs_tail(15)}"
     assert any(vllm_pair.kvstore.iterdir()), "no KV files in the shared folder"
     assert "External Cache Hit!" in (vllm_pair.state_dir / "logs" / "decode-0.log").read_text()
 
