@@ -2,7 +2,7 @@
 
 tests/infra/slurm_netns_up.sh: munge + slurmctld + 4 slurmd (n1..n4), each node in its own
 network namespace with its own address and hostname (like real nodes: two instances on two
-nodes may use the same port), 4 fake GPUs each through gres. The jobs run real processes:
+nodes may use the same port), 8 fake GPUs each through gres. The jobs run real processes:
 the stand-in engine (tests/support/standin_engine.py, behind a `vllm` wrapper) and the real
 builtin router (`python -m disaggctl.router`); apply's health gate and canary go through them.
 """
