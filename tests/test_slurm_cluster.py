@@ -459,3 +459,27 @@ def test_cli_apply_status_destroy(slurm_ns: dict[str, str], tmp_path: Path) -> N
         r = run("destroy", str(spec), "-y")
     assert r.returncode == 0, r.stdout + r.stderr
     assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
+
+
+def test_lmcache_pd_under_slurm(slurm_ns: dict[str, str]) -> None:
+    """LMCache P/D: the receiver's pd_peer_host and the sender's pd_proxy_host (the router's node) are the
+    node addresses found at run time; the stand-in pushes KV to the decoder and notifies the router's
+    ZMQ proxy, and the canary sees the transfer."""
+    name = unique("sll")
+    text = spec_text(name, slurm_ns["vllm"]).replace("kv_transfer: {kind: nixl, buffer_device: cpu}",
+                                                     "kv_transfer: {kind: lmcache, buffer_device: cpu}")
+    ctx, out = make_ctx(text)
+    backend = SlurmBackend(poll_s=0.5)
+    try:
+        assert backend.apply(ctx, None) == 0, out.getvalue()
+        assert "received by decode from prefill" in out.getvalue()
+        job = list_jobs(LocalRunner(), f"disaggctl-{name}")[0]
+        decode_yaml = yaml.safe_load((JOBS / name / "lmcache-decode-0.yaml").read_text())
+        prefill_yaml = yaml.safe_load((JOBS / name / "lmcache-prefill-0.yaml").read_text())
+        state = cli.parse_state_file((JOBS / name / f"state.{job.job_id}").read_text())
+        assert f"http://{decode_yaml['pd_peer_host']}:8100" == state["url.decode-0"]
+        assert f"http://{prefill_yaml['pd_proxy_host']}:8000" == state["url.router"]
+        assert decode_yaml["pd_peer_host"].startswith("10.202.0.")
+    finally:
+        backend.destroy(ctx)
+    assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
