@@ -251,6 +251,7 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
     issues = IssueList()
     warnings: list[str] = []
     states: list[HostState] = []
+    selected = _selected_hosts(spec)
     for i, h in enumerate(spec.hosts):
         topo = topos[h.name]
         problems = _problems(topo, h.gpus)
@@ -260,6 +261,12 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
             text = f"host {h.name}: {p.message}"
             if p.severity != "error" or allow_degraded:
                 warnings.append(text)
+                continue
+            if p.gpu is None and (h.name not in selected or p.code == "no_gpus"):
+                # a host no pool selects (a login or router host), or one without GPUs: it simply
+                # gets no instances; the router may still run there
+                host_bad = True
+                warnings.append(text + " (no instances placed there)")
                 continue
             if p.gpu is not None:
                 bad.add(p.gpu)
@@ -331,6 +338,20 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
         ports={s.spec.name: dict(sorted(s.ports.items())) for s in states if s.ports},
         warnings=warnings,
     )
+
+
+def _selected_hosts(spec: ClusterSpec) -> set[str]:
+    """Hosts some pool with replicas may place instances on."""
+    out: set[str] = set()
+    for role in (Role.PREFILL, Role.DECODE):
+        pool = spec.pool(role)
+        if pool.replicas == 0:
+            continue
+        for h in spec.hosts:
+            sel = pool.hosts
+            if (not sel.names or h.name in sel.names) and all(h.labels.get(k) == v for k, v in sel.labels.items()):
+                out.add(h.name)
+    return out
 
 
 def _problems(topo: HostTopology, expected: int | None) -> list[Problem]:

@@ -432,6 +432,8 @@ class SlurmSubmit(Strict):
     user: str | None = Field(default=None, description="SSH user on the login host.")
     port: int = Field(default=22, ge=1, le=65535, description="SSH port of the login host.")
     key: str | None = Field(default=None, description="SSH key for the login host.")
+    known_hosts: str | None = Field(default=None, description="known_hosts file to pin the login host's key in.")
+    strict_host_keys: bool = Field(default=False, description="Refuse a login host whose key is not pinned yet.")
 
 
 class SlurmSuccessor(Strict):

@@ -96,3 +96,15 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         pytest.fail(f"slurm_up.sh up failed:\n{r.stdout}{r.stderr}")
     yield SlurmCluster(dict(os.environ, SLURM_CONF=str(sb / "etc" / "slurm.conf")), sb)
     _sh(SCRIPTS / "slurm_up.sh", "down", env=env)
+
+
+@pytest.fixture(scope="session")
+def slurm_netns_cluster() -> Iterator[SlurmCluster]:
+    """4 Slurm nodes, each in its own network namespace with its own address and hostname."""
+    sb = BASE / "slurm-ns"
+    env = {"SLURM_BASE": str(sb), "SLURM_NODES": "4", "SLURM_CPUS": "8", "SLURM_FAKE_GPUS": "8"}
+    r = _sh(SCRIPTS / "slurm_netns_up.sh", "up", env=env)
+    if r.returncode:
+        pytest.fail(f"slurm_netns_up.sh up failed:\n{r.stdout}{r.stderr}")
+    yield SlurmCluster(dict(os.environ, SLURM_CONF=str(sb / "etc" / "slurm.conf")), sb)
+    _sh(SCRIPTS / "slurm_netns_up.sh", "down", env=env)
