@@ -58,31 +58,39 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Reads everything a plan needs in one round trip. $1: the deployment's state folder, then the
-# paths the spec wants. Paths the manifest owns are added from $1/owned. Output sections:
-#   @@manifest (JSON) | @@files ("sha256 mode path", "- - path" when missing) | @@unit NAME (systemctl show)
+# Reads everything a plan needs in one round trip, with few processes (it runs on every host on
+# every plan): $1 the deployment's state folder, then the paths the spec wants; the paths the
+# manifest owns are added from $1/owned. Sections are parsed by changes.parse_observe.
 OBSERVE_SCRIPT = r"""
 d=$1; shift
-printf '@@manifest\n'; cat -- "$d/manifest.json" 2>/dev/null; printf '\n@@paths\n'
-paths=$( { printf '%s\n' "$@"; cat -- "$d/owned" 2>/dev/null; } | sort -u)
-printf '%s\n' "$paths"
-printf '@@sha\n'
-printf '%s\n' "$paths" | while IFS= read -r p; do [ -f "$p" ] && printf '%s\0' "$p"; done | xargs -0r sha256sum --
-printf '@@mode\n'
-printf '%s\n' "$paths" | while IFS= read -r p; do [ -f "$p" ] && printf '%s\0' "$p"; done | xargs -0r stat -c '%a %n' --
-command -v systemctl >/dev/null 2>&1 || { printf '@@end\n'; exit 0; }
-units=$(printf '%s\n' "$paths" | sed -n 's#^/etc/systemd/system/\([^/ ]*\.\(service\|target\)\)$#\1#p')
-[ -n "$units" ] || { printf '@@end\n'; exit 0; }
-printf '@@show\n'
-# shellcheck disable=SC2086 # unit names carry no spaces (prefix, deployment and process names are checked)
-show=$(systemctl show --property=Id,LoadState,ActiveState,SubState,MainPID,NRestarts,UnitFileState,NeedDaemonReload \
-  -- $units)
-printf '%s\n' "$show"
-printf '\n@@cmdlines\n'
-for pid in $(printf '%s\n' "$show" | sed -n 's/^MainPID=//p'); do
-  [ "$pid" -gt 0 ] 2>/dev/null && [ -r "/proc/$pid/cmdline" ] || continue
-  printf '%s ' "$pid"; base64 -w0 < "/proc/$pid/cmdline"; echo
+printf '@@manifest\n'
+if [ -f "$d/manifest.json" ]; then
+  while IFS= read -r l || [ -n "$l" ]; do printf '%s\n' "$l"; done < "$d/manifest.json"
+fi
+if [ -f "$d/owned" ]; then while IFS= read -r l; do set -- "$@" "$l"; done < "$d/owned"; fi
+printf '\n@@paths\n'
+units=""
+for p in "$@"; do
+  printf '%s\n' "$p"
+  case $p in
+    /etc/systemd/system/*/*) ;;
+    /etc/systemd/system/*.service|/etc/systemd/system/*.target)
+      case " $units " in *" ${p##*/} "*) ;; *) units="$units ${p##*/}";; esac;;
+  esac
 done
+printf '@@sha\n'; [ $# -gt 0 ] && sha256sum -- "$@" 2>/dev/null
+printf '@@mode\n'; [ $# -gt 0 ] && stat -c '%a %n' -- "$@" 2>/dev/null
+if [ -n "$units" ] && command -v systemctl >/dev/null 2>&1; then
+  printf '@@show\n'
+  # shellcheck disable=SC2086 # unit names carry no spaces (prefix, deployment and process names are checked)
+  show=$(systemctl show --property=Id,LoadState,ActiveState,SubState,MainPID,NRestarts,UnitFileState,NeedDaemonReload \
+    -- $units)
+  printf '%s\n\n@@cmdlines\n' "$show"
+  printf '%s\n' "$show" | while IFS='=' read -r k v; do
+    [ "$k" = MainPID ] && [ "$v" -gt 0 ] && [ -r "/proc/$v/cmdline" ] || continue
+    printf '%s ' "$v"; base64 -w0 < "/proc/$v/cmdline"; echo
+  done
+fi
 printf '@@end\n'
 """
 
@@ -649,10 +657,8 @@ class SystemdBackend:
             p
             for p in c.desired.processes
             if (role is None or p.role.value == role)
-            and (instance is None or p.instance == f"{p.role.value}-{instance}" or p.name == "router")
+            and (instance is None or p.instance == f"{p.role.value}-{instance}")
         ]
-        if role is not None and instance is not None:
-            procs = [p for p in procs if p.instance == f"{role}-{instance}"]
         if not procs:
             raise DisaggError(f"no process matches --role {role} --instance {instance}")
         by_host: dict[str, list[str]] = {}
