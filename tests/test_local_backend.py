@@ -266,6 +266,7 @@ def test_a_crashing_engine_fails_apply_fast_with_its_log(tmp_path: Path, cleanup
     # both engines crash; whichever the gate sees first is named
     assert "decode-0: process exited" in r.stdout or "prefill-0: process exited" in r.stdout, r.stdout
     assert "RuntimeError: no model here" in r.stdout  # the log tail
+    assert "exited with 1 during the check" in r.stdout and "now failed" in r.stdout
 
 
 def test_health_that_never_passes_names_the_instance(tmp_path: Path, standin_vllm: str, cleanup: list[Path]) -> None:

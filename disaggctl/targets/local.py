@@ -342,6 +342,7 @@ class LocalBackend:
         c = ctx.console
         targets = {p.name: p.health_url for p in tbl.processes if p.health_url}
         shown: dict[str, float] = {}
+        restarts0 = {n: int(st.get("restarts") or 0) for n, st in _proc_states(state_dir).items()}
 
         def alive(name: str) -> bool:
             if supervisor_pid(state_dir) is None:
@@ -378,6 +379,12 @@ class LocalBackend:
             c.print(f"[red]health check failed[/]: {e}")
             if e.name in targets:
                 c.print(f"last lines of {tbl.proc(e.name).log}:\n{_tail(Path(tbl.proc(e.name).log))}")
+            for name, st in _proc_states(state_dir).items():
+                # a process that died during the check explains a failed canary better than the canary does
+                if int(st.get("restarts") or 0) > restarts0.get(name, 0) or st.get("state") == "failed":
+                    code = st.get("last_exit")
+                    why = " (SIGKILL: out of memory?)" if code == -9 else ""
+                    c.print(f"[red]{name} exited with {code}{why} during the check[/]; now {st.get('state')}")
             c.print(f"hint: `disaggctl logs {ctx.loaded.file}` shows every log; `disaggctl destroy` stops it all")
             return 1
         kv = f"decode received the KV of {res.kv_tokens:g} prompt tokens" if res.kv_transferred else "no KV transfer"
