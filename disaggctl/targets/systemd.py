@@ -406,7 +406,8 @@ class SystemdBackend:
         if out_file:
             with open(out_file, "w") as f:
                 f.write(plan.to_json())
-            ctx.console.print(f"Saved the plan to {out_file}; apply it with `disaggctl apply {out_file}`.")
+            if ctx.output != "json":  # keep stdout pure JSON
+                ctx.console.print(f"Saved the plan to {out_file}; apply it with `disaggctl apply {out_file}`.")
         if any(h.error for h in plan.hosts):
             return 1
         return 2 if detailed_exitcode and plan.changed else 0
