@@ -232,6 +232,24 @@ def _post_json(url: str, body: dict[str, object], timeout_s: float, request_id: 
     return data
 
 
+def _token_count(base_url: str, model: str, text: str, timeout_s: float) -> int | None:
+    try:
+        data = _post_json(base_url + "/tokenize", {"model": model, "prompt": text}, timeout_s, "disaggctl-tokenize")
+    except HealthError:
+        return None
+    count = data.get("count")
+    return count if isinstance(count, int) else None
+
+
+def _steer_clear(base_url: str, model: str, text: str, block_size: int, timeout_s: float) -> str:
+    for _ in range(4):
+        n = _token_count(base_url, model, text, timeout_s)
+        if n is None or n % block_size != 1:
+            return text
+        text += " fox"
+    return text
+
+
 def run_canary(
     router_url: str,
     model: str,
@@ -242,6 +260,7 @@ def run_canary(
     require_kv_transfer: bool = True,
     *,
     unique: bool = True,
+    block_size: int | None = None,
     settle_s: float = 5.0,
     clock: Clock = time.monotonic,
     sleep: Sleep = time.sleep,
@@ -254,9 +273,16 @@ def run_canary(
     `require_kv_transfer`, when decode did not receive the KV or recomputed the prompt.
     Metrics are re-read for up to `settle_s` because vLLM may count a request's tokens just
     after the response is sent.
+
+    `block_size` (pass it for the shared-storage connector): vLLM's ExampleConnector stores a
+    prompt of n tokens under its first (n-1)//B*B tokens but looks it up under (n-2)//B*B, so a
+    prompt of k*B+1 tokens is never found; the prompt is then lengthened by a word (its length
+    is asked from the first decode instance's /tokenize).
     """
     request_id = f"disaggctl-canary-{uuid.uuid4().hex[:12]}"
     text_in = f"[{request_id}] {prompt}" if unique else prompt
+    if block_size and decode_metrics_urls:
+        text_in = _steer_clear(decode_metrics_urls[0].rsplit("/", 1)[0], model, text_in, block_size, timeout_s)
     kv0, comp0, cache0 = _metrics(decode_metrics_urls, timeout_s)
     url = router_url.rstrip("/") + "/v1/completions"
     body: dict[str, object] = {

@@ -72,6 +72,10 @@ def test_apply_started_the_pair_and_printed_the_endpoint(vllm_pair: VllmPair) ->
 def test_nixl_output_equals_a_single_instance_and_kv_came_from_prefill(vllm_pair: VllmPair) -> None:
     vllm_pair.ensure("nixl")
     prompt = unique(LONG)
+    # vLLM's ExampleConnector never finds a prompt of 32k+1 tokens (it stores under (n-1)//32*32
+    # tokens and looks up under (n-2)//32*32): keep the test prompt off that length
+    while post(vllm_pair.decode_url + "/tokenize", {"model": "tiny", "prompt": prompt})[1]["count"] % 32 == 1:
+        prompt += " fox"
     before = decode_counters(vllm_pair)
     dis0 = router_requests(vllm_pair, "disaggregated")
     status, body = vllm_pair.complete(vllm_pair.router_url, prompt)
@@ -163,6 +167,10 @@ def test_shared_storage_path(vllm_pair: VllmPair) -> None:
     assert "update" in out and "decode received the KV" in out, out
     print(f"\napply (switch to shared-storage) took {vllm_pair.apply_seconds['shared-storage']:.1f} s")
     prompt = unique(LONG)
+    # vLLM's ExampleConnector never finds a prompt of 32k+1 tokens (it stores under (n-1)//32*32
+    # tokens and looks up under (n-2)//32*32): keep the test prompt off that length
+    while post(vllm_pair.decode_url + "/tokenize", {"model": "tiny", "prompt": prompt})[1]["count"] % 32 == 1:
+        prompt += " fox"
     before = decode_counters(vllm_pair)
     dis0 = router_requests(vllm_pair, "disaggregated")
     status, body = vllm_pair.complete(vllm_pair.router_url, prompt)

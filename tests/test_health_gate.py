@@ -82,6 +82,9 @@ def _serve(engine: Engine) -> tuple[ThreadingHTTPServer, str]:
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":  # one token per word, like a very plain tokenizer
+                self._send(200, json.dumps({"count": len(body["prompt"].split())}).encode())
+                return
             engine.requests.append(body)
             engine.headers.append(dict(self.headers))
             code, data = engine.on_completion(body)
@@ -258,3 +261,16 @@ def test_canary_unreadable_metrics_is_an_error(engine: tuple[Engine, str]) -> No
     _, url = engine
     with pytest.raises(HealthError, match="cannot read decode metrics"):
         run_canary(url, "tiny", "p", 2, ["http://127.0.0.1:9/metrics"], 5)
+
+
+def test_canary_steers_clear_of_the_shared_storage_block_quirk(engine: tuple[Engine, str]) -> None:
+    e, url = engine
+    e.metrics = _metrics_text(0, 0)
+    e.on_completion = _completion(e, 32, 1)
+    clock = FakeClock()
+    # the tag is one word: 1 + 32 words = 33 tokens = 32 + 1, the length the connector never finds
+    run_canary(url, "tiny", "w " * 32, 2, [url + "/metrics"], 30, block_size=32, clock=clock, sleep=clock.sleep)
+    assert e.requests[0]["prompt"].endswith(" fox") and len(e.requests[0]["prompt"].split()) == 34
+    e.metrics = _metrics_text(0, 0)
+    run_canary(url, "tiny", "w " * 31, 2, [url + "/metrics"], 30, block_size=32, clock=clock, sleep=clock.sleep)
+    assert not e.requests[1]["prompt"].endswith(" fox")

@@ -374,6 +374,7 @@ class LocalBackend:
                 decode_metrics,
                 spec.health.request_timeout_s,
                 canary.require_kv_transfer,
+                block_size=(spec.decode.block_size or 32) if ctx.desired.kv_kind == "shared-storage" else None,
             )
         except HealthError as e:
             c.print(f"[red]health check failed[/]: {e}")
