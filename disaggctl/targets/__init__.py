@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from disaggctl.deployment import DesiredState
     from disaggctl.loader import LoadedSpec
+    from disaggctl.spec import ClusterSpec
     from disaggctl.topology import TopologyFile
 
 
@@ -33,7 +34,7 @@ class OpsContext:
     options: dict[str, object] = field(default_factory=dict)  # backend-specific CLI options
 
     @property
-    def spec(self):  # type: ignore[no-untyped-def]  # noqa: ANN201 - ClusterSpec, kept lazy
+    def spec(self) -> ClusterSpec:
         return self.loaded.spec
 
 
@@ -51,7 +52,11 @@ class Backend(Protocol):
     def logs(self, ctx: OpsContext, role: str | None, instance: int | None, follow: bool, lines: int) -> int: ...
 
 
-_MODULES = {"systemd": "disaggctl.targets.systemd", "slurm": "disaggctl.targets.slurm", "local": "disaggctl.targets.local"}
+_MODULES = {
+    "systemd": "disaggctl.targets.systemd",
+    "slurm": "disaggctl.targets.slurm",
+    "local": "disaggctl.targets.local",
+}
 
 
 def get_backend(kind: str) -> Backend:
