@@ -50,7 +50,7 @@ hosts:
     address: 10.201.0.12
     gpus: 2
     ssh: {{key: "{key}", known_hosts: "{kh}", strict_host_keys: true, connect_timeout_s: 3}}
-prefill: {{replicas: 1, hosts: {{names: [s1]}}{prefill_extra}}}
+{extra_hosts}prefill: {{replicas: 1, hosts: {{names: [s1]}}{prefill_extra}}}
 decode: {{replicas: {dreps}{decode_extra}}}
 kv_transfer: {{kind: nixl, buffer_device: cpu}}
 router: {{host: s1, port: 8000, local_prefill_threshold: 4, request_timeout_s: {rto}}}
@@ -75,7 +75,7 @@ class Env:
         self.out = io.StringIO()
 
     def spec_text(self, **kw: Any) -> str:
-        args = {"prefill_extra": "", "decode_extra": "", "dreps": 2, "rto": 600, "startup": 20, **kw}
+        args = {"prefill_extra": "", "decode_extra": "", "extra_hosts": "", "dreps": 2, "rto": 600, "startup": 20, **kw}
         return SPEC.format(key=self.hosts.key, kh=self.hosts.known_hosts, py=PY, **args)
 
     def ctx(self, yes: bool = True, diff: bool = False, **kw: Any) -> OpsContext:
@@ -288,6 +288,15 @@ def test_09_host_unreachable_mid_apply(env: Env) -> None:
     assert set(m["files"]) >= {"/etc/systemd/system/disaggctl-sysd-decode-1.service", "/etc/disaggctl/sysd/secrets.env"}
     assert env.backend.apply(env.ctx(rto=100, decode_extra=GEN2), None) == 0, env.text
     assert env.backend.plan(env.ctx(rto=100, decode_extra=GEN2), None, detailed_exitcode=True) == 0
+
+
+def test_09b_an_unreachable_host_the_spec_does_not_use_is_skipped(env: Env) -> None:
+    down = "  - {name: s9, address: 127.0.0.1, gpus: 2, ssh: {port: 1, connect_timeout_s: 1}}\n"
+    ctx = env.ctx(rto=100, decode_extra=GEN2 + ", hosts: {names: [s1, s2]}", extra_hosts=down)
+    assert {p.host for p in ctx.desired.processes} == {"s1", "s2"}
+    assert env.backend.apply(ctx, None) == 0, env.text
+    assert "s9: cannot connect" in env.text and "not used by this spec; skipped" in env.text
+    assert "No changes." in env.text
 
 
 def test_10_logs_show_the_journal_per_host(env: Env, capsys: pytest.CaptureFixture[str]) -> None:

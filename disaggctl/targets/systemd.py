@@ -422,6 +422,12 @@ class SystemdBackend:
         with Hosts(c.spec, c.hosts, self.connector) as hosts:
             observed = observe_all(hosts, c)
             plan = compute_plan(c, observed, self._meta(ctx))
+            # a declared host this deployment does not use may be down: go on without it (what an
+            # earlier apply left there is cleaned up once it is back); a host that runs something may not
+            for h in plan.hosts:
+                if h.error and not c.rendered.for_host(h.host):
+                    console.print(f"[yellow]{h.error} (not used by this spec; skipped)[/yellow]")
+            plan.hosts = [h for h in plan.hosts if not (h.error and not c.rendered.for_host(h.host))]
             bad = [h for h in plan.hosts if h.error]
             if bad:
                 for h in bad:
