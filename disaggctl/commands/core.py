@@ -55,8 +55,18 @@ def _context(spec: Path, profiles: list[str], topology: Path | None, allow_degra
     loaded = _load(spec, profiles)
     topo = _topology(topology)
     desired = _compile(loaded, topo, allow_degraded)
+    options: dict[str, object] = {
+        "profiles": list(profiles),
+        "topology_file": str(topology) if topology else None,
+        "spec_file": str(spec),
+    }
     return OpsContext(
-        loaded=loaded, desired=desired, console=Console(stderr=kw.pop("stderr", False)), topology=topo, **kw
+        loaded=loaded,
+        desired=desired,
+        console=Console(stderr=kw.pop("stderr", False)),
+        topology=topo,
+        options=options,
+        **kw,
     )
 
 
