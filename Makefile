@@ -16,6 +16,7 @@ demo: install
 	scripts/demo.sh
 
 test: install test-deps
+	scripts/stop-test-infra.sh
 	$(PY) -m pytest -q tests
 
 lint: install
