@@ -156,3 +156,18 @@ def test_decode_dying_mid_body_of_a_json_answer_is_a_502(standin: Standin) -> No
     status, out = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3})
     assert status == 502 and "decode-0" in out["error"]["message"], out
     assert "connection lost" in out["error"]["message"]
+
+
+def test_prefill_that_came_up_after_the_last_poll_still_gets_requests(standin: Standin) -> None:
+    # the deploy case: the canary arrives before the router's next health poll saw prefill come up
+    port = free_port()
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer")
+    late = standin.engine("prefill-0", kv="nixl", role="kv_producer", port=port)
+    late.stop()
+    r = standin.router(kv_kind="nixl", prefill=[late], decode=[d], health_interval_s=60)
+    assert json.loads(http("GET", r.url + "/health")[2])["prefill"][0]["healthy"] is False
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer", port=port)
+    status, _ = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 2})
+    assert status == 200
+    assert len(p.requests()) == 1
+    assert metric_sum(r.metrics(), "disaggctl_router_requests_total", path="disaggregated") == 1

@@ -23,7 +23,7 @@ class Instance:
     healthy: bool = True  # optimistic until the first health poll says otherwise
     last_error: str | None = None
     failures: int = field(default=0)
-    failed_at: float = -1e9  # time.monotonic() of the last failed call or health poll
+    failed_at: float = -1e9  # time.monotonic() of the last failed call (not health poll)
 
     @property
     def name(self) -> str:

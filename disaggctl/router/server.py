@@ -195,7 +195,6 @@ class Router:
         inst.healthy = ok
         if err:
             inst.last_error = err
-            inst.failed_at = time.monotonic()
 
     # ------------------------------------------------------------------ upstream calls
 
@@ -276,8 +275,10 @@ class Router:
         if cfg.local_prefill_threshold > 0 and self.count_tokens(body, chat) < cfg.local_prefill_threshold:
             return LOCAL, "short_prompt"
         if not self.prefill.any_healthy():
-            # every prefill failed a call or a health poll within the last poll interval: don't pay a
-            # failed call per request (after that, one is tried again: a half-open circuit breaker)
+            # every prefill failed a real call within the last poll interval: don't pay a failed call
+            # per request (after that, one is tried again: a half-open circuit breaker). A failed
+            # health poll alone does not count: the poll lags an instance that just came up, and
+            # deploy canaries sent right after the instances turned healthy must reach prefill.
             now = time.monotonic()
             if all(now - i.failed_at < cfg.health_interval_s for i in self.prefill.instances):
                 return LOCAL, "no_healthy_prefill"
