@@ -13,7 +13,7 @@ import typer
 if TYPE_CHECKING:
     from disaggctl.deployment import DesiredState
     from disaggctl.loader import LoadedSpec
-    from disaggctl.targets import OpsContext
+    from disaggctl.targets import Backend, OpsContext
     from disaggctl.topology import TopologyFile
 
 SPEC = typer.Argument(..., help="The cluster spec (YAML).", metavar="SPEC")
@@ -68,6 +68,13 @@ def _context(spec: Path, profiles: list[str], topology: Path | None, allow_degra
         options=options,
         **kw,
     )
+
+
+def _backend(ctx: OpsContext) -> Backend:
+    """The backend of the spec's target kind (imported only when a command needs it)."""
+    from disaggctl.targets import get_backend
+
+    return get_backend(ctx.spec.target.kind)
 
 
 def _read_plan(path: Path) -> dict[str, Any]:
@@ -216,10 +223,8 @@ def register(app: typer.Typer) -> None:
             else:
                 print_plan_table(desired)
             return
-        from disaggctl.targets import get_backend
-
         ctx = _context(spec, profile, topology, allow_degraded, output=output, diff=diff)
-        raise typer.Exit(get_backend(ctx.loaded.spec.target.kind).plan(ctx, out_file, detailed_exitcode))
+        raise typer.Exit(_backend(ctx).plan(ctx, out_file, detailed_exitcode))
 
     @app.command()
     def apply(
@@ -231,8 +236,6 @@ def register(app: typer.Typer) -> None:
         yes: bool = YES,
     ) -> None:
         """Push files, start decode, prefill and router, and wait until a request flows end to end."""
-        from disaggctl.targets import get_backend
-
         if spec.suffix == ".json":  # `apply plan.json`: the plan names its spec, profiles and topology
             plan_file = str(spec)
             saved = _read_plan(spec)
@@ -241,7 +244,7 @@ def register(app: typer.Typer) -> None:
             topology = Path(saved["topology_file"]) if saved.get("topology_file") else topology
 
         ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
-        raise typer.Exit(get_backend(ctx.loaded.spec.target.kind).apply(ctx, plan_file))
+        raise typer.Exit(_backend(ctx).apply(ctx, plan_file))
 
     @app.command()
     def status(
@@ -252,10 +255,8 @@ def register(app: typer.Typer) -> None:
         output: str = typer.Option("text", "--output", help="text or json."),
     ) -> None:
         """Show each instance's state, health, GPUs, ports and drift from the spec."""
-        from disaggctl.targets import get_backend
-
         ctx = _context(spec, profile, topology, allow_degraded, output=output)
-        raise typer.Exit(get_backend(ctx.loaded.spec.target.kind).status(ctx))
+        raise typer.Exit(_backend(ctx).status(ctx))
 
     @app.command()
     def destroy(
@@ -266,10 +267,8 @@ def register(app: typer.Typer) -> None:
         yes: bool = YES,
     ) -> None:
         """Stop and remove exactly what disaggctl owns for this deployment."""
-        from disaggctl.targets import get_backend
-
         ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
-        raise typer.Exit(get_backend(ctx.loaded.spec.target.kind).destroy(ctx))
+        raise typer.Exit(_backend(ctx).destroy(ctx))
 
     @app.command()
     def logs(
@@ -283,7 +282,5 @@ def register(app: typer.Typer) -> None:
         allow_degraded: bool = DEGRADED,
     ) -> None:
         """Show (or follow) the logs of the deployment's processes."""
-        from disaggctl.targets import get_backend
-
         ctx = _context(spec, profile, topology, allow_degraded)
-        raise typer.Exit(get_backend(ctx.loaded.spec.target.kind).logs(ctx, role, instance, follow, lines))
+        raise typer.Exit(_backend(ctx).logs(ctx, role, instance, follow, lines))
