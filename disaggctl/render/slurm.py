@@ -24,14 +24,13 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from functools import cache
 
 import jinja2
 
 from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
 from disaggctl.quoting import shell_word
-from disaggctl.resources import data_dir
+from disaggctl.render.templates import environment
 from disaggctl.spec import ClusterSpec, Role, SlurmTarget
 from disaggctl.versions import VLLM_VERSION
 
@@ -202,18 +201,9 @@ class LaunchContext:
     argv: str
 
 
-@cache
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(data_dir("templates") / "slurm")),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,  # shell text, quoted by disaggctl.quoting
-        comment_start_string="<%#",  # bash's ${#array[@]} is not a jinja comment
-        comment_end_string="#%>",
-    )
+    # bash's ${#array[@]} is not a jinja comment
+    return environment("slurm", comment_start="<%#", comment_end="#%>")
 
 
 # --------------------------------------------------------------------------- helpers

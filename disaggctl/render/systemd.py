@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 
 import jinja2
 
 from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
 from disaggctl.quoting import QuotingError, env_file_line, systemd_env, systemd_exec, systemd_value
-from disaggctl.resources import data_dir
+from disaggctl.render.templates import environment
 from disaggctl.spec import ClusterSpec, Role, SystemdTarget
 
 UNIT_DIR = "/etc/systemd/system"
@@ -73,16 +72,8 @@ def target_name(prefix: str, deployment: str) -> str:
     return f"{prefix}-{deployment}.target"
 
 
-@cache
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(data_dir("templates") / "systemd")),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,  # systemd units, not HTML; values are quoted by disaggctl.quoting
-    )
+    return environment("systemd")
 
 
 def _cpus(cpus: str | None) -> str | None:

@@ -1,0 +1,25 @@
+"""The one jinja2 environment factory: strict (StrictUndefined), no autoescape (values are quoted
+by disaggctl.quoting before they reach a template), whitespace control for line formats."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import jinja2
+
+from disaggctl.resources import data_dir
+
+
+@cache
+def environment(subdir: str, comment_start: str = "{#", comment_end: str = "#}") -> jinja2.Environment:
+    """Templates of templates/SUBDIR. Shell templates move jinja comments off `{#` (`${#array[@]}`)."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(data_dir("templates") / subdir)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+        comment_start_string=comment_start,
+        comment_end_string=comment_end,
+    )
