@@ -57,6 +57,7 @@ class HostState:
     topo: HostTopology
     domain: str  # NVLink domain name: the host itself, or an NVL72 clique
     free: list[int]  # free GPU indices, ascending
+    links_known: bool = True  # False: no NVLink data at all, every pair is assumed connected
     ports: dict[int, str] = field(default_factory=dict)
 
     def gpu(self, index: int) -> Gpu:
@@ -141,7 +142,14 @@ def _domain(h: Host, topo: HostTopology) -> str:
 # --------------------------------------------------------------------------- GPU choice
 
 
+def _links_known(topo: HostTopology) -> bool:
+    """Whether the topology says anything about NVLink (a bare `nvidia-smi -q -x` capture does not)."""
+    return len(topo.gpus) <= 1 or any(g.nvlinks or g.nvlink_peers for g in topo.gpus)
+
+
 def _connected(state: HostState, a: int, b: int) -> bool:
+    if not state.links_known:
+        return True
     ga, gb = state.gpu(a), state.gpu(b)
     return b in ga.nvlink_peers or a in gb.nvlink_peers
 
@@ -279,7 +287,13 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
                     "fix the host, drop it from the spec, or pass --allow-degraded",
                 )
         free = [] if host_bad else sorted(g.index for g in topo.gpus if g.index not in bad)
-        states.append(HostState(h, i, topo, _domain(h, topo), free))
+        known = _links_known(topo)
+        if not known:
+            warnings.append(
+                f"host {h.name}: the topology has no NVLink data; assuming all its GPUs are "
+                "NVLink peers (probe the host, or add a `nvidia-smi topo -m` capture)"
+            )
+        states.append(HostState(h, i, topo, _domain(h, topo), free, known))
     ctx = _Ctx(spec, states, issues, warnings)
     _check_nvfp4(ctx)
     by_name = {s.spec.name: s for s in states}
