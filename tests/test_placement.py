@@ -178,3 +178,15 @@ def test_examples_place(tmp_path: object) -> None:
         loaded = load_text(f.read_text(), str(f))
         p: Placement = place(loaded)
         assert p.instances, f
+
+
+def test_topology_without_nvlink_data_assumes_connected_with_a_warning() -> None:
+    bare = HostTopology(gpus=[Gpu(index=i, architecture="blackwell", memory_total_mib=183359) for i in range(8)])
+    spec = SPEC.replace("gpus: 8}", "}").replace("replicas: 3", "replicas: 1").replace("replicas: 2", "replicas: 1")
+    p = place(load_text(spec, "s.yaml"), TopologyFile(hosts={"a": bare, "b": bare}))
+    assert [i.nodes[0].gpus for i in p.instances] == [[0, 1], [2, 3, 4, 5]]
+    assert any("no NVLink data" in w for w in p.warnings)
+    # with link data, a GPU without peers is never part of a TP group
+    partial = hgx(dead=0)
+    p2 = place(load_text(spec, "s.yaml"), TopologyFile(hosts={"a": partial, "b": hgx()}), allow_degraded=True)
+    assert all(0 not in n.gpus for i in p2.instances for n in i.nodes if n.host == "a")
