@@ -86,35 +86,38 @@ if [ -n "$units" ] && command -v systemctl >/dev/null 2>&1; then
   show=$(systemctl show --property=Id,LoadState,ActiveState,SubState,MainPID,NRestarts,UnitFileState,NeedDaemonReload \
     -- $units)
   printf '%s\n\n@@cmdlines\n' "$show"
-  printf '%s\n' "$show" | while IFS='=' read -r k v; do
-    [ "$k" = MainPID ] && [ "$v" -gt 0 ] && [ -r "/proc/$v/cmdline" ] || continue
-    printf '%s ' "$v"; base64 -w0 < "/proc/$v/cmdline"; echo
+  # a for loop over the lines, not `printf | while read`: a pipeline forks two subshells
+  ifs=$IFS; IFS='
+'; set -f
+  for kv in $show; do
+    case $kv in MainPID=*) v=${kv#MainPID=} ;; *) continue ;; esac
+    if [ "$v" -gt 0 ] && [ -r "/proc/$v/cmdline" ]; then
+      printf '%s ' "$v"; base64 -w0 < "/proc/$v/cmdline"; echo
+    fi
   done
+  IFS=$ifs; set +f
 fi
 printf '@@end\n'
 """
 
 # The whole "files" step of one host in one round trip. Arguments: folders to create, units to
 # stop and disable, destination paths (their contents arrive as a tar on stdin, members named
-# 0, 1, ... with their modes), paths to remove, units to enable; lists end with "--"; then
-# "reload" or "-". Each file lands atomically: copied next to its destination, then renamed.
-# Destinations are processed in order, so the pending manifest (listed first) is on disk before
-# any file it covers.
+# after each destination's temporary sibling `.NAME.dctl-tmp`, with their modes), paths to
+# remove, units to enable; lists end with "--"; then "reload" or "-". tar writes every temporary
+# file next to its destination (creating missing folders), then each is renamed into place: each
+# file lands atomically. Destinations are renamed in order, so the pending manifest (listed
+# first) is on disk before any file it covers. Every process forked here runs on each host, so
+# the script uses shell builtins (parameter expansion, not dirname/basename) wherever it can.
 PUSH_SCRIPT = r"""
 set -e
 while [ "$1" != -- ]; do mkdir -p -- "$1"; shift; done; shift
 stop=""; while [ "$1" != -- ]; do stop="$stop $1"; shift; done; shift
 # shellcheck disable=SC2086 # unit names carry no spaces
 [ -n "$stop" ] && { systemctl disable --now -q -- $stop 2>&1 || true; }
-t=$(mktemp -d "${TMPDIR:-/tmp}/dctl.XXXXXX"); trap 'rm -rf "$t"' EXIT
-tar -x -C "$t" -f -
-i=0
+[ "$1" != -- ] && tar -x -C / -f -
 while [ "$1" != -- ]; do
-  d=$(dirname -- "$1"); b=$(basename -- "$1")
-  mkdir -p -- "$d"
-  cp -p -- "$t/$i" "$d/.$b.dctl-tmp"
-  mv -f -- "$d/.$b.dctl-tmp" "$1"
-  i=$((i + 1)); shift
+  mv -f -- "${1%/*}/.${1##*/}.dctl-tmp" "$1"
+  shift
 done; shift
 while [ "$1" != -- ]; do rm -f -- "$1"; shift; done; shift
 enable=""; while [ "$1" != -- ]; do enable="$enable $1"; shift; done; shift
@@ -124,6 +127,12 @@ enable=""; while [ "$1" != -- ]; do enable="$enable $1"; shift; done; shift
 [ "$1" = reload ] && systemctl daemon-reload
 exit 0
 """
+
+
+def _tmp_member(path: str) -> str:
+    """The tar member of a destination: its temporary sibling, relative to / (tar -C /)."""
+    d, _, b = path.rpartition("/")
+    return f"{d}/.{b}.dctl-tmp".lstrip("/")
 
 
 def push(
@@ -136,15 +145,18 @@ def push(
     reload: bool = False,
 ) -> None:
     """One command: mkdir, stop+disable, atomic writes (with modes), removals, daemon-reload, enable."""
+    # tar creates the folders of the files it writes; mkdir only those that receive none
+    parents = {f[0].rpartition("/")[0] for f in files}
+    mk = [d for d in mkdirs if not any(q == d.rstrip("/") or q.startswith(d.rstrip("/") + "/") for q in parents)]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for i, (_, data, mode) in enumerate(files):
-            info = tarfile.TarInfo(str(i))
+        for path, data, mode in files:
+            info = tarfile.TarInfo(_tmp_member(path))
             info.size, info.mode, info.mtime = len(data), mode, 0
             tar.addfile(info, io.BytesIO(data))
-    argv = ["sh", "-c", PUSH_SCRIPT, "push", *mkdirs, "--", *stop, "--", *(f[0] for f in files), "--"]
+    argv = ["sh", "-c", PUSH_SCRIPT, "push", *mk, "--", *stop, "--", *(f[0] for f in files), "--"]
     argv += [*remove, "--", *enable, "--", "reload" if reload else "-"]
-    conn.check(argv, input=buf.getvalue(), sudo=True, timeout=300)
+    conn.check(argv, input=buf.getvalue() if files else None, sudo=True, timeout=300)
 
 
 class ApplyError(DisaggError):
@@ -327,7 +339,10 @@ def manifest_files(ctx: Context, host: str, old: Observed | None, pending: bool)
 
 
 def write_manifest(conn: Connection, ctx: Context, old: Observed | None, pending: bool) -> None:
-    push(conn, manifest_files(ctx, conn.name, old, pending))
+    files = manifest_files(ctx, conn.name, old, pending)
+    if not pending and files[0][1] == manifest_files(ctx, conn.name, old, True)[0][1]:
+        files = files[1:]  # the owned list the pending write left is already the final one
+    push(conn, files)
 
 
 def push_files(conn: Connection, ctx: Context, hp: HostPlan, obs: Observed) -> None:
