@@ -19,7 +19,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -210,38 +210,75 @@ def operator_secrets(spec: ClusterSpec) -> dict[str, str]:
 
 
 class Hosts:
-    """One open SSH connection per host, used by every phase of an operation."""
+    """One open SSH connection per host, used by every phase of an operation.
+
+    Connecting starts in the background: the caller renders the spec meanwhile, and
+    observe_all observes each host as soon as its own connection is up (no barrier after
+    connecting: the remote key exchanges share the hosts' CPUs with the observe commands).
+    """
 
     def __init__(self, spec: ClusterSpec, names: list[str], connector: Callable[..., Connection] = connect) -> None:
         self.spec = spec
-        self.conns: dict[str, Connection] = {}
-        self.errors: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(64, len(names))))
 
-        def one(name: str) -> tuple[str, Connection | None, str | None]:
+        def one(name: str) -> Connection | str:
             try:
-                return name, connector(target_for(spec, name)), None
+                return connector(target_for(spec, name))
             except DisaggError as e:
-                return name, None, str(e)
+                return str(e) or f"{name}: unreachable"
 
-        for name, conn, err in self._pool.map(one, names):
-            if conn is not None:
-                self.conns[name] = conn
-            else:
-                self.errors[name] = err or f"{name}: unreachable"
+        self._pending: dict[str, Future[Connection | str]] = {n: self._pool.submit(one, n) for n in names}
+        self._conns: dict[str, Connection] | None = None
+        self._errors: dict[str, str] = {}
+
+    def connection(self, name: str) -> Connection | str:
+        """One host's connection (waiting for it), or why there is none."""
+        return self._pending[name].result()
+
+    def _settle(self) -> dict[str, Connection]:
+        if self._conns is None:
+            conns: dict[str, Connection] = {}
+            for name in self._pending:
+                r = self.connection(name)
+                if isinstance(r, str):
+                    self._errors[name] = r
+                else:
+                    conns[name] = r
+            self._conns = conns
+        return self._conns
+
+    @property
+    def conns(self) -> dict[str, Connection]:
+        return self._settle()
+
+    @property
+    def errors(self) -> dict[str, str]:
+        self._settle()
+        return self._errors
 
     def map(self, names: list[str], fn: Callable[[Connection], T]) -> dict[str, T | BaseException]:
+        conns = self.conns
+
         def one(name: str) -> tuple[str, T | BaseException]:
             try:
-                return name, fn(self.conns[name])
+                return name, fn(conns[name])
             except Exception as e:  # one host's failure is reported, the others go on
                 return name, e
 
         return dict(self._pool.map(one, names))
 
+    def each(self, names: list[str], fn: Callable[[str], T]) -> list[T]:
+        """fn(name) for every name on the pool's threads, in order."""
+        return list(self._pool.map(fn, names))
+
     def close(self) -> None:
-        for c in self.conns.values():
-            c.close()
+        def close_one(f: Future[Connection | str]) -> None:
+            r = f.result()
+            if not isinstance(r, str):
+                r.close()
+
+        for f in self._pending.values():
+            f.add_done_callback(close_one)  # runs now when connected, else when the connect ends
         self._pool.shutdown(wait=False)
 
     def __enter__(self) -> Hosts:
@@ -260,15 +297,18 @@ def observe(conn: Connection, ctx: Context) -> Observed:
 
 
 def observe_all(hosts: Hosts, ctx: Context) -> dict[str, Observed]:
-    out: dict[str, Observed] = {}
-    results = hosts.map(list(hosts.conns), lambda c: observe(c, ctx))
-    for name in ctx.hosts:
-        if name in hosts.errors:
-            out[name] = Observed(name, error=hosts.errors[name])
-        else:
-            res = results[name]
-            out[name] = Observed(name, error=str(res)) if isinstance(res, BaseException) else res
-    return out
+    """Observe every declared host, each as soon as its connection is up."""
+
+    def one(name: str) -> Observed:
+        conn = hosts.connection(name)
+        if isinstance(conn, str):
+            return Observed(name, error=conn)
+        try:
+            return observe(conn, ctx)
+        except Exception as e:  # one host's failure is reported, the others go on
+            return Observed(name, error=str(e))
+
+    return dict(zip(ctx.hosts, hosts.each(ctx.hosts, one), strict=True))
 
 
 def compute_plan(ctx: Context, observed: Mapping[str, Observed], meta: Mapping[str, object]) -> Plan:
@@ -394,6 +434,11 @@ class SystemdBackend:
         spec = ctx.spec
         return build_context(spec, ctx.desired, operator_secrets(spec) if need_secrets else None)
 
+    def _hosts(self, ctx: OpsContext) -> Hosts:
+        """Start connecting to every declared host (a dropped host may still hold owned files)."""
+        systemd_target(ctx.spec)  # a wrong target kind fails before any connection
+        return Hosts(ctx.spec, [h.name for h in ctx.spec.hosts], self.connector)
+
     def _meta(self, ctx: OpsContext) -> dict[str, object]:
         opts = ctx.options
         profiles = opts.get("profiles")
@@ -409,8 +454,8 @@ class SystemdBackend:
     def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
         from disaggctl.ui import print_plan
 
-        c = self._ctx(ctx)
-        with Hosts(c.spec, c.hosts, self.connector) as hosts:
+        with self._hosts(ctx) as hosts:
+            c = self._ctx(ctx)  # rendered while the connections come up
             observed = observe_all(hosts, c)
             plan = compute_plan(c, observed, self._meta(ctx))
             diffs = plan_diffs(hosts, c, plan) if ctx.diff else None
@@ -432,9 +477,9 @@ class SystemdBackend:
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
         from disaggctl.ui import Phases, print_plan
 
-        c = self._ctx(ctx)
         console = ctx.console
-        with Hosts(c.spec, c.hosts, self.connector) as hosts:
+        with self._hosts(ctx) as hosts:
+            c = self._ctx(ctx)  # rendered while the connections come up
             observed = observe_all(hosts, c)
             plan = compute_plan(c, observed, self._meta(ctx))
             # a declared host this deployment does not use may be down: go on without it (what an
@@ -597,8 +642,8 @@ class SystemdBackend:
         from disaggctl.health import http_probe
         from disaggctl.ui import StatusRow, print_status
 
-        c = self._ctx(ctx)
-        with Hosts(c.spec, c.hosts, self.connector) as hosts:
+        with self._hosts(ctx) as hosts:
+            c = self._ctx(ctx)  # rendered while the connections come up
             observed = observe_all(hosts, c)
         plan = compute_plan(c, observed, {})
         rows: list[StatusRow] = []
