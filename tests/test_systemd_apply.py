@@ -23,7 +23,7 @@ from disaggctl.compile import compile_spec
 from disaggctl.loader import load_text
 from disaggctl.ssh import Connection, SshTarget, connect
 from disaggctl.targets import OpsContext
-from disaggctl.targets.systemd import SystemdBackend
+from disaggctl.targets.systemd import PUSH_SCRIPT, SystemdBackend
 from tests.plugins.infra import TestHosts
 
 pytestmark = pytest.mark.infra
@@ -248,7 +248,12 @@ def test_08_health_that_never_passes_times_out_naming_the_instance(env: Env) -> 
 
 
 class _CutAfterFiles:
-    """A connector whose s2 connection drops (network cut, then closed) when units start."""
+    """A connector whose s2 connection drops (network cut, then closed) when units start.
+
+    The first start phase runs inside the files command (PUSH_SCRIPT: its last "--" is followed
+    by the reload flag and the units to start): that command runs without its units, so the
+    files land, and then the link drops before any unit starts.
+    """
 
     def __init__(self, hosts: TestHosts) -> None:
         self.hosts = hosts
@@ -259,10 +264,18 @@ class _CutAfterFiles:
             return conn
         real_run: Callable[..., Any] = conn.run
 
+        def cut() -> None:
+            subprocess.run(["ip", "link", "set", "tsysv2", "down"], check=True)
+            conn.client.close()
+
         def run(argv: list[str], *a: Any, **kw: Any) -> Any:
+            if argv[:3] == ["sh", "-c", PUSH_SCRIPT]:
+                last = len(argv) - 1 - argv[::-1].index("--")
+                if argv[last + 2 :]:  # units to start: files only, then the cut
+                    assert real_run(argv[: last + 2], *a, **kw).rc == 0
+                    cut()
             if argv[:2] == ["systemctl", "restart"]:
-                subprocess.run(["ip", "link", "set", "tsysv2", "down"], check=True)
-                conn.client.close()
+                cut()
             return real_run(argv, *a, **kw)
 
         conn.run = run  # type: ignore[method-assign]
