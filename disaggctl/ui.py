@@ -28,49 +28,69 @@ SYMBOL = {
 }
 
 
-def _line(console: Console, action: Action, what: str, reason: str = "") -> None:
+class _Lines:
+    """Markup lines printed in as few console.print calls as possible (one per run of lines with
+    the same highlighting): a print costs ~0.3 ms of rich's pipeline, a 32-host plan has ~200 lines."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[bool, list[str]]] = []
+
+    def add(self, markup: str, highlight: bool = True) -> None:
+        if self.runs and self.runs[-1][0] == highlight:
+            self.runs[-1][1].append(markup)
+        else:
+            self.runs.append((highlight, [markup]))
+
+    def print(self, console: Console) -> None:
+        for highlight, lines in self.runs:
+            console.print("\n".join(lines), highlight=highlight)
+
+
+def _line(out: _Lines, action: Action, what: str, reason: str = "") -> None:
     from rich.markup import escape
 
     sym, style = SYMBOL[action]
     tail = f"  [dim]({escape(reason)})[/dim]" if reason else ""
-    console.print(f"  [{style}]{sym} {action.value:<9}[/{style}] {escape(what)}{tail}", highlight=False)
+    out.add(f"  [{style}]{sym} {action.value:<9}[/{style}] {escape(what)}{tail}", highlight=False)
 
 
 def print_plan(console: Console, plan: Plan, diffs: Mapping[tuple[str, str], str] | None = None) -> None:
     """The plan, host by host. diffs: (host, path) -> unified diff (secrets are never diffed)."""
     from rich.markup import escape
 
+    out = _Lines()
     for h in plan.hosts:
         if h.error:
-            console.print(f"[bold]{escape(h.host)}[/bold]  [red]cannot plan: {escape(h.error)}[/red]")
+            out.add(f"[bold]{escape(h.host)}[/bold]  [red]cannot plan: {escape(h.error)}[/red]")
             continue
-        console.print(f"[bold]{escape(h.host)}[/bold]")
+        out.add(f"[bold]{escape(h.host)}[/bold]")
         unchanged = 0
         for f in h.files:
             if f.action is Action.UNCHANGED:
                 unchanged += 1
                 continue
-            _line(console, f.action, f.path, ("secret, content hidden; " if f.secret else "") + f.reason)
+            _line(out, f.action, f.path, ("secret, content hidden; " if f.secret else "") + f.reason)
             d = (diffs or {}).get((h.host, f.path))
             if d and not f.secret:
                 for dl in d.splitlines():
                     style = "green" if dl.startswith("+") else "red" if dl.startswith("-") else "dim"
-                    console.print(f"      [{style}]{escape(dl)}[/{style}]", highlight=False)
+                    out.add(f"      [{style}]{escape(dl)}[/{style}]", highlight=False)
         for u in h.units:
             if u.action is Action.UNCHANGED:
                 unchanged += 1
                 continue
-            _line(console, u.action, u.unit, u.reason)
+            _line(out, u.action, u.unit, u.reason)
         if unchanged:
-            console.print(f"  [dim]= {unchanged} unchanged[/dim]")
+            out.add(f"  [dim]= {unchanged} unchanged[/dim]")
     c = plan.counts()
     if not plan.changed:
-        console.print("[green]No changes.[/green] The hosts match the spec.")
+        out.add("[green]No changes.[/green] The hosts match the spec.")
     else:
-        console.print(
+        out.add(
             f"Plan: {c['create']} to create, {c['update']} to update, {c['restart']} to restart, "
             f"{c['delete']} to delete."
         )
+    out.print(console)
 
 
 @dataclass
