@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import sys
 import tarfile
 import threading
@@ -152,6 +153,8 @@ def push(
 ) -> None:
     """One command: mkdir, stop+disable, atomic writes (with modes), removals, enable, daemon-reload,
     then (re)start `start` in order; a unit that fails to start raises ApplyError with its journal."""
+    # GNU tar skips members with ".." in their names: hand it (and mv) lexically normal paths
+    files = [(posixpath.normpath(path), data, mode) for path, data, mode in files]
     # tar creates the folders of the files it writes; mkdir only those that receive none
     parents = {f[0].rpartition("/")[0] for f in files}
     mk = [d for d in mkdirs if not any(q == d.rstrip("/") or q.startswith(d.rstrip("/") + "/") for q in parents)]
