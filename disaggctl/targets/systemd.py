@@ -3,11 +3,13 @@
     observe   one shell command per host: manifest, sha256 + mode of every file of interest,
               `systemctl show` of every unit and the command line of its main process
     plan      changes.make_plan (pure) over the rendered files and the observed hosts
-    apply     files (pending manifest first, atomic uploads), daemon-reload + enable, stop and
-              remove dropped units, then start decode, prefill, router (each phase on all hosts in
-              parallel, gated on /health), final manifest, and the canary through the router
+    apply     one command per host: stop and remove dropped units, files (pending manifest first,
+              atomic uploads), enable + daemon-reload, start the first phase (decode); then
+              decode's /health on all hosts, start prefill, gate, router, gate (each phase on all
+              hosts in parallel), final manifest, and the canary through the router
 
-One SSH connection per host for the whole operation, hosts in parallel threads.
+One SSH connection per host for the whole operation, hosts in parallel threads; connecting
+starts while the spec renders.
 """
 
 from __future__ import annotations
