@@ -20,6 +20,7 @@ def environment(subdir: str, comment_start: str = "{#", comment_end: str = "#}")
         trim_blocks=True,
         lstrip_blocks=True,
         autoescape=False,
+        auto_reload=False,  # a CLI run never sees templates change: no stat per get_template
         comment_start_string=comment_start,
         comment_end_string=comment_end,
     )
