@@ -382,17 +382,20 @@ class Router:
         up = await self.call(self.decode, ctx.path, ctx.raw, ctx.headers, only=only)
         return await self.relay(ctx, up, LOCAL)
 
-    async def prefill_json(self, ctx: Ctx, path: str, pbody: dict[str, Any]) -> tuple[Instance, int, Any, bytes]:
-        """Run a prefill call; returns (instance, status, parsed JSON or None, raw bytes)."""
-        up = await self.call(self.prefill, path, json.dumps(pbody).encode(), ctx.headers)
+    async def _prefill_call(self, ctx: Ctx, path: str, body: dict[str, Any]) -> tuple[Instance, int, bytes]:
+        """POST `body` to a prefill instance and read the whole answer; (instance, status, bytes)."""
+        up = await self.call(self.prefill, path, json.dumps(body).encode(), ctx.headers)
         try:
-            data = await up.resp.read()
-            status = up.resp.status
+            return up.inst, up.resp.status, await up.resp.read()
         except UpstreamError as e:
             self._fail(up.inst, str(e))
             raise UpstreamUnavailable("prefill", [(up.inst, str(e))]) from None
         finally:
             up.close()
+
+    async def prefill_json(self, ctx: Ctx, path: str, pbody: dict[str, Any]) -> tuple[Instance, int, Any, bytes]:
+        """Run a prefill call; returns (instance, status, parsed JSON or None, raw bytes)."""
+        inst, status, data = await self._prefill_call(ctx, path, pbody)
         parsed = None
         if status == 200:
             try:
@@ -401,9 +404,9 @@ class Router:
                 parsed = None
             if not isinstance(parsed, dict):
                 err = f"answered 200 with a body that is not a JSON object: {data[:100]!r}"
-                self._fail(up.inst, err)
-                raise UpstreamUnavailable("prefill", [(up.inst, err)])
-        return up.inst, status, parsed, data
+                self._fail(inst, err)
+                raise UpstreamUnavailable("prefill", [(inst, err)])
+        return inst, status, parsed, data
 
     def prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
         pbody = dict(body)
@@ -628,15 +631,7 @@ class Router:
                     400, "prompt must be one string or one list of token ids (LMCache P/D)", "BadRequestError"
                 )
             tok_req = {"prompt": prompt}
-        up = await self.call(self.prefill, "/tokenize", json.dumps(tok_req).encode(), ctx.headers)
-        try:
-            tdata = await up.resp.read()
-            tstatus = up.resp.status
-        except UpstreamError as e:
-            self._fail(up.inst, str(e))
-            raise UpstreamUnavailable("prefill", [(up.inst, str(e))]) from None
-        finally:
-            up.close()
+        _, tstatus, tdata = await self._prefill_call(ctx, "/tokenize", tok_req)
         if tstatus != 200:
             self.metrics.error("prefill_rejected", tstatus)
             return web.Response(status=tstatus, body=tdata, content_type=JSON_CT)
