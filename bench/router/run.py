@@ -34,17 +34,11 @@ from pathlib import Path
 
 import aiohttp
 
+from disaggctl.router.server import NIXL_PREFILL_PARAMS  # what the router sends, for the direct baseline
+
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tests" / "support" / "standin_engine.py"
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 8  # ~90 tokens: long enough to disaggregate
-NIXL_PREFILL = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 
 
 def free_port() -> int:
@@ -94,7 +88,7 @@ class Procs:
 
 
 async def one_direct(s: aiohttp.ClientSession, prefill: str, decode: str, body: dict[str, object], i: int) -> None:
-    pbody = dict(body, max_tokens=1, stream=False, kv_transfer_params=NIXL_PREFILL)
+    pbody = dict(body, max_tokens=1, stream=False, kv_transfer_params=NIXL_PREFILL_PARAMS)
     hdr = {"X-Request-Id": f"bench-{i}"}
     async with s.post(prefill + "/v1/completions", json=pbody, headers=hdr) as r:
         ktp = (await r.json(content_type=None))["kv_transfer_params"]
