@@ -69,13 +69,21 @@ def test_apply_started_the_pair_and_printed_the_endpoint(vllm_pair: VllmPair) ->
     print(f"\napply (nixl) took {vllm_pair.apply_seconds['nixl']:.1f} s")
 
 
+def transferable_prompt(pair: VllmPair) -> str:
+    """A fresh long prompt whose length the shared-storage connector can look up.
+
+    vLLM's ExampleConnector never finds a prompt of 32k+1 tokens (it stores under (n-1)//32*32
+    tokens and looks up under (n-2)//32*32): keep the test prompt off that length.
+    """
+    prompt = unique(LONG)
+    while post(pair.decode_url + "/tokenize", {"model": "tiny", "prompt": prompt})[1]["count"] % 32 == 1:
+        prompt += " fox"
+    return prompt
+
+
 def test_nixl_output_equals_a_single_instance_and_kv_came_from_prefill(vllm_pair: VllmPair) -> None:
     vllm_pair.ensure("nixl")
-    prompt = unique(LONG)
-    # vLLM's ExampleConnector never finds a prompt of 32k+1 tokens (it stores under (n-1)//32*32
-    # tokens and looks up under (n-2)//32*32): keep the test prompt off that length
-    while post(vllm_pair.decode_url + "/tokenize", {"model": "tiny", "prompt": prompt})[1]["count"] % 32 == 1:
-        prompt += " fox"
+    prompt = transferable_prompt(vllm_pair)
     before = decode_counters(vllm_pair)
     dis0 = router_requests(vllm_pair, "disaggregated")
     status, body = vllm_pair.complete(vllm_pair.router_url, prompt)
@@ -166,11 +174,7 @@ def test_shared_storage_path(vllm_pair: VllmPair) -> None:
     out = vllm_pair.apply_output["shared-storage"]
     assert "update" in out and "decode received the KV" in out, out
     print(f"\napply (switch to shared-storage) took {vllm_pair.apply_seconds['shared-storage']:.1f} s")
-    prompt = unique(LONG)
-    # vLLM's ExampleConnector never finds a prompt of 32k+1 tokens (it stores under (n-1)//32*32
-    # tokens and looks up under (n-2)//32*32): keep the test prompt off that length
-    while post(vllm_pair.decode_url + "/tokenize", {"model": "tiny", "prompt": prompt})[1]["count"] % 32 == 1:
-        prompt += " fox"
+    prompt = transferable_prompt(vllm_pair)
     before = decode_counters(vllm_pair)
     dis0 = router_requests(vllm_pair, "disaggregated")
     status, body = vllm_pair.complete(vllm_pair.router_url, prompt)
