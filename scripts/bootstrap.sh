@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-${DISAGGCTL_VENV:-.venv}}
 PY=${PYTHON:-python3}
-stamp=$VENV/.disaggctl-bootstrap-v1
+# The stamp names a hash of what decides the install: a changed dependency list re-runs it.
+digest=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+stamp=$VENV/.disaggctl-bootstrap-$digest
 if [ -f "$stamp" ]; then
   "$VENV/bin/pip" install -q --no-deps -e . >/dev/null
   exit 0
@@ -31,5 +33,6 @@ echo 'import platform, ctypes; platform.machine() == "x86_64" and ctypes.CDLL(No
 "${PIP[@]}" --no-deps nixl==1.5.1 nixl-cu12==1.5.1 lmcache==0.5.6
 "${PIP[@]}" sortedcontainers aiofile aiofiles
 "${PIP[@]}" -e '.[dev,nvml]' vllm-router
+rm -f "$VENV"/.disaggctl-bootstrap-*
 touch "$stamp"
 echo "bootstrap: $VENV ready in $((SECONDS - t0)) s"
