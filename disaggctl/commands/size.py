@@ -343,12 +343,19 @@ def _write_spec(result: Result, path: Path, host_names: list[tuple[str, int]] | 
     from disaggctl.loader import load_text
     from disaggctl.sizing.fragment import build_spec, render
 
+    from disaggctl.sizing.errors import SizingInputError
+
     best = result.best
     if best is None:
         raise DisaggError("--spec-out: no layout meets the SLA, nothing to write")
     p = result.problem
-    spec = build_spec(p.model, p.gpu, p.workload, best, host_names)
-    text = render(spec, f"Written by `disaggctl size` for {p.model.name} on {p.gpus} x {p.gpu.key}.\n"
+    kinds = {r.gpu for r in (best.prefill, best.decode, best.also) if r is not None}
+    if len(kinds) > 1:
+        raise SizingInputError(f"--spec-out: the recommendation spans two GPU types ({', '.join(sorted(kinds))}); "
+                               "writing mixed-fleet specs is not supported yet: size each pool, or drop --spec-out")
+    gpu = next(pool.gpu for pool in p.pools if pool.gpu.key in kinds)
+    spec = build_spec(p.model, gpu, p.workload, best, host_names)
+    text = render(spec, f"Written by `disaggctl size` for {p.model.name} on {best.gpus_used} x {gpu.key}.\n"
                         f"Predicted: TTFT {best.ttft_ms:.0f} ms, TPOT {best.tpot_ms:.1f} ms, "
                         f"{best.tps_per_gpu:.0f} output tok/s per GPU. Hosts are placeholders: rename them.")
     try:

@@ -1,8 +1,9 @@
 """Enumerate candidate layouts: aggregated instances on a GPU pool, or prefill and decode pools.
 
 Every candidate is evaluated with `perf` (step times) and `roles` (load and queueing). Batches
-are the ladder 1, 2, 3, 4, 6, 8, 12 ... 1024 (for the Pareto front) plus, per shape, the
-largest batch that meets the SLA, found by bisection (not a power of two).
+are the ladder 1, 2, 4 ... 1024 (points for the Pareto front) plus, per shape, the largest
+batch that meets the SLA, found by bisection (any value, not a power of two); under --rate or
+--concurrency the batch follows from the load.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from disaggctl.sizing.roles import (
     prefill_role,
 )
 
-BATCH_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+BATCH_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 AGG_CHUNKS = (2048, 8192)
 PP_CHOICES = (2, 4, 8)
 DECODE_TOKENS = 2048  # max_num_batched_tokens a decode instance is sized with
-SPLITS_EXHAUSTIVE = 32  # up to this many prefill instances every xPyD split is tried
+SPLITS_EXHAUSTIVE = 16  # up to this many prefill instances every xPyD split is tried
 
 
 def weight_choices(model: ModelInfo, gpu: GpuSpec, allowed: tuple[str, ...] = ()) -> list[str]:

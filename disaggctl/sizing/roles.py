@@ -7,6 +7,7 @@ utilisation the SLA percentile allows instead of each instance being its own M/M
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from disaggctl.sizing.queueing import wait_quantile
 
 RHO_MAX = 0.95  # never plan a queue fuller than this
 MAX_BATCH = 1024  # decode sequences per DP rank the search considers (vLLM max_num_seqs)
-_RHO_GRID = tuple(RHO_MAX * i / 40 for i in range(1, 41))
+_RHO_GRID = tuple(RHO_MAX * i / 48 for i in range(49))  # 0 .. RHO_MAX
 INFEASIBLE = (math.inf, math.inf, 0.0, math.inf)
 
 
@@ -69,19 +70,21 @@ class PrefillRole:
         return self._tables[key]
 
     def capacity(self, budget_s: float, q: float, servers: int = 1) -> float:
-        """Largest prompts/s a pool of `servers` instances sustains with its q-latency within budget."""
-        if self.latency(0.0, q, servers) > budget_s:
+        """Largest prompts/s a pool of `servers` instances sustains with its q-latency within budget.
+
+        The latency is tabulated on a grid of utilisations and interpolated linearly between the two
+        grid points around the budget (the latency is increasing and convex in rho, so the chord is
+        above it: the interpolated utilisation keeps the budget).
+        """
+        table = self._table(servers, q)
+        i = bisect.bisect_right(table, budget_s)
+        if i == 0:
             return 0.0
-        lo = 0.0
-        for rho, lat in zip(_RHO_GRID, self._table(servers, q), strict=True):
-            if lat > budget_s:
-                hi = rho
-                for _ in range(8):
-                    mid = (lo + hi) / 2
-                    lo, hi = (mid, hi) if self.latency(mid, q, servers) <= budget_s else (lo, mid)
-                return lo * self.mu * servers
-            lo = rho
-        return RHO_MAX * self.mu * servers
+        if i == len(table):
+            return RHO_MAX * self.mu * servers
+        lo_r, lo_l, hi_r, hi_l = _RHO_GRID[i - 1], table[i - 1], _RHO_GRID[i], table[i]
+        rho = lo_r + (hi_r - lo_r) * (budget_s - lo_l) / (hi_l - lo_l) if hi_l > lo_l else lo_r
+        return rho * self.mu * servers
 
 
 def prefill_role(perf: Perf, shape: Shape, isl: int) -> PrefillRole:
