@@ -136,7 +136,7 @@ def main() -> int:
     extra, pub = published(cases)
     cases = [c for c in cases + extra if not a.case or c["id"] in a.case]
     refs = {**pub, **references(cases, a.aic, a.record)}
-    agree = counted = within = compared = 0
+    agree = counted = within = compared = rec_agree = 0
     walls: list[float] = []
     print(f"{'case':30s} {'ours':7s} {'(x)':>5s} {'rec':6s} {'ref':7s} {'margin':>6s} {'ours tok/s/GPU':>14s} "
           f"{'ref':>8s} {'ratio':>6s} {'wall s':>6s}  reference")
@@ -149,6 +149,7 @@ def main() -> int:
         ok, ratio = compare(c, mine, ref)
         counted += ok is not None
         agree += bool(ok)
+        rec_agree += ok is not None and mine.get("recommended") == ref["verdict"]
         compared += ratio is not None or mine.get("tps_per_gpu") is None
         within += ratio is not None and abs(ratio - 1) <= WITHIN
         margin = f"{ref['margin']:.2f}" if ref.get("margin") else "-"
@@ -160,6 +161,7 @@ def main() -> int:
               f"{(f'{ratio:.2f}' if ratio else '-'):>6s} {mine['wall_s']:6.2f}  {ref['source']}{mark}"
               + (f"  [{mine['error']}]" if mine.get("error") else ""))
     print(f"agree {agree}/{counted}, within 30%: {within}/{compared}")
+    print(f"(the recommendation, with disaggctl's 1.10x margin, agrees {rec_agree}/{counted})")
     if walls:
         print(f"disaggctl size wall time per case (in-process): max {max(walls):.2f} s, "
               f"mean {sum(walls) / len(walls):.2f} s")

@@ -71,8 +71,8 @@ DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
     "h200": Efficiency(compute=0.62, memory=0.76),
     "b200": Efficiency(compute=0.58, memory=0.74),
     "b300": Efficiency(compute=0.58, memory=0.74),
-    "gb200": Efficiency(compute=0.48, memory=0.76),
-    "gb300": Efficiency(compute=0.48, memory=0.76),
+    "gb200": Efficiency(compute=0.40, memory=0.76),
+    "gb300": Efficiency(compute=0.40, memory=0.76),
 }
 
 # Longest sequence (max_position_embeddings) of the catalog models; a config.json gives its own.

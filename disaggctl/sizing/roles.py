@@ -125,26 +125,29 @@ def agg_point(
 ) -> tuple[float, float, float, float]:
     """(tpot, ttft, requests/s, itl at quantile q) of one aggregated instance, b sequences per DP rank.
 
-    Chunked prefill: the scheduler fills a step with up to r = min(chunk - b, isl) prompt tokens
-    whenever prompts wait. To keep the batch full, b x isl / osl prompt tokens must be prefilled
-    per decode token, so a share f = b x isl / (osl x r) of the steps carry a chunk and take
-    t_mixed(b, r); the others take t_decode(b). A new prompt needs ceil(isl / (chunk - b)) such
-    steps and waits in the pool of `servers` instances the router spreads prompts over. A sequence
-    holds its slot (max_num_seqs) while it is prefilled and while it decodes, so an instance
-    finishes b / (prefill + osl x tpot) requests/s per DP rank (Little's law).
+    Chunked prefill: keeping b sequences decoding needs p = b x isl / osl prompt tokens per step.
+    The scheduler puts waiting prompt tokens into a step up to its room (chunk - b): whole
+    prompts when they fit (several short ones share a step), chunks of a longer one otherwise.
+    So the steps that carry prompt tokens carry r = min(room, max(isl, p)) of them, a share
+    f = p / r of the steps does (f > 1: the batch cannot be kept full) and takes t_mixed(b, r);
+    the others take t_decode(b). A new prompt needs ceil(isl / room) such steps and waits in the
+    pool of `servers` instances the router spreads prompts over, at utilisation p / room. A sequence holds its slot
+    (max_num_seqs) while it is prefilled and while it decodes, so an instance finishes
+    b / (prefill + osl x tpot) requests/s per DP rank (Little's law).
     """
     isl = wl.isl_eff
     room = chunk - b
     if room <= 0 or b <= 0:
         return INFEASIBLE
-    r = min(room, isl)
-    share = b * isl / (wl.osl * r)
+    need = b * isl / wl.osl
+    r = min(room, max(isl, need))
+    share = need / r
     if share > 1:
         return INFEASIBLE
     full = perf.mixed_step(shape, b, wl.ctx, r, isl)
     plain = perf.decode_step(shape, b, wl.ctx)
     tpot = share * full + (1 - share) * plain
-    rho = share * full / tpot  # share of the time spent on prompt chunks
+    rho = need / room  # share of the steps' prompt-token room in use: the prompt queue's utilisation
     if rho > RHO_MAX:
         return INFEASIBLE
     service = math.ceil(isl / room) * full

@@ -203,8 +203,18 @@ def search(problem: Problem) -> Result:
     else:
         best = agg
     best = _finish(problem, best) if best else None
+    if best is not None and best.prefill is not None and agg is not None \
+            and (best.local_prefill_threshold or 0) >= problem.workload.isl:
+        # the router would prefill these prompts on the decode instances: that is aggregated serving
+        result.notes.append(
+            f"typical prompts ({problem.workload.isl} tokens) are below the best disaggregated layout's "
+            f"local-prefill threshold ({best.local_prefill_threshold}): its decode instances would prefill "
+            "them, so it would not run disaggregated; aggregated recommended")
+        a = replace(a, verdict=a.verdict.split(":")[0] + ": prompts would prefill locally; aggregated recommended")
+        best = agg
     if best is not None and a.disaggregated is not None and _same(best, a.disaggregated):
-        result.arms = replace(a, disaggregated=best)
+        a = replace(a, disaggregated=best)
+    result.arms = a
     result.best = best
     result.pareto = [best if best and _same(c, best) else c for c in front]
     if best is not None and not any(c is best for c in result.pareto):
@@ -221,6 +231,8 @@ def _notes(problem: Problem, result: Result) -> None:
             f"typical prompts ({problem.workload.isl} tokens) are below the local-prefill threshold "
             f"({thr}): most requests would prefill on the decode instances"
         )
+    if result.arms and result.arms.ratio is not None and problem.rate is None:
+        result.notes.append(f"throughput per GPU counts all {problem.budget} GPUs of the budget, idle ones included")
     if best and best.weights == "nvfp4":
         result.notes.append("NVFP4 needs an NVFP4 checkpoint (quantization modelopt_fp4), e.g. from nvidia/ on the Hub")
     if best and best.prefill and best.prefill.gpu != best.decode.gpu:
