@@ -128,8 +128,12 @@ def finite_positive(value: Any, where: str, integer: bool = False) -> float:
     """`value` as a finite positive number (an integer when asked), else a located SizingInputError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SizingInputError(f"{where}: must be a number (got {json.dumps(value)})")
-    if not math.isfinite(value) or value <= 0:
+    try:
+        x = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise SizingInputError(f"{where}: must be finite and > 0 (got a {len(str(value))}-digit number)") from None
+    if not math.isfinite(x) or x <= 0:
         raise SizingInputError(f"{where}: must be finite and > 0 (got {value!r})")
-    if integer and float(value) != int(value):
+    if integer and not x.is_integer():
         raise SizingInputError(f"{where}: must be a whole number (got {value!r})")
-    return float(value)
+    return x
