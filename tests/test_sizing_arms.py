@@ -53,7 +53,7 @@ def test_a_pool_runs_fuller_than_separate_queues_at_the_same_percentile() -> Non
     pre = prefill_role(perf, Shape(2), 4096)
     budget = pre.latency_one * 3
     one = pre.capacity(budget, 0.9, 1)
-    assert 0 < one
+    assert one > 0
     for x in (2, 4, 8, 16):
         pooled = pre.capacity(budget, 0.9, x)
         assert pooled > x * one  # pooling gain
@@ -101,6 +101,7 @@ def test_three_arms_and_a_verdict_with_its_margin() -> None:
     assert a.replicated.decode.replicas > 1 and a.replicated.prefill is None
     assert a.disaggregated.prefill is not None
     best_agg = max(a.aggregated.tps_per_gpu, a.replicated.tps_per_gpu)
+    assert a.ratio is not None
     assert a.ratio == pytest.approx(a.disaggregated.tps_per_gpu / best_agg)
     assert f"{a.ratio:.2f}x" in a.verdict
     assert ("does not pay" in a.verdict) == (a.ratio <= 1)
@@ -157,7 +158,8 @@ def test_kv_moves_over_nvlink_inside_a_domain_and_over_the_nic_across() -> None:
 
 def _mixed(prefill_on: str | None = "b200", **kw: object) -> Problem:
     h200 = Pool(load_gpu("h200"), 16, DEFAULT_EFFICIENCY["h200"])
-    return _problem(gpu="b200", gpus=8, isl=8192, osl=512, second=h200, prefill_on=prefill_on, **kw)
+    return _problem(gpu="b200", gpus=8, isl=8192, osl=512, second=h200, prefill_on=prefill_on,
+                    **kw)  # type: ignore[arg-type]
 
 
 def test_mixed_fleet_prefills_on_one_type_and_decodes_on_the_other() -> None:

@@ -12,8 +12,8 @@ import pytest
 from disaggctl.catalog import CATALOG
 from disaggctl.errors import DisaggError
 from disaggctl.sizing import calibrate
-from disaggctl.sizing.errors import SizingInputError
 from disaggctl.sizing.calibrate import Measurement, efficiency_for, fit, predict, read_measurements, save
+from disaggctl.sizing.errors import SizingInputError
 from disaggctl.sizing.hardware import load_gpu
 from disaggctl.sizing.perf import DEFAULT_EFFICIENCY, Efficiency, ModelInfo
 from disaggctl.sizing.search import Problem, Sla, Workload, search

@@ -110,8 +110,9 @@ def references(cases: list[dict[str, Any]], binary: str | None, record: bool) ->
 def published(cases: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     doc = json.loads((HERE / "published.json").read_text())
     extra = [p["case"] for p in doc["results"]]
-    refs = {p["case"]["id"]: {"verdict": p.get("verdict"), "tps_per_gpu": p["tps_per_gpu"], "margin": p.get("margin"),
-                              "tokens": p.get("tokens", "output"), "source": p["source"]} for p in doc["results"]}
+    refs = {p["case"]["id"]: {"verdict": p.get("verdict"), "tps_per_gpu": p["tps_per_gpu"],
+                              "margin": p.get("margin"), "tokens": p.get("tokens", "output"), "source": p["source"]}
+            for p in doc["results"]}
     return extra, refs
 
 
@@ -156,7 +157,7 @@ def main() -> int:
         mark = "" if ok is None else (" ok" if ok else " DIFF")
         dis = f"{mine['ratio']:.2f}" if mine.get("ratio") else "-"
         print(f"{c['id']:30s} {mine['verdict']:7s} {dis:>5s} {mine.get('recommended', '-'):6s} "
-              f"{str(ref.get('verdict') or '-'):7s} {margin:>6s} "
+              f"{ref.get('verdict') or '-'!s:7s} {margin:>6s} "
               f"{(mine.get('tps_per_gpu') or 0):14.0f} {ref['tps_per_gpu']:8.0f} "
               f"{(f'{ratio:.2f}' if ratio else '-'):>6s} {mine['wall_s']:6.2f}  {ref['source']}{mark}"
               + (f"  [{mine['error']}]" if mine.get("error") else ""))
@@ -166,8 +167,9 @@ def main() -> int:
         print(f"disaggctl size wall time per case (in-process): max {max(walls):.2f} s, "
               f"mean {sum(walls) / len(walls):.2f} s")
     t0 = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "disaggctl"), "size", "--model", "llama-3.1-70b", "--gpu", "gb200",
-                    "--gpus", "72", "--isl", "8192", "--osl", "1024", "--output", "json"], capture_output=True)
+    exe = str(Path(sys.executable).parent / "disaggctl")
+    subprocess.run([exe, "size", "--model", "llama-3.1-70b", "--gpu", "gb200", "--gpus", "72", "--isl", "8192",
+                    "--osl", "1024", "--output", "json"], capture_output=True)
     print(f"one full CLI process (GB200 x 72, 70B, interpreter start included): {time.perf_counter() - t0:.2f} s")
     return 0
 

@@ -152,19 +152,27 @@ def size(
     ] = None,
     topology: Annotated[Path | None, typer.Option(help="Probed topology file: GPU type, count, hosts.")] = None,
     workload: Annotated[str | None, typer.Option(help="Workload profile for ISL/OSL (chat, summarization).")] = None,
-    isl: Annotated[int | None, typer.Option(min=1, max=10_000_000, help="Input (prompt) length, tokens [1024].")] = None,
+    isl: Annotated[int | None, typer.Option(min=1, max=10_000_000, help="Input (prompt) tokens [1024].")] = None,
     osl: Annotated[int | None, typer.Option(min=1, max=10_000_000, help="Output length, tokens [256].")] = None,
     ttft: Annotated[float, typer.Option(min=1, max=1e7, help="TTFT target, ms.")] = 2000.0,
     tpot: Annotated[float, typer.Option(min=0.1, max=1e6, help="TPOT (time per output token) target, ms.")] = 50.0,
     percentile: Annotated[float, typer.Option(min=1, max=99.99, help="SLA percentile (TTFT and ITL).")] = 90.0,
-    itl: Annotated[float | None, typer.Option(min=0.1, max=1e6, help="Inter-token latency target (percentile), ms.")] = None,
+    itl: Annotated[
+        float | None, typer.Option(min=0.1, max=1e6, help="Inter-token latency target (percentile), ms.")
+    ] = None,
     rate: Annotated[float | None, typer.Option(min=0.0001, max=1e7, help="Requests/s to serve (open loop).")] = None,
-    concurrency: Annotated[int | None, typer.Option(min=1, max=10_000_000, help="Concurrent clients (closed loop).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, max=10_000_000, help="Concurrent clients (closed loop).")
+    ] = None,
     multi_round_share: Annotated[
         float | None, typer.Option(min=0, max=1, help="Share of requests reusing an earlier round's prompt.")
     ] = None,
-    nic_gbps: Annotated[float | None, typer.Option(min=0.1, max=1e6, help="Scale-out NIC rate per GPU, Gb/s.")] = None,
-    nvlink_domain_gpus: Annotated[int | None, typer.Option(min=1, max=100000, help="GPUs in one NVLink domain.")] = None,
+    nic_gbps: Annotated[
+        float | None, typer.Option(min=0.1, max=1e6, help="Scale-out NIC rate per GPU, Gb/s.")
+    ] = None,
+    nvlink_domain_gpus: Annotated[
+        int | None, typer.Option(min=1, max=100000, help="GPUs in one NVLink domain.")
+    ] = None,
     quantization: Annotated[Quant, typer.Option(help="Weights precision to consider.")] = Quant.auto,
     kv_cache_dtype: Annotated[KvDtype, typer.Option(help="KV-cache dtype to consider.")] = KvDtype.auto,
     mode: Annotated[Mode, typer.Option(help="Restrict to aggregated or disaggregated serving.")] = Mode.auto,
@@ -210,15 +218,15 @@ def _pools(gpu_key: str | None, gpus: int | None, inventory: str | None, prefill
     if (gpu_key or gpus) and not inv:
         raise SizingInputError("--prefill-gpu/--decode-gpu carry the GPU counts: drop --gpu/--gpus")
     counts = dict(inv)
-    out: list[tuple[str, int | None]] = []
-    for (key, count), opt in zip(roles, ("--prefill-gpu", "--decode-gpu"), strict=True):
+    sized: dict[str, int] = {}
+    for role, opt in zip(roles, ("--prefill-gpu", "--decode-gpu"), strict=True):
+        assert role is not None
+        key, count = role
         n = count if count is not None else counts.get(key)
         if n is None:
             raise SizingInputError(f"{opt}: give a count (e.g. 8x{key}) or list {key} in --inventory")
-        if key in dict(out):
-            out = [(k, c + n if k == key else c) for k, c in out]  # c is not None here
-        else:
-            out.append((key, n))
+        sized[key] = sized.get(key, 0) + n
+    out: list[tuple[str, int | None]] = list(sized.items())
     return out, roles[0][0] if len(out) == 2 else None
 
 
@@ -302,8 +310,9 @@ def _size(
 def _make_problem(info: ModelInfo, hw: Any, count: int, eff: Any, second: Any, prefill_on: str | None,
                   wl: tuple[int, int, float], sla: tuple[float, float, float, float | None], rate: float | None,
                   concurrency: int | None, quantization: Quant, kv_cache_dtype: KvDtype, mode: Mode) -> Any:
+    from disaggctl.sizing.candidates import precisions
     from disaggctl.sizing.errors import SizingInputError
-    from disaggctl.sizing.search import Problem, Sla, Workload, precisions
+    from disaggctl.sizing.search import Problem, Sla, Workload
 
     problem = Problem(
         model=info, gpu=hw, gpus=count, workload=Workload(*wl), sla=Sla(*sla), efficiency=eff,
@@ -341,9 +350,8 @@ def _write_spec(result: Result, path: Path, host_names: list[tuple[str, int]] | 
     from disaggctl.compile import compile_spec
     from disaggctl.errors import DisaggError, SpecError
     from disaggctl.loader import load_text
-    from disaggctl.sizing.fragment import build_spec, render
-
     from disaggctl.sizing.errors import SizingInputError
+    from disaggctl.sizing.fragment import build_spec, render
 
     best = result.best
     if best is None:

@@ -170,7 +170,11 @@ def _agg_rate(problem: Problem, perf: Perf, shape: Shape, chunk: int, top: int, 
         return
     for r in sorted({r_min, r_all}):
         share = lam / r
-        b = largest_batch(lambda b, r=r: 0 < point(b, r)[2] < share, feasible)
+
+        def under(b: float, r: int = r, share: float = share) -> bool:
+            return 0 < point(b, r)[2] < share
+
+        b = largest_batch(under, feasible)
         b = min(feasible, b * 1.0001) if b > 0 else feasible
         p = point(b, r)
         if p[2] > 0:

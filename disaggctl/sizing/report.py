@@ -99,13 +99,12 @@ def _print_best(console: Any, result: Result) -> None:
     console.print(f"[bold]Recommendation:[/bold] {b.mode} {b.layout}, weights {b.weights} "
                   f"(quantization: {spec_quantization(p.model, b.weights)}), KV cache {spec_kv_dtype(b.kv_dtype)}")
     if b.prefill is not None:
-        r = b.prefill
-        console.print(f"  prefill: {_role(r)}, max_num_batched_tokens {r.max_num_batched_tokens}, "
-                      f"max_num_seqs {r.max_num_seqs}")
-    for r in (b.decode, b.also):
-        if r is not None:
-            console.print(f"  {'decode' if b.prefill else 'instances'}: {_role(r)}, max_num_batched_tokens "
-                          f"{r.max_num_batched_tokens}, max_num_seqs {r.max_num_seqs}")
+        console.print(f"  prefill: {_role(b.prefill)}, max_num_batched_tokens {b.prefill.max_num_batched_tokens}, "
+                      f"max_num_seqs {b.prefill.max_num_seqs}")
+    for role in (b.decode, b.also):
+        if role is not None:
+            console.print(f"  {'decode' if b.prefill else 'instances'}: {_role(role)}, max_num_batched_tokens "
+                          f"{role.max_num_batched_tokens}, max_num_seqs {role.max_num_seqs}")
     if b.prefill is not None:
         console.print(f"  KV transfer: {b.connector} over {b.kv_link}, {b.kv_transfer_ms:.1f} ms per prompt; "
                       f"router local_prefill_threshold {b.local_prefill_threshold}")
