@@ -31,11 +31,13 @@ from typing import Any
 from typer.testing import CliRunner
 
 from disaggctl.cli import app
+from disaggctl.sizing.search import DISAGG_MARGIN
 
 HERE = Path(__file__).resolve().parent
 MARGIN = 1.10  # the reference's margin from which verdicts must agree
 WITHIN = 0.30  # throughput per GPU within 30%
 _BEST = re.compile(r"Best Experiment Chosen: (\w+) at ([\d,.]+) tokens/s/gpu \((\w+) ([\d.]+)x better than (\w+)\)")
+_LAT = re.compile(r"- (TTFT|TPOT): ([\d,.]+)ms")
 
 
 def ours(case: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +62,7 @@ def ours(case: dict[str, Any]) -> dict[str, Any]:
     ratio = arms.get("disaggregation_ratio")
     rec = "disagg" if best["mode"] == "disaggregated" else "agg"
     # the verdict compared with the reference is which arm is faster (the reference picks the faster
-    # one with no margin); the recommendation adds disaggctl's 1.10x margin and is printed beside it
+    # one with no margin); the recommendation adds disaggctl's DISAGG_MARGIN and is printed beside it
     verdict = rec if ratio is None else ("disagg" if ratio > 1 else "agg")
     tps = max((a["tps_per_gpu"] for k, a in arms.items() if isinstance(a, dict)), default=best["tps_per_gpu"])
     return {"verdict": verdict, "recommended": rec, "tps_per_gpu": tps, "ratio": ratio, "layout": best["layout"],
@@ -84,8 +86,9 @@ def parse_aic(text: str, wall: float | None = None) -> dict[str, Any] | None:
     if not m:
         return None
     mode, best, _, margin, _ = m.groups()
+    lat = {k.lower() + "_ms": float(v.replace(",", "")) for k, v in _LAT.findall(text)}
     return {"verdict": "disagg" if mode == "disagg" else "agg", "tps_per_gpu": float(best.replace(",", "")),
-            "margin": float(margin), "wall_s": wall}
+            "margin": float(margin), "wall_s": wall, **lat}
 
 
 def references(cases: list[dict[str, Any]], binary: str | None, record: bool) -> dict[str, dict[str, Any]]:
@@ -101,8 +104,8 @@ def references(cases: list[dict[str, Any]], binary: str | None, record: bool) ->
     if record and binary:
         doc = {"about": "AIConfigurator 0.12.0 `cli default --backend vllm` (perf database vLLM 0.24.0), "
                         "best experiment per case, recorded by bench/sizing_reference/run.py --record",
-               "results": {k: {x: v[x] for x in ("verdict", "tps_per_gpu", "margin", "wall_s")}
-                           for k, v in out.items()}}
+               "results": {k: {x: v.get(x) for x in ("verdict", "tps_per_gpu", "margin", "wall_s", "ttft_ms",
+                                                     "tpot_ms")} for k, v in out.items()}}
         recorded_path.write_text(json.dumps(doc, indent=1) + "\n")
     return out
 
@@ -138,6 +141,7 @@ def main() -> int:
     cases = [c for c in cases + extra if not a.case or c["id"] in a.case]
     refs = {**pub, **references(cases, a.aic, a.record)}
     agree = counted = within = compared = rec_agree = 0
+    valid = [0, 0, 0, 0]  # agree, counted, within, compared over references that meet their own SLA
     walls: list[float] = []
     print(f"{'case':30s} {'ours':7s} {'(x)':>5s} {'rec':6s} {'ref':7s} {'margin':>6s} {'ours tok/s/GPU':>14s} "
           f"{'ref':>8s} {'ratio':>6s} {'wall s':>6s}  reference")
@@ -153,8 +157,16 @@ def main() -> int:
         rec_agree += ok is not None and mine.get("recommended") == ref["verdict"]
         compared += ratio is not None or mine.get("tps_per_gpu") is None
         within += ratio is not None and abs(ratio - 1) <= WITHIN
+        misses = (ref.get("ttft_ms") or 0) > c["ttft"] * 1.001 or (ref.get("tpot_ms") or 0) > c["tpot"] * 1.001
+        if not misses:
+            valid[0] += bool(ok)
+            valid[1] += ok is not None
+            valid[2] += ratio is not None and abs(ratio - 1) <= WITHIN
+            valid[3] += ratio is not None or mine.get("tps_per_gpu") is None
         margin = f"{ref['margin']:.2f}" if ref.get("margin") else "-"
-        mark = "" if ok is None else (" ok" if ok else " DIFF")
+        mark = ("" if ok is None else (" ok" if ok else " DIFF")) + (
+            f" [reference misses its own SLA: TTFT {ref['ttft_ms']:.0f} ms, TPOT {ref['tpot_ms']:.1f} ms]"
+            if misses else "")
         dis = f"{mine['ratio']:.2f}" if mine.get("ratio") else "-"
         print(f"{c['id']:30s} {mine['verdict']:7s} {dis:>5s} {mine.get('recommended', '-'):6s} "
               f"{ref.get('verdict') or '-'!s:7s} {margin:>6s} "
@@ -162,7 +174,9 @@ def main() -> int:
               f"{(f'{ratio:.2f}' if ratio else '-'):>6s} {mine['wall_s']:6.2f}  {ref['source']}{mark}"
               + (f"  [{mine['error']}]" if mine.get("error") else ""))
     print(f"agree {agree}/{counted}, within 30%: {within}/{compared}")
-    print(f"(the recommendation, with disaggctl's 1.10x margin, agrees {rec_agree}/{counted})")
+    print(f"(the recommendation, with disaggctl's {DISAGG_MARGIN:.2f}x margin, agrees {rec_agree}/{counted}; "
+          f"over the references that meet their own SLA: agree {valid[0]}/{valid[1]}, "
+          f"within 30%: {valid[2]}/{valid[3]})")
     if walls:
         print(f"disaggctl size wall time per case (in-process): max {max(walls):.2f} s, "
               f"mean {sum(walls) / len(walls):.2f} s")

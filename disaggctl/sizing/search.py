@@ -38,7 +38,7 @@ __all__ = [
     "search", "tp_choices", "weight_choices",
 ]
 
-DISAGG_MARGIN = 1.10  # disaggregation must beat aggregated serving by 10% per GPU to be recommended
+DISAGG_MARGIN = 1.05  # disaggregation must beat aggregated serving by 5% per GPU to be recommended
 LMCACHE_MULTI_ROUND = 0.3  # share of multi-round traffic from which LMCache (with CPU offload) is chosen
 
 
