@@ -9,7 +9,7 @@ batch that meets the SLA, found by bisection (any value, not a power of two); un
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from disaggctl.sizing.hardware import GpuSpec
@@ -155,7 +155,7 @@ def _agg_throughput(problem: Problem, perf: Perf, shape: Shape, chunk: int, top:
 
 
 def _agg_rate(problem: Problem, perf: Perf, shape: Shape, chunk: int, top: int, r_all: int) -> Iterator[Candidate]:
-    """Fewest replicas that carry --rate (and all of them): the batch follows from the load."""
+    """Fewest replicas that carry --rate within the SLA (and all of them): the batch follows from the load."""
     wl, sla, lam = problem.workload, problem.sla, float(problem.rate or 0)
 
     def point(b: float, r: int) -> tuple[float, float, float, float]:
@@ -168,7 +168,7 @@ def _agg_rate(problem: Problem, perf: Perf, shape: Shape, chunk: int, top: int, 
     r_min = math.ceil(lam / per_inst_max - 1e-9)
     if r_min > r_all:
         return
-    for r in sorted({r_min, r_all}):
+    for r in range(r_min, r_all + 1):
         share = lam / r
 
         def under(b: float, r: int = r, share: float = share) -> bool:
@@ -177,8 +177,24 @@ def _agg_rate(problem: Problem, perf: Perf, shape: Shape, chunk: int, top: int, 
         b = largest_batch(under, feasible)
         b = min(feasible, b * 1.0001) if b > 0 else feasible
         p = point(b, r)
-        if p[2] > 0:
-            yield _agg_cand(problem, perf, shape, chunk, r, b, (p[0], p[1], share, p[3]))
+        if p[2] <= 0:
+            continue
+        c = _agg_cand(problem, perf, shape, chunk, r, b, (p[0], p[1], share, p[3]))
+        if c.meets_sla or r in (r_min, r_all):
+            yield c
+        if c.meets_sla and r < r_all:
+            yield from _agg_rate_all(problem, perf, shape, chunk, feasible, r_all, point)
+            return
+
+
+def _agg_rate_all(problem: Problem, perf: Perf, shape: Shape, chunk: int, feasible: float, r_all: int,
+                  point: Callable[[float, int], tuple[float, float, float, float]]) -> Iterator[Candidate]:
+    """All replicas carrying --rate: the replicated arm at its lowest load per instance."""
+    share = float(problem.rate or 0) / r_all
+    b = largest_batch(lambda b: 0 < point(b, r_all)[2] < share, feasible)
+    p = point(min(feasible, b * 1.0001) if b > 0 else feasible, r_all)
+    if p[2] > 0:
+        yield _agg_cand(problem, perf, shape, chunk, r_all, b, (p[0], p[1], share, p[3]))
 
 
 # --------------------------------------------------------------------------- disaggregated
