@@ -183,3 +183,31 @@ def test_mixed_fleet_replicated_arm_uses_both_gpu_types() -> None:
 def test_nvfp4_is_not_offered_when_one_role_is_hopper() -> None:
     r = search(_mixed())
     assert r.candidates and all(c.weights != "nvfp4" for c in r.candidates)
+
+
+def test_prefill_peak_depends_on_generation_and_precision() -> None:
+    from disaggctl.sizing.perf import LOW_PRECISION_FACTOR
+
+    for gpu, gen in (("h100", "hopper"), ("b200", "blackwell"), ("gb200", "blackwell")):
+        g = load_gpu(gpu)
+        eff = DEFAULT_EFFICIENCY[gpu]
+        for weights, compute in (("bf16", "bf16"), ("fp8", "fp8")):
+            perf = Perf(_model("llama-3.1-70b"), g, eff, Precision(weights, "bf16"))
+            assert perf.peak == pytest.approx(g.peak_flops(compute) * eff.compute * LOW_PRECISION_FACTOR[gen][compute])
+            assert perf.peak < g.peak_flops(compute)
+    # GB200 reaches a smaller share of its peak in prefill than B200 (docs/sizing.md: the reference data)
+    assert DEFAULT_EFFICIENCY["gb200"].compute < DEFAULT_EFFICIENCY["b200"].compute
+
+
+def test_a_step_is_between_the_roofline_and_the_sum_of_its_parts() -> None:
+    p = _problem("llama-3.1-8b", "h100", 8)
+    perf = Perf(p.model, p.gpu, p.efficiency, Precision("bf16", "bf16"))
+    shape = Shape(1)
+    for batch in (1, 64, 512):
+        ctx = 1024.0
+        kv = (batch * ctx + batch) * perf.kv_token / perf.kv_shards(shape)
+        mem = (perf.weights_read(shape, batch) + kv) / perf.bw
+        comp = (batch * perf.flops_per_token + 2 * perf.attn_coef * ctx * batch) / perf.peak
+        fixed = perf.comm_time(shape, batch) + 0.4e-3
+        t = perf.decode_step(shape, batch, ctx)
+        assert max(mem, comp) + fixed < t <= mem + comp + fixed + 1e-12 or min(mem, comp) == 0
