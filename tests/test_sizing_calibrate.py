@@ -13,6 +13,7 @@ from disaggctl.catalog import CATALOG
 from disaggctl.errors import DisaggError
 from disaggctl.sizing import calibrate
 from disaggctl.sizing.calibrate import Measurement, efficiency_for, fit, predict, read_measurements, save
+from disaggctl.sizing.errors import SizingInputError
 from disaggctl.sizing.hardware import load_gpu
 from disaggctl.sizing.perf import DEFAULT_EFFICIENCY, Efficiency, ModelInfo
 from disaggctl.sizing.search import Problem, Sla, Workload, search
@@ -65,15 +66,26 @@ def test_faster_measurements_make_predictions_faster() -> None:
     assert p1 < p0 and t1 < t0
 
 
-def test_fit_recovers_the_factors_that_produced_the_example() -> None:
-    # examples/calibration was generated from the model at compute 0.38, memory 0.58 with 3% noise
+def test_fit_recovers_the_factors_that_produced_the_runs() -> None:
+    truth = replace(DEFAULT_EFFICIENCY["b200"], compute=0.38, memory=0.58)
+    ms = []
+    for i, m in enumerate(_runs(1, 1)):
+        ttft, tpot, _ = predict(M70, B200, truth, m)
+        noise = 1 + 0.03 * (-1) ** i  # 3% noise
+        ms.append(replace(m, ttft_ms=ttft * noise, tpot_ms=tpot / noise))
+    r = fit({"llama-3.1-70b": M70}, B200, ms, DEFAULT_EFFICIENCY["b200"])
+    assert r.efficiency.compute == pytest.approx(0.38, rel=0.1)
+    assert r.efficiency.memory == pytest.approx(0.58, rel=0.1)
+    assert not r.at_limit and r.after < r.before
+
+
+def test_the_example_results_read_and_fit() -> None:
+    # examples/calibration (vllm bench serve records of one B200 x 8 deployment) reads and fits
     ms = read_measurements(EXAMPLE, {"model": None})
     assert {m.concurrency for m in ms} == {8, 32, 128}
     assert all(m.tp == 8 and m.weights == "fp8" and m.kv_dtype == "fp8" and m.isl == 1024 for m in ms)
     r = fit({ms[0].model: M70}, B200, ms, DEFAULT_EFFICIENCY["b200"])
-    assert r.efficiency.compute == pytest.approx(0.38, rel=0.1)
-    assert r.efficiency.memory == pytest.approx(0.58, rel=0.1)
-    assert not r.at_limit
+    assert r.after < r.before and not r.at_limit
 
 
 def test_measurements_beyond_the_hardware_stop_at_full_efficiency() -> None:
@@ -115,8 +127,19 @@ def test_reads_vllm_bench_json_list_and_lines(tmp_path: Path) -> None:
         (_bench(gpu=None), "gpu"),
         (_bench(max_concurrency=None), "concurrency"),
         (_bench(mean_ttft_ms=None, median_ttft_ms=None, mean_tpot_ms=None, mean_itl_ms=None,
-                output_throughput=None), "no mean_ttft_ms"),
-        (_bench(tp="eight"), "not a number"),
+                output_throughput=None), "no median_ttft_ms, mean_tpot_ms"),
+        (_bench(tp="eight"), r"tp: must be a number \(got 'eight'\)"),
+        (_bench(tp=0), r"tp: must be finite and > 0"),
+        (_bench(tp=2.5), r"tp: must be a whole number"),
+        (_bench(tp=True), r"tp: must be a number \(got true\)"),
+        (_bench(tp=1e300), r"tp: 1e\+300 is beyond any real run"),
+        (_bench(max_concurrency=float("inf")), r"concurrency: must be finite"),
+        (_bench(max_concurrency=-4), r"concurrency: must be finite and > 0"),
+        (_bench(mean_ttft_ms=float("nan")), r"mean_ttft_ms: must be finite"),
+        (_bench(median_ttft_ms=0), r"median_ttft_ms: must be finite and > 0"),
+        (_bench(output_throughput="fast"), r"output_throughput: must be a number"),
+        (_bench(model=["x"]), r"model: must be a non-empty string"),
+        (_bench(completed=0, total_input_tokens=100), "completed: must be finite and > 0"),
         (_bench(mode="hybrid"), "mode"),
         ([1, 2], "result object"),
     ],
@@ -124,8 +147,9 @@ def test_reads_vllm_bench_json_list_and_lines(tmp_path: Path) -> None:
 def test_bad_results_are_explained(tmp_path: Path, record: Any, message: str) -> None:
     f = tmp_path / "r.json"
     f.write_text(json.dumps(record))
-    with pytest.raises(DisaggError, match=message):
+    with pytest.raises(SizingInputError, match=message) as e:
         read_measurements(f, {})
+    assert e.value.exit_code == 2
 
 
 def test_unreadable_results_are_explained(tmp_path: Path) -> None:

@@ -50,40 +50,23 @@ class KvDtype(StrEnum):
 
 
 def _model(name: str) -> ModelInfo:
-    from disaggctl.catalog import CATALOG, load_hf_config, lookup
-    from disaggctl.errors import DisaggError
-    from disaggctl.sizing.perf import ModelInfo
+    from disaggctl.sizing.inputs import load_model
 
-    p = Path(name).expanduser()
-    if p.exists():
-        try:
-            arch = load_hf_config(p)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DisaggError(f"--model {name}: cannot read a Hugging Face config.json there ({e})") from None
-        entry = lookup(name)
-        folder = p.parent if p.is_file() else p
-        return ModelInfo(name=str(folder), path=str(folder), arch=arch, catalog=entry.key if entry else None)
-    entry = lookup(name)
-    if entry is None:
-        raise DisaggError(
-            f"--model {name!r} is not in the built-in catalog and is not a config.json path; "
-            f"known: {', '.join(sorted(CATALOG))}"
-        )
-    return ModelInfo(name=entry.key, path=entry.hub_id, arch=entry.architecture, catalog=entry.key)
+    return load_model(name)
 
 
 def _from_topology(path: Path) -> tuple[str, int, int, bool, list[tuple[str, int]]]:
     """(gpu key, usable GPUs, GPUs per host, multi-node NVLink domain, host names) of a topology file."""
     from pydantic import ValidationError
 
-    from disaggctl.errors import DisaggError
+    from disaggctl.sizing.errors import SizingInputError
     from disaggctl.sizing.hardware import gpu_key_from_name
     from disaggctl.topology import load_topology
 
     try:
         topo = load_topology(path)
     except (OSError, ValueError, ValidationError) as e:
-        raise DisaggError(f"--topology {path}: not a topology file ({str(e).splitlines()[0]})") from None
+        raise SizingInputError(f"--topology {path}: not a topology file ({str(e).splitlines()[0]})") from None
     keys: set[str] = set()
     hosts: list[tuple[str, int]] = []
     per_host = 0
@@ -99,18 +82,18 @@ def _from_topology(path: Path) -> tuple[str, int, int, bool, list[tuple[str, int
             hosts.append((name, len(good)))
             per_host = max(per_host, len(good))
     if not hosts:
-        raise DisaggError(f"--topology {path}: no usable GPUs")
+        raise SizingInputError(f"--topology {path}: no usable GPUs")
     if len(keys) != 1:
         found = ", ".join(sorted(keys)) or "no known GPU type"
-        raise DisaggError(f"--topology {path}: found {found}; pass --gpu to say which GPU type to size for")
+        raise SizingInputError(f"--topology {path}: found {found}; pass --gpu to say which GPU type to size for")
     return keys.pop(), sum(n for _, n in hosts), per_host, nvl, hosts
 
 
 def _workload_profile(name: str) -> dict[str, Any]:
     import yaml
 
-    from disaggctl.errors import DisaggError
     from disaggctl.resources import data_dir
+    from disaggctl.sizing.errors import SizingInputError
 
     path = data_dir("profiles") / f"{name}.yaml"
     data = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -118,116 +101,21 @@ def _workload_profile(name: str) -> dict[str, Any]:
     if not isinstance(wl, dict):
         known = sorted(p.stem for p in data_dir("profiles").glob("*.yaml")
                        if "workload:" in p.read_text())
-        raise DisaggError(f"--workload {name!r} is not a workload profile; known: {', '.join(known)}")
+        raise SizingInputError(f"--workload {name!r} is not a workload profile; known: {', '.join(known)}")
     return wl
-
-
-def _row(c: Any, best: Any) -> list[str]:
-    pre = f"{c.prefill.replicas}x {c.prefill.shape.label}" if c.prefill else "-"
-    mark = "*" if best is not None and c is best else ""
-    mode = "disagg" if c.prefill else "agg"
-    return [
-        mark, mode, pre, f"{c.decode.replicas}x {c.decode.shape.label}", f"{c.weights}/{c.kv_dtype}", str(c.batch),
-        f"{c.ttft_ms:.0f}", f"{c.tpot_ms:.1f}", f"{c.itl_ms:.1f}", f"{c.tps_per_gpu:.0f}", f"{c.tps_per_user:.0f}",
-        str(c.gpus_used), "yes" if c.meets_sla else "no",
-    ]
-
-
-def _spread(front: list[Any], top: int) -> list[Any]:
-    """`top` points of the front, evenly spaced from the most interactive to the most efficient."""
-    if len(front) <= top:
-        return front
-    if top == 1:
-        return front[-1:]
-    return [front[round(i * (len(front) - 1) / (top - 1))] for i in range(top)]
-
-
-def _print_table(result: Result, top: int, spec_out: Path | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from disaggctl.sizing.fragment import spec_kv_dtype, spec_quantization
-
-    p = result.problem
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 140))
-    title = (f"{p.model.name} on {p.gpus} x {p.gpu.key}: ISL {p.workload.isl} OSL {p.workload.osl}, "
-             f"SLA p{p.sla.percentile:g} TTFT <= {p.sla.ttft_ms:g} ms, TPOT <= {p.sla.tpot_ms:g} ms"
-             + (f", ITL <= {p.sla.itl_ms:g} ms" if p.sla.itl_ms else ""))
-    table = Table(title=f"Pareto front: throughput per GPU vs tokens/s per user\n{title}")
-    for col in ("", "mode", "prefill", "decode", "weights/KV", "batch", "TTFT ms", "TPOT ms", "ITL ms",
-                "tok/s/GPU", "tok/s/user", "GPUs", "SLA"):
-        table.add_column(col, justify="right" if col.endswith(("ms", "GPU", "user", "GPUs", "batch")) else "left")
-    shown = _spread(result.pareto, top)
-    if result.best is not None and all(c is not result.best for c in shown):
-        shown = [*shown, result.best]
-    for c in shown:
-        table.add_row(*_row(c, result.best))
-    console.print(table)
-    b = result.best
-    e = p.efficiency
-    console.print(f"efficiency ({e.source}): compute {e.compute:.2f}, memory {e.memory:.2f}, link {e.link:.2f}")
-    if b is not None:
-        console.print(f"[bold]Recommendation:[/bold] {b.mode} {b.layout}, weights {b.weights} "
-                      f"(quantization: {spec_quantization(p.model, b.weights)}), "
-                      f"KV cache {spec_kv_dtype(b.kv_dtype)}")
-        if b.prefill is not None:
-            r = b.prefill
-            console.print(f"  prefill: {r.replicas} x {r.shape.label}, max_num_batched_tokens "
-                          f"{r.max_num_batched_tokens}, max_num_seqs {r.max_num_seqs}")
-        r = b.decode
-        console.print(f"  {'decode' if b.prefill else 'instances'}: {r.replicas} x {r.shape.label}, "
-                      f"max_num_batched_tokens {r.max_num_batched_tokens}, max_num_seqs {r.max_num_seqs}")
-        if b.prefill is not None:
-            console.print(f"  KV transfer: {b.connector} over {b.kv_link}, {b.kv_transfer_ms:.1f} ms per prompt; "
-                          f"router local_prefill_threshold {b.local_prefill_threshold}")
-        console.print(f"  predicted: TTFT {b.ttft_ms:.0f} ms, TPOT {b.tpot_ms:.1f} ms, ITL {b.itl_ms:.1f} ms, "
-                      f"{b.output_tps:.0f} output tok/s ({b.tps_per_gpu:.0f} per GPU, {b.request_rate:.2f} req/s)")
-    for n in result.notes:
-        console.print(f"[yellow]note:[/yellow] {n}")
-    if spec_out is not None:
-        console.print(f"wrote {spec_out}")
-
-
-def _json(result: Result) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from disaggctl.sizing.fragment import spec_kv_dtype, spec_quantization
-
-    p = result.problem
-    best = None
-    if result.best is not None:
-        best = result.best.to_dict()
-        best["quantization"] = spec_quantization(p.model, result.best.weights)
-        best["kv_cache_dtype"] = spec_kv_dtype(result.best.kv_dtype)
-    return {
-        "model": p.model.name,
-        "gpu": p.gpu.key,
-        "hardware_profile": p.gpu.profile,
-        "gpus": p.gpus,
-        "workload": asdict(p.workload),
-        "sla": asdict(p.sla),
-        "load": {"rate": p.rate, "concurrency": p.concurrency},
-        "efficiency": asdict(p.efficiency),
-        "recommendation": best,
-        "pareto": [c.to_dict() for c in result.pareto],
-        "candidates_evaluated": len(result.candidates),
-        "notes": result.notes,
-    }
 
 
 def _calibrate(file: Path, store: Path, cluster: str | None, gpu_key: str, defaults: dict[str, Any],
                model: ModelInfo | None, output: Output) -> None:
-    from disaggctl.errors import DisaggError
     from disaggctl.sizing import calibrate
+    from disaggctl.sizing.errors import SizingInputError
     from disaggctl.sizing.hardware import load_gpu
 
     ms = calibrate.read_measurements(file, defaults)
     models: dict[str, ModelInfo] = {}
     for m in ms:
         if m.gpu != gpu_key:
-            raise DisaggError(f"--calibrate: {m.source} ran on {m.gpu}, but this calibration is for {gpu_key}",)
+            raise SizingInputError(f"--calibrate: {m.source} ran on {m.gpu}, but this calibration is for {gpu_key}")
         if m.model not in models:
             models[m.model] = model if model is not None and m.model == defaults.get("model") else _model(m.model)
     gpu = load_gpu(gpu_key)
@@ -252,22 +140,39 @@ def _calibrate(file: Path, store: Path, cluster: str | None, gpu_key: str, defau
 def size(
     model: Annotated[str | None, typer.Option(help="Catalog model (llama-3.1-70b, ...) or a config.json path.")] = None,
     gpu: Annotated[GpuName | None, typer.Option(help="GPU type; its numbers come from the hardware profile.")] = None,
-    gpus: Annotated[int | None, typer.Option(min=1, help="Number of GPUs to size for.")] = None,
+    gpus: Annotated[int | None, typer.Option(min=1, max=100000, help="Number of GPUs to size for.")] = None,
+    inventory: Annotated[
+        str | None, typer.Option(help="Mixed fleet: GPU types and counts, e.g. 8xb200,16xh200.")
+    ] = None,
+    prefill_gpu: Annotated[
+        str | None, typer.Option(help="Mixed fleet: prefill GPUs, e.g. 8xb200 (or a type of --inventory).")
+    ] = None,
+    decode_gpu: Annotated[
+        str | None, typer.Option(help="Mixed fleet: decode GPUs, e.g. 16xh200 (or a type of --inventory).")
+    ] = None,
     topology: Annotated[Path | None, typer.Option(help="Probed topology file: GPU type, count, hosts.")] = None,
     workload: Annotated[str | None, typer.Option(help="Workload profile for ISL/OSL (chat, summarization).")] = None,
-    isl: Annotated[int | None, typer.Option(min=1, help="Input (prompt) length, tokens [1024].")] = None,
-    osl: Annotated[int | None, typer.Option(min=1, help="Output length, tokens [256].")] = None,
-    ttft: Annotated[float, typer.Option(min=1, help="TTFT target, ms.")] = 2000.0,
-    tpot: Annotated[float, typer.Option(min=0.1, help="TPOT (time per output token) target, ms.")] = 50.0,
+    isl: Annotated[int | None, typer.Option(min=1, max=10_000_000, help="Input (prompt) tokens [1024].")] = None,
+    osl: Annotated[int | None, typer.Option(min=1, max=10_000_000, help="Output length, tokens [256].")] = None,
+    ttft: Annotated[float, typer.Option(min=1, max=1e7, help="TTFT target, ms.")] = 2000.0,
+    tpot: Annotated[float, typer.Option(min=0.1, max=1e6, help="TPOT (time per output token) target, ms.")] = 50.0,
     percentile: Annotated[float, typer.Option(min=1, max=99.99, help="SLA percentile (TTFT and ITL).")] = 90.0,
-    itl: Annotated[float | None, typer.Option(min=0.1, help="Inter-token latency target (percentile), ms.")] = None,
-    rate: Annotated[float | None, typer.Option(min=0.0001, help="Requests/s to serve (open loop).")] = None,
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Concurrent clients (closed loop).")] = None,
+    itl: Annotated[
+        float | None, typer.Option(min=0.1, max=1e6, help="Inter-token latency target (percentile), ms.")
+    ] = None,
+    rate: Annotated[float | None, typer.Option(min=0.0001, max=1e7, help="Requests/s to serve (open loop).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, max=10_000_000, help="Concurrent clients (closed loop).")
+    ] = None,
     multi_round_share: Annotated[
         float | None, typer.Option(min=0, max=1, help="Share of requests reusing an earlier round's prompt.")
     ] = None,
-    nic_gbps: Annotated[float | None, typer.Option(min=0.1, help="Scale-out NIC rate per GPU, Gb/s.")] = None,
-    nvlink_domain_gpus: Annotated[int | None, typer.Option(min=1, help="GPUs in one NVLink domain.")] = None,
+    nic_gbps: Annotated[
+        float | None, typer.Option(min=0.1, max=1e6, help="Scale-out NIC rate per GPU, Gb/s.")
+    ] = None,
+    nvlink_domain_gpus: Annotated[
+        int | None, typer.Option(min=1, max=100000, help="GPUs in one NVLink domain.")
+    ] = None,
     quantization: Annotated[Quant, typer.Option(help="Weights precision to consider.")] = Quant.auto,
     kv_cache_dtype: Annotated[KvDtype, typer.Option(help="KV-cache dtype to consider.")] = KvDtype.auto,
     mode: Annotated[Mode, typer.Option(help="Restrict to aggregated or disaggregated serving.")] = Mode.auto,
@@ -282,7 +187,11 @@ def size(
         Path | None, typer.Option(help="Calibration store [~/.config/disaggctl/calibration.json].")
     ] = None,
 ) -> None:
-    """Recommend aggregated or disaggregated serving, xPyD, TP/PP/DP, precision and vLLM limits."""
+    """Size aggregated, replicated-aggregated and disaggregated serving; recommend the layout.
+
+    Exit codes: 0 a layout meets the SLA; 2 bad input; 3 the model does not fit; 4 the SLA is
+    unreachable; 5 the SLA is reachable but not at the requested load (docs/sizing.md).
+    """
     params = dict(locals())
     from disaggctl.errors import DisaggError
 
@@ -293,88 +202,168 @@ def size(
         raise typer.Exit(e.exit_code) from None
 
 
+def _pools(gpu_key: str | None, gpus: int | None, inventory: str | None, prefill_gpu: str | None,
+           decode_gpu: str | None) -> tuple[list[tuple[str, int | None]], str | None]:
+    """[(GPU type, count)] of the budget (one or two types) and the type prefill must run on."""
+    from disaggctl.sizing.errors import SizingInputError
+    from disaggctl.sizing.inputs import parse_gpu_count, parse_inventory
+
+    inv: list[tuple[str, int | None]] = list(parse_inventory(inventory)) if inventory else []
+    roles = [parse_gpu_count(v, o) if v else None for v, o in ((prefill_gpu, "--prefill-gpu"),
+                                                               (decode_gpu, "--decode-gpu"))]
+    if (roles[0] is None) != (roles[1] is None):
+        raise SizingInputError("give --prefill-gpu and --decode-gpu together")
+    if roles[0] is None or roles[1] is None:
+        return (inv or [(gpu_key or "", gpus)]), None
+    if (gpu_key or gpus) and not inv:
+        raise SizingInputError("--prefill-gpu/--decode-gpu carry the GPU counts: drop --gpu/--gpus")
+    counts = dict(inv)
+    sized: dict[str, int] = {}
+    for role, opt in zip(roles, ("--prefill-gpu", "--decode-gpu"), strict=True):
+        assert role is not None
+        key, count = role
+        n = count if count is not None else counts.get(key)
+        if n is None:
+            raise SizingInputError(f"{opt}: give a count (e.g. 8x{key}) or list {key} in --inventory")
+        sized[key] = sized.get(key, 0) + n
+    out: list[tuple[str, int | None]] = list(sized.items())
+    return out, roles[0][0] if len(out) == 2 else None
+
+
+def _problem_fleet(args: dict[str, Any], store: Path, notes: list[str]) -> tuple[Any, Any, int, Any, Any]:
+    """(first pool GpuSpec, its efficiency, its count, second Pool or None, prefill GPU type or None)."""
+    from disaggctl.sizing import calibrate
+    from disaggctl.sizing.errors import SizingInputError
+    from disaggctl.sizing.hardware import load_gpu
+    from disaggctl.sizing.plan import Pool
+
+    fleet, prefill_on = _pools(args["gpu_key"], args["gpus"], args["inventory"], args["prefill_gpu"],
+                               args["decode_gpu"])
+    specs = []
+    for i, (key, count) in enumerate(fleet):
+        if not key:
+            raise SizingInputError("--gpu is required (h100 h200 b200 b300 gb200 gb300), or --topology, "
+                                   "--inventory or --prefill-gpu/--decode-gpu")
+        if count is None:
+            raise SizingInputError("--gpus is required (or --topology to count them)")
+        hw = load_gpu(key).with_links(nic_gbps=args["nic_gbps"], nvlink_domain_gpus=args["nvlink_domain_gpus"])
+        eff, note = calibrate.efficiency_for(key, args["cluster"] if i == 0 else None, store)
+        if note:
+            notes.append(note)
+        specs.append((hw, eff, count))
+    second = Pool(specs[1][0], specs[1][2], specs[1][1]) if len(specs) == 2 else None
+    return specs[0][0], specs[0][1], specs[0][2], second, prefill_on
+
+
 def _size(
-    model: str | None, gpu: GpuName | None, gpus: int | None, topology: Path | None, workload: str | None,
+    model: str | None, gpu: GpuName | None, gpus: int | None, inventory: str | None, prefill_gpu: str | None,
+    decode_gpu: str | None, topology: Path | None, workload: str | None,
     isl: int | None, osl: int | None, ttft: float, tpot: float, percentile: float, itl: float | None,
     rate: float | None,
     concurrency: int | None, multi_round_share: float | None, nic_gbps: float | None, nvlink_domain_gpus: int | None,
     quantization: Quant, kv_cache_dtype: KvDtype, mode: Mode, output: Output, top: int, spec_out: Path | None,
     calibrate_file: Path | None, cluster: str | None, calibration_file: Path | None,
 ) -> None:
-    from disaggctl.errors import DisaggError
     from disaggctl.sizing import calibrate
-    from disaggctl.sizing.hardware import load_gpu
-    from disaggctl.sizing.search import Problem, Sla, Workload, search
+    from disaggctl.sizing.errors import SizingInputError
+    from disaggctl.sizing.inputs import check_context
 
     store = calibration_file or calibrate.default_store_path()
+    if spec_out is not None and not spec_out.expanduser().resolve().parent.is_dir():
+        raise SizingInputError(f"--spec-out {spec_out}: the folder {spec_out.parent} does not exist")
     host_names: list[tuple[str, int]] | None = None
     gpu_key = gpu.value if gpu is not None else None
-    per_host: int | None = None
     if topology is not None:
         t_gpu, t_count, per_host, nvl, host_names = _from_topology(topology)
         gpu_key = gpu_key or t_gpu
         gpus = gpus or t_count
         if not nvl and nvlink_domain_gpus is None:
             nvlink_domain_gpus = per_host
-    if gpu_key is None:
-        raise DisaggError("--gpu is required (h100 h200 b200 b300 gb200 gb300), or --topology to read it")
     info = _model(model) if model else None
 
     if calibrate_file is not None:
+        if gpu_key is None:
+            raise SizingInputError("--calibrate needs --gpu (the GPU type the runs used)")
         defaults: dict[str, Any] = {"gpu": gpu_key, "model": model, "isl": isl, "osl": osl,
                                     "concurrency": concurrency}
         _calibrate(calibrate_file, store, cluster, gpu_key, defaults, info, output)
         return
 
     if info is None:
-        raise DisaggError("--model is required (a catalog name such as llama-3.1-70b, or a config.json path)")
-    if gpus is None:
-        raise DisaggError("--gpus is required (or --topology to count them)")
+        raise SizingInputError("--model is required (a catalog name such as llama-3.1-70b, or a config.json path)")
     if rate is not None and concurrency is not None:
-        raise DisaggError("give --rate or --concurrency, not both")
+        raise SizingInputError("give --rate or --concurrency, not both")
     prof = _workload_profile(workload) if workload else {}
-    wl = Workload(
-        isl=isl or int(prof.get("isl", 1024)),
-        osl=osl or int(prof.get("osl", 256)),
-        multi_round_share=multi_round_share if multi_round_share is not None
-        else float(prof.get("multi_round_share", 0.0)),
-    )
-    hw = load_gpu(gpu_key).with_links(nic_gbps=nic_gbps, nvlink_domain_gpus=nvlink_domain_gpus)
-    eff, note = calibrate.efficiency_for(gpu_key, cluster, store)
-    if quantization is Quant.nvfp4 and not hw.blackwell:
-        raise DisaggError(f"--quantization nvfp4 needs Blackwell GPUs ({gpu_key} is {hw.arch})",)
+    wl_isl, wl_osl = isl or int(prof.get("isl", 1024)), osl or int(prof.get("osl", 256))
+    check_context(info, wl_isl, wl_osl)
+    notes: list[str] = []
+    args = {"gpu_key": gpu_key, "gpus": gpus, "inventory": inventory, "prefill_gpu": prefill_gpu,
+            "decode_gpu": decode_gpu, "nic_gbps": nic_gbps, "nvlink_domain_gpus": nvlink_domain_gpus,
+            "cluster": cluster}
+    hw, eff, count, second, prefill_on = _problem_fleet(args, store, notes)
+    share = multi_round_share if multi_round_share is not None else float(prof.get("multi_round_share", 0.0))
+    problem = _make_problem(info, hw, count, eff, second, prefill_on, (wl_isl, wl_osl, share),
+                            (ttft, tpot, percentile, itl), rate, concurrency, quantization, kv_cache_dtype, mode)
+    _run(problem, notes, output, top, spec_out, host_names)
+
+
+def _make_problem(info: ModelInfo, hw: Any, count: int, eff: Any, second: Any, prefill_on: str | None,
+                  wl: tuple[int, int, float], sla: tuple[float, float, float, float | None], rate: float | None,
+                  concurrency: int | None, quantization: Quant, kv_cache_dtype: KvDtype, mode: Mode) -> Any:
+    from disaggctl.sizing.candidates import precisions
+    from disaggctl.sizing.errors import SizingInputError
+    from disaggctl.sizing.search import Problem, Sla, Workload
+
     problem = Problem(
-        model=info, gpu=hw, gpus=gpus, workload=wl, sla=Sla(ttft, tpot, percentile, itl), efficiency=eff,
+        model=info, gpu=hw, gpus=count, workload=Workload(*wl), sla=Sla(*sla), efficiency=eff,
         rate=rate, concurrency=concurrency,
         weights=() if quantization is Quant.auto else (quantization.value,),
         kv_dtypes=("bf16", "fp8") if kv_cache_dtype is KvDtype.auto else (kv_cache_dtype.value,),
         modes=("aggregated", "disaggregated") if mode is Mode.auto else (mode.value,),
+        second=second, prefill_on=prefill_on,
     )
+    if not precisions(problem):
+        kinds = ", ".join(sorted({p.gpu.key for p in problem.pools}))
+        raise SizingInputError(f"--quantization {quantization.value}: no such weights precision for "
+                               f"{info.name} on {kinds} (NVFP4 needs Blackwell on every role)")
+    return problem
+
+
+def _run(problem: Any, notes: list[str], output: Output, top: int, spec_out: Path | None,
+         host_names: list[tuple[str, int]] | None) -> None:
+    from disaggctl.sizing.outcome import check_outcome
+    from disaggctl.sizing.report import print_table, to_json
+    from disaggctl.sizing.search import search
+
     result = search(problem)
-    if note:
-        result.notes.append(note)
+    result.notes.extend(notes)
+    check_outcome(problem, result)
     if spec_out is not None:
         _write_spec(result, spec_out, host_names)
     if output is Output.json:
-        print(json.dumps(_json(result), indent=2))
+        print(json.dumps(to_json(result), indent=2))
     else:
-        _print_table(result, top, spec_out)
+        print_table(result, top, spec_out)
 
 
 def _write_spec(result: Result, path: Path, host_names: list[tuple[str, int]] | None) -> None:
     from disaggctl.compile import compile_spec
     from disaggctl.errors import DisaggError, SpecError
     from disaggctl.loader import load_text
+    from disaggctl.sizing.errors import SizingInputError
     from disaggctl.sizing.fragment import build_spec, render
 
-    best = result.best or (result.pareto[-1] if result.pareto else None)
+    best = result.best
     if best is None:
-        raise DisaggError("--spec-out: no layout fits, nothing to write")
+        raise DisaggError("--spec-out: no layout meets the SLA, nothing to write")
     p = result.problem
-    if result.best is None:
-        result.notes.append("--spec-out wrote the closest candidate: it does not meet the SLA")
-    spec = build_spec(p.model, p.gpu, p.workload, best, host_names)
-    text = render(spec, f"Written by `disaggctl size` for {p.model.name} on {p.gpus} x {p.gpu.key}.\n"
+    kinds = {r.gpu for r in (best.prefill, best.decode, best.also) if r is not None}
+    if len(kinds) > 1:
+        raise SizingInputError(f"--spec-out: the recommendation spans two GPU types ({', '.join(sorted(kinds))}); "
+                               "writing mixed-fleet specs is not supported yet: size each pool, or drop --spec-out")
+    gpu = next(pool.gpu for pool in p.pools if pool.gpu.key in kinds)
+    spec = build_spec(p.model, gpu, p.workload, best, host_names)
+    text = render(spec, f"Written by `disaggctl size` for {p.model.name} on {best.gpus_used} x {gpu.key}.\n"
                         f"Predicted: TTFT {best.ttft_ms:.0f} ms, TPOT {best.tpot_ms:.1f} ms, "
                         f"{best.tps_per_gpu:.0f} output tok/s per GPU. Hosts are placeholders: rename them.")
     try:

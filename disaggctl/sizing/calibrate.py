@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from disaggctl.errors import DisaggError
+from disaggctl.sizing.errors import SizingInputError
 from disaggctl.sizing.hardware import GpuSpec
+from disaggctl.sizing.inputs import finite_positive
 from disaggctl.sizing.perf import DEFAULT_EFFICIENCY, Efficiency, ModelInfo, Perf, Precision, Shape
-from disaggctl.sizing.search import Workload, agg_point, disagg_closed_loop, prefill_role
+from disaggctl.sizing.roles import Workload, agg_point, disagg_closed_loop, prefill_role
 
 GRID = [0.02 * (1 / 0.02) ** (i / 159) for i in range(160)]  # log-spaced 0.02 .. 1.0
 STORE_VERSION = 1
@@ -82,86 +84,120 @@ def _pick(rec: dict[str, Any], defaults: dict[str, Any], key: str) -> Any:
     return defaults.get(key)
 
 
-def _metric(rec: dict[str, Any], *keys: str) -> float | None:
-    for k in keys:
-        v = rec.get(k)
-        if isinstance(v, (int, float)) and v > 0:
-            return float(v)
-    return None
+def _metric(rec: dict[str, Any], where: str, *keys: str) -> float | None:
+    """The first of `keys` the record has; every one it has must be a finite positive number."""
+    found = [finite_positive(rec[k], f"--calibrate: {where}.{k}") for k in keys if rec.get(k) is not None]
+    return found[0] if found else None
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
     try:
         text = path.read_text()
     except OSError as e:
-        raise DisaggError(f"--calibrate: cannot read {path}: {e.strerror}") from None
+        raise SizingInputError(f"--calibrate: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise SizingInputError(f"--calibrate: {path} is not a text (JSON) file") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         try:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
-            raise DisaggError(
-                f"--calibrate: {path} is neither JSON nor JSON lines ({e.msg}, line {e.lineno})"
+            raise SizingInputError(
+                f"--calibrate: {path}:{e.lineno}:{e.colno}: neither JSON nor JSON lines ({e.msg})"
             ) from None
     recs = data if isinstance(data, list) else [data]
     if not recs or not all(isinstance(r, dict) for r in recs):
-        raise DisaggError(f"--calibrate: {path} must hold a benchmark result object or a list of them")
+        raise SizingInputError(f"--calibrate: {path} must hold a benchmark result object or a list of them")
     return recs
 
 
-def read_measurements(path: Path, defaults: dict[str, Any]) -> list[Measurement]:
-    """Measurements from a result file; `defaults` fill settings the file does not record."""
-    out: list[Measurement] = []
-    for i, rec in enumerate(_records(path)):
-        where = f"{path.name}[{i}]"
-        completed = rec.get("completed") or rec.get("num_prompts")
-        isl = _pick(rec, defaults, "isl")
-        osl = _pick(rec, defaults, "osl")
-        if isl is None and completed and rec.get("total_input_tokens"):
-            isl = rec["total_input_tokens"] / completed
-        if osl is None and completed and rec.get("total_output_tokens"):
-            osl = rec["total_output_tokens"] / completed
-        missing = [k for k, v in (("model", _pick(rec, defaults, "model")), ("gpu", _pick(rec, defaults, "gpu")),
-                                  ("isl", isl), ("osl", osl), ("concurrency", _pick(rec, defaults, "concurrency")))
-                   if v is None]
-        if missing:
-            raise DisaggError(
-                f"--calibrate: {where} does not say {', '.join(missing)}; record them with "
-                "`vllm bench serve --metadata gpu=b200 tp=8 ...` or pass --model/--gpu/--isl/--osl/--concurrency"
-            )
+# upper bounds that keep every later computation finite (and catch unit mistakes)
+_LIMITS = {"isl": 10_000_000, "osl": 10_000_000, "concurrency": 10_000_000, "tp": 1024, "pp": 1024, "dp": 1024,
+           "replicas": 100_000, "prefill_tp": 1024, "prefill_replicas": 100_000,
+           "max_num_batched_tokens": 10_000_000}
+
+
+def _setting(rec: dict[str, Any], defaults: dict[str, Any], key: str, where: str, default: float | None = None,
+             value: Any = None) -> float:
+    v = value if value is not None else _pick(rec, defaults, key)
+    if v is None:
+        if default is None:
+            raise SizingInputError(f"--calibrate: {where} does not say {key}")
+        return default
+    if isinstance(v, str):
         try:
-            m = Measurement(
-                model=str(_pick(rec, defaults, "model")),
-                gpu=str(_pick(rec, defaults, "gpu")).lower(),
-                isl=round(float(isl)),
-                osl=round(float(osl)),
-                concurrency=float(_pick(rec, defaults, "concurrency")),
-                tp=int(_pick(rec, defaults, "tp") or 1),
-                pp=int(_pick(rec, defaults, "pp") or 1),
-                dp=int(_pick(rec, defaults, "dp") or 1),
-                replicas=int(_pick(rec, defaults, "replicas") or 1),
-                mode=str(_pick(rec, defaults, "mode") or "aggregated"),
-                prefill_tp=int(_pick(rec, defaults, "prefill_tp") or 1),
-                prefill_replicas=int(_pick(rec, defaults, "prefill_replicas") or 1),
-                weights=_WEIGHTS.get(str(_pick(rec, defaults, "weights") or "bf16").lower(), "bf16"),
-                kv_dtype=_KV.get(str(_pick(rec, defaults, "kv_dtype") or "auto").lower(), "bf16"),
-                max_num_batched_tokens=int(_pick(rec, defaults, "max_num_batched_tokens") or 8192),
-                ttft_ms=_metric(rec, "median_ttft_ms", "mean_ttft_ms"),
-                tpot_ms=_metric(rec, "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms", "median_itl_ms"),
-                output_tps=_metric(rec, "output_throughput"),
-                source=where,
-            )
-        except (TypeError, ValueError) as e:
-            raise DisaggError(f"--calibrate: {where} has a setting that is not a number: {e}") from None
-        if m.mode not in ("aggregated", "disaggregated"):
-            raise DisaggError(f"--calibrate: {where} mode must be aggregated or disaggregated (got {m.mode!r})")
-        if m.ttft_ms is None and m.tpot_ms is None and m.output_tps is None:
-            raise DisaggError(
-                f"--calibrate: {where} has no mean_ttft_ms, mean_tpot_ms, mean_itl_ms or output_throughput"
-            )
-        out.append(m)
-    return out
+            v = float(v)
+        except ValueError:
+            raise SizingInputError(f"--calibrate: {where}.{key}: must be a number (got {v!r})") from None
+    integer = key not in ("isl", "osl", "concurrency")
+    x = finite_positive(v, f"--calibrate: {where}.{key}", integer=integer)
+    if x > _LIMITS[key]:
+        raise SizingInputError(f"--calibrate: {where}.{key}: {v!r} is beyond any real run (max {_LIMITS[key]})")
+    return x
+
+
+def _text(rec: dict[str, Any], defaults: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    v = _pick(rec, defaults, key)
+    if v is None and default is not None:
+        return default
+    if not isinstance(v, str) or not v.strip():
+        raise SizingInputError(f"--calibrate: {where}.{key}: must be a non-empty string (got {json.dumps(v)})")
+    return v
+
+
+def _lengths(rec: dict[str, Any], defaults: dict[str, Any], where: str) -> tuple[float, float]:
+    completed = rec["completed"] if rec.get("completed") is not None else rec.get("num_prompts")
+    out = []
+    for key, total in (("isl", "total_input_tokens"), ("osl", "total_output_tokens")):
+        v = _pick(rec, defaults, key)
+        if v is None and completed is not None and rec.get(total) is not None:
+            n = finite_positive(completed, f"--calibrate: {where}.completed")
+            v = finite_positive(rec[total], f"--calibrate: {where}.{total}") / n
+        if v is None:
+            raise SizingInputError(
+                f"--calibrate: {where} does not say {key}; record it with `vllm bench serve --metadata "
+                f"{key}=...` or pass --{key}")
+        out.append(_setting(rec, defaults, key, where, value=v))
+    return out[0], out[1]
+
+
+def _measurement(rec: dict[str, Any], defaults: dict[str, Any], where: str) -> Measurement:
+    isl, osl = _lengths(rec, defaults, where)
+
+    def n(key: str) -> int:
+        return int(_setting(rec, defaults, key, where, 1.0))
+
+    m = Measurement(
+        model=_text(rec, defaults, "model", where), gpu=_text(rec, defaults, "gpu", where).lower(),
+        isl=max(1, round(isl)), osl=max(1, round(osl)),
+        concurrency=_setting(rec, defaults, "concurrency", where),
+        tp=n("tp"), pp=n("pp"), dp=n("dp"), replicas=n("replicas"), mode=_text(rec, defaults, "mode", where,
+                                                                              "aggregated"),
+        prefill_tp=n("prefill_tp"), prefill_replicas=n("prefill_replicas"),
+        weights=_WEIGHTS.get(_text(rec, defaults, "weights", where, "bf16").lower(), "bf16"),
+        kv_dtype=_KV.get(_text(rec, defaults, "kv_dtype", where, "auto").lower(), "bf16"),
+        max_num_batched_tokens=int(_setting(rec, defaults, "max_num_batched_tokens", where, 8192.0)),
+        ttft_ms=_metric(rec, where, "median_ttft_ms", "mean_ttft_ms"),
+        tpot_ms=_metric(rec, where, "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms", "median_itl_ms"),
+        output_tps=_metric(rec, where, "output_throughput"),
+        source=where,
+    )
+    if m.mode not in ("aggregated", "disaggregated"):
+        raise SizingInputError(f"--calibrate: {where}.mode must be aggregated or disaggregated (got {m.mode!r})")
+    if m.ttft_ms is None and m.tpot_ms is None and m.output_tps is None:
+        raise SizingInputError(
+            f"--calibrate: {where} has no median_ttft_ms, mean_tpot_ms, mean_itl_ms or output_throughput")
+    return m
+
+
+def read_measurements(path: Path, defaults: dict[str, Any]) -> list[Measurement]:
+    """Measurements from a result file; `defaults` fill settings the file does not record.
+
+    Every number is checked (finite, > 0, whole where it must be, within real-world bounds) before
+    anything is fitted or saved: a bad record is a SizingInputError (exit 2) naming it.
+    """
+    return [_measurement(rec, defaults, f"{path.name}[{i}]") for i, rec in enumerate(_records(path))]
 
 
 # --------------------------------------------------------------------------- predicting a measured run
@@ -183,8 +219,9 @@ def predict(model: ModelInfo, gpu: GpuSpec, eff: Efficiency, m: Measurement) -> 
         return ttft * 1000, tpot * 1000, rate * m.replicas * m.osl
     pre = prefill_role(perf, Shape(m.prefill_tp), m.isl)
     kind = perf.link_kind(m.prefill_tp * m.prefill_replicas + shape.gpus * m.replicas)
-    ttft, tpot, rate, _ = disagg_closed_loop(perf, pre, shape, m.prefill_replicas, m.replicas, m.concurrency,
-                                             wl, q, kind)
+    t_kv = perf.kv_transfer_time(m.isl, pre.shape, shape, kind)
+    ttft, tpot, rate = disagg_closed_loop(perf, pre, shape, m.prefill_replicas, m.replicas, m.concurrency,
+                                          wl, q, t_kv)
     return ttft * 1000, tpot * 1000, rate * m.osl
 
 

@@ -84,6 +84,8 @@ def build_spec(
     host_names: list[tuple[str, int]] | None = None,
 ) -> dict[str, Any]:
     max_len = 1 << math.ceil(math.log2(max(1024, wl.isl + wl.osl)))
+    if model.max_context is not None:
+        max_len = max(wl.isl + wl.osl, min(max_len, model.max_context))
     mdl: dict[str, Any] = {
         "path": model_path(model, c.weights),
         "quantization": spec_quantization(model, c.weights),

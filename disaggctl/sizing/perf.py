@@ -1,10 +1,10 @@
 """The explicit performance model of the sizing planner (docs/sizing.md gives every formula).
 
-Everything is a roofline: a forward step takes the longer of its compute time (FLOPs over the
-dense peak of the precision used, times a compute efficiency) and its memory time (bytes of
-weights and KV read over HBM bandwidth, times a memory efficiency), plus tensor-parallel
-communication and a fixed per-step overhead. Efficiencies are at most 1, so no prediction
-beats the hardware's peaks; `calibrate` fits them from measurements.
+Everything is a roofline: a forward step takes its compute time (FLOPs over the dense peak of
+the precision used, times a compute efficiency) and its memory time (bytes of weights and KV
+read over HBM bandwidth, times a memory efficiency), overlapped only partly (STEP_OVERLAP),
+plus tensor-parallel communication and a fixed per-step overhead. Efficiencies are at most 1,
+so no prediction beats the hardware's peaks; `calibrate` fits them from measurements.
 """
 
 from __future__ import annotations
@@ -29,8 +29,18 @@ FIXED_RESERVE_BYTES = 2 * 2**30
 # Peak activation bytes per batched token, in units of hidden_size x 2 bytes (MLP intermediate,
 # attention temporaries; vLLM profiles this at max_num_batched_tokens).
 ACTIVATION_HIDDEN_FACTOR = 16
-# Low-precision kernels reach a smaller share of their (higher) peak than BF16 GEMMs.
-LOW_PRECISION_FACTOR = {"bf16": 1.0, "fp8": 0.9, "fp4": 0.8}
+# Share of the shorter of (memory time, compute time) hidden under the longer one in a forward
+# step. 1 would be a perfect roofline (max); 0 the plain sum. Kernels of one step mostly run one
+# after another (GEMMs are compute-bound at large batch, attention reads KV), so a step at the
+# ridge point takes close to the sum. Assumption, chosen against AIConfigurator's measured
+# per-kernel vLLM database (bench/sizing_reference).
+STEP_OVERLAP = 0.3
+# Low-precision GEMMs reach a smaller share of their (higher) peak than BF16 ones, per GPU
+# generation (docs/sizing.md, "Efficiency factors", names the source of each).
+LOW_PRECISION_FACTOR: dict[str, dict[str, float]] = {
+    "hopper": {"bf16": 1.0, "fp8": 0.85, "fp4": 0.0},
+    "blackwell": {"bf16": 1.0, "fp8": 0.85, "fp4": 0.7},
+}
 # Share of a multi-round request's prompt that an earlier round already cached.
 MULTI_ROUND_REUSE = 0.75
 
@@ -54,14 +64,21 @@ class Efficiency:
                 raise ValueError(f"efficiency {name} must be in (0, 1], got {v}")
 
 
-# Defaults per GPU type: conservative shares seen for vLLM on these parts; `size --calibrate` replaces them.
+# Defaults per GPU type (BF16 prefill share of the dense peak; HBM share in decode); sources and
+# assumptions in docs/sizing.md. `size --calibrate` replaces them for a cluster.
 DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
-    "h100": Efficiency(compute=0.55, memory=0.75),
-    "h200": Efficiency(compute=0.55, memory=0.72),
-    "b200": Efficiency(compute=0.50, memory=0.70),
-    "b300": Efficiency(compute=0.50, memory=0.70),
-    "gb200": Efficiency(compute=0.52, memory=0.72),
-    "gb300": Efficiency(compute=0.52, memory=0.72),
+    "h100": Efficiency(compute=0.62, memory=0.78),
+    "h200": Efficiency(compute=0.62, memory=0.76),
+    "b200": Efficiency(compute=0.58, memory=0.74),
+    "b300": Efficiency(compute=0.58, memory=0.74),
+    "gb200": Efficiency(compute=0.40, memory=0.76),
+    "gb300": Efficiency(compute=0.40, memory=0.76),
+}
+
+# Longest sequence (max_position_embeddings) of the catalog models; a config.json gives its own.
+MAX_CONTEXT = {
+    "llama-3.1-8b": 131072, "llama-3.1-70b": 131072, "llama-3.1-405b": 131072,
+    "qwen3-32b": 40960, "deepseek-v3": 163840, "gpt-oss-120b": 131072,
 }
 
 
@@ -117,6 +134,7 @@ class ModelInfo:
     path: str
     arch: ModelArchitecture
     catalog: str | None = None
+    max_context: int | None = None  # max_position_embeddings; None: unknown (not checked)
 
     @property
     def moe(self) -> bool:
@@ -146,7 +164,8 @@ class Perf:
         # causal attention over s tokens: QK^T and AV, 2 x 2 x s^2/2 x heads x head_dim per layer
         self.attn_coef = 2.0 * a.layers * a.attention_heads * a.head_dim
         compute = self.prec.compute(self.gpu)
-        self.peak = self.gpu.peak_flops(compute) * self.eff.compute * LOW_PRECISION_FACTOR[compute]
+        gen = "blackwell" if self.gpu.blackwell else "hopper"
+        self.peak = self.gpu.peak_flops(compute) * self.eff.compute * LOW_PRECISION_FACTOR[gen][compute]
         self.bw = self.gpu.hbm_bytes_per_s * self.eff.memory
         self.kv_token = a.kv_bytes_per_token(self.prec.kv_bytes)
         self.w_total = a.params_b * 1e9 * self.prec.weight_bits / 8
@@ -231,11 +250,13 @@ class Perf:
 
         memory = steps x weights read + KV read (ctx_tokens) + KV written (tokens)
         compute = tokens x 2 x active params + attention FLOPs, over TP GPUs
+        time = max(memory, compute) + (1 - STEP_OVERLAP) x min(memory, compute) + comm + overhead
         """
         kv_bytes = (ctx_tokens + tokens) * self.kv_token / self.kv_shards(shape)
         mem = (steps * self.weights_read(shape, tokens / steps * shape.dp) + kv_bytes) / self.bw
         comp = (tokens * self.flops_per_token + attn_flops) / (shape.tp * self.peak)
-        return max(mem, comp) + self.comm_time(shape, tokens, steps) + steps * STEP_OVERHEAD_S
+        body = max(mem, comp) + (1 - STEP_OVERLAP) * min(mem, comp)
+        return body + self.comm_time(shape, tokens, steps) + steps * STEP_OVERHEAD_S
 
     def decode_step(self, shape: Shape, batch: float, ctx: float) -> float:
         """One decode step of `batch` sequences per DP rank with `ctx` cached tokens each."""
@@ -267,12 +288,3 @@ class Perf:
         """
         links = max(1, min(self.kv_shards(prefill), self.kv_shards(decode)))
         return isl * self.kv_token / (links * self.link_bytes_per_s(kind)) + HOP_S[kind]
-
-
-def percentile_wait(rho: float, service_s: float, q: float) -> float:
-    """Waiting time at quantile q of an M/M/1 queue: P(W > t) = rho exp(-(1 - rho) t / s)."""
-    if rho <= 0 or rho <= 1 - q:
-        return 0.0
-    if rho >= 1:
-        return math.inf
-    return service_s * math.log(rho / (1 - q)) / (1 - rho)
