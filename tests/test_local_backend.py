@@ -22,7 +22,7 @@ from disaggctl.errors import DisaggError
 from disaggctl.loader import load_spec
 from disaggctl.render.local import Table, render, table
 from disaggctl.spec import LocalTarget
-from disaggctl.targets.local import Action, diff, preflight
+from disaggctl.targets.local.backend import Action, diff, preflight
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]

@@ -24,13 +24,13 @@ import pytest
 import yaml
 from rich.console import Console
 
-from disaggctl import slurm_cli as cli
+from disaggctl.targets.slurm import cli
 from disaggctl.compile import compile_spec
 from disaggctl.errors import DisaggError
 from disaggctl.loader import load_text
 from disaggctl.render.slurm import render_slurm, script_of
 from disaggctl.targets import OpsContext
-from disaggctl.targets.slurm import LocalRunner, SlurmBackend, list_jobs, sbatch_test_only
+from disaggctl.targets.slurm.backend import LocalRunner, SlurmBackend, list_jobs, sbatch_test_only
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "tests" / "infra"

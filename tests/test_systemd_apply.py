@@ -23,7 +23,7 @@ from disaggctl.compile import compile_spec
 from disaggctl.loader import load_text
 from disaggctl.ssh import Connection, SshTarget, connect
 from disaggctl.targets import OpsContext
-from disaggctl.targets.systemd import PUSH_SCRIPT, SystemdBackend
+from disaggctl.targets.systemd.backend import PUSH_SCRIPT, SystemdBackend
 from tests.plugins.infra import TestHosts
 
 pytestmark = pytest.mark.infra

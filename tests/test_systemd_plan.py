@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 
-from disaggctl.changes import Action, FileFact, Observed, UnitFact, make_plan, parse_observe, stale_reasons
+from disaggctl.targets.systemd.changes import Action, FileFact, Observed, UnitFact, make_plan, parse_observe, stale_reasons
 from disaggctl.deployment import DesiredState, Rendered
-from disaggctl.manifest import OwnedFile, build_manifest, spec_hash
+from disaggctl.targets.systemd.manifest import OwnedFile, build_manifest, spec_hash
 from disaggctl.render.systemd import render_systemd
 from tests.test_systemd_render import _state
 

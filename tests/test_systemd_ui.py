@@ -7,8 +7,8 @@ import io
 import pytest
 from rich.console import Console
 
-from disaggctl.changes import Action, FileChange, HostPlan, Plan, UnitChange
-from disaggctl.ui import Phases, print_plan
+from disaggctl.targets.systemd.changes import Action, FileChange, HostPlan, Plan, UnitChange
+from disaggctl.targets.systemd.ui import Phases, print_plan
 
 
 def _console(terminal: bool = False) -> tuple[Console, io.StringIO]:

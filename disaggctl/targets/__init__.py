@@ -53,9 +53,9 @@ class Backend(Protocol):
 
 
 _MODULES = {
-    "systemd": "disaggctl.targets.systemd",
-    "slurm": "disaggctl.targets.slurm",
-    "local": "disaggctl.targets.local",
+    "systemd": "disaggctl.targets.systemd.backend",
+    "slurm": "disaggctl.targets.slurm.backend",
+    "local": "disaggctl.targets.local.backend",
 }
 
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from disaggctl.changes import Action, Plan
+from disaggctl.targets.systemd.changes import Action, Plan
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from disaggctl.deployment import DesiredState, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
-from disaggctl.manifest import Manifest, parse_manifest
+from disaggctl.targets.systemd.manifest import Manifest, parse_manifest
 
 PLAN_VERSION = 1
 UNIT_DIR = "/etc/systemd/system/"

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from disaggctl.changes import (
+from disaggctl.targets.systemd.changes import (
     Action,
     HostPlan,
     Observed,
@@ -37,10 +37,10 @@ from disaggctl.changes import (
     same_command,
     stale_reasons,
 )
-from disaggctl.changes import unified_diff as _udiff
+from disaggctl.targets.systemd.changes import unified_diff as _udiff
 from disaggctl.deployment import DesiredState, Process, Rendered
 from disaggctl.errors import DisaggError
-from disaggctl.manifest import (
+from disaggctl.targets.systemd.manifest import (
     OwnedFile,
     OwnedProcess,
     build_manifest,
@@ -57,7 +57,7 @@ from disaggctl.ssh import Connection, SshError, connect, target_for
 if TYPE_CHECKING:
     from disaggctl.spec import ClusterSpec
     from disaggctl.targets import OpsContext
-    from disaggctl.ui import Phases
+    from disaggctl.targets.systemd.ui import Phases
 
 T = TypeVar("T")
 
@@ -472,7 +472,7 @@ class SystemdBackend:
     # ----- plan
 
     def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
-        from disaggctl.ui import print_plan
+        from disaggctl.targets.systemd.ui import print_plan
 
         with self._hosts(ctx) as hosts:
             c = self._ctx(ctx)  # rendered while the connections come up
@@ -495,7 +495,7 @@ class SystemdBackend:
     # ----- apply
 
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
-        from disaggctl.ui import Phases, print_plan
+        from disaggctl.targets.systemd.ui import Phases, print_plan
 
         console = ctx.console
         with self._hosts(ctx) as hosts:
@@ -674,7 +674,7 @@ class SystemdBackend:
 
     def status(self, ctx: OpsContext) -> int:
         from disaggctl.health import http_probe
-        from disaggctl.ui import StatusRow, print_status
+        from disaggctl.targets.systemd.ui import StatusRow, print_status
 
         with self._hosts(ctx) as hosts:
             c = self._ctx(ctx)  # rendered while the connections come up

@@ -26,7 +26,7 @@ from disaggctl.errors import DisaggError
 from disaggctl.health import HealthError, HealthProgress, run_canary, wait_healthy
 from disaggctl.render.local import ProcSpec, Table, paths, render, table
 from disaggctl.spec import LocalTarget
-from disaggctl.supervisor import kill_group, pid_alive, read_state, supervisor_pid, write_atomic
+from disaggctl.targets.local.supervisor import kill_group, pid_alive, read_state, supervisor_pid, write_atomic
 from disaggctl.targets import OpsContext
 
 SUPERVISOR_START_S = 15.0
@@ -175,7 +175,7 @@ def start_supervisor(state_dir: str) -> int:
     pth["logs"].mkdir(parents=True, exist_ok=True)
     with open(pth["supervisor_log"], "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "disaggctl.supervisor", state_dir],
+            [sys.executable, "-m", "disaggctl.targets.local.supervisor", state_dir],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

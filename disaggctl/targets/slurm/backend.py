@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from disaggctl import slurm_cli as cli
+from disaggctl.targets.slurm import cli
 from disaggctl.errors import DisaggError
 from disaggctl.render.slurm import STOP_TIMEOUT_S, job_name, render_slurm, script_hash, script_of, slurm_target
 
