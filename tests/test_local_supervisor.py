@@ -173,7 +173,9 @@ def test_second_supervisor_for_the_same_folder_is_refused(tmp_path: Path, sup: C
     state = tmp_path / "state"
     write_table(state, [proc(state, "decode-0", SLEEPER)])
     sup()
-    r = subprocess.run([PY, "-m", "disaggctl.targets.local.supervisor", str(state)], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [PY, "-m", "disaggctl.targets.local.supervisor", str(state)], capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 1 and "already runs" in r.stderr
     data = json.loads(paths(str(state))["supervisor_state"].read_text())
     assert data["name"] == "t"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from disaggctl.targets.slurm import cli
 from disaggctl.render.slurm import grace_s, time_limit_s
+from disaggctl.targets.slurm import cli
 from disaggctl.targets.slurm.backend import compute_plan
 
 # `scontrol show job -o 5` of a running het job (two components), recorded on the test cluster.

@@ -23,6 +23,7 @@ from disaggctl.compile import compile_spec
 from disaggctl.loader import load_text
 from disaggctl.ssh import Connection, SshTarget, connect
 from disaggctl.targets import OpsContext
+from disaggctl.targets.base import StalePlan
 from disaggctl.targets.systemd.backend import PUSH_SCRIPT, SystemdBackend
 from tests.plugins.infra import TestHosts
 
@@ -216,15 +217,17 @@ def test_06_saved_plan_is_refused_when_a_host_changed(env: Env) -> None:
     saved = env.tmp / "plan.json"
     assert env.backend.plan(env.ctx(rto=300), str(saved), detailed_exitcode=True) == 2
     env.sh("s1", "sh", "-c", "echo '# hand edit' >> /etc/systemd/system/disaggctl-sysd-decode-0.service")
-    assert env.backend.apply(env.ctx(rto=300), str(saved)) == 1
-    assert "stale" in env.text and "s1: /etc/systemd/system/disaggctl-sysd-decode-0.service changed" in env.text
+    with pytest.raises(StalePlan, match="stale") as stale:
+        env.backend.apply(env.ctx(rto=300), str(saved))
+    assert "s1: /etc/systemd/system/disaggctl-sysd-decode-0.service changed" in str(stale.value)
     # a fresh plan applies and converges (the hand edit is overwritten)
     assert env.backend.plan(env.ctx(rto=300), str(saved), detailed_exitcode=True) == 2
     assert env.backend.apply(env.ctx(rto=300), str(saved)) == 0, env.text
     assert "# hand edit" not in env.sh("s1", "cat", "/etc/systemd/system/disaggctl-sysd-decode-0.service")
     # and a plan saved for one spec is refused for another
     assert env.backend.plan(env.ctx(rto=300), str(saved), detailed_exitcode=True) == 0
-    assert env.backend.apply(env.ctx(rto=200), str(saved)) == 1 and "renders differently" in env.text
+    with pytest.raises(StalePlan, match="renders differently"):
+        env.backend.apply(env.ctx(rto=200), str(saved))
 
 
 def test_07_unit_that_fails_to_start_names_host_unit_and_journal(env: Env) -> None:

@@ -1,20 +1,15 @@
-"""Terminal output of the plan/apply/status workflow (rich, imported lazily by the caller's path).
+"""The systemd plan on a terminal: Terraform-style per host, with symbols, reasons and optional diffs.
 
-print_plan     Terraform-style per-host plan with symbols, reasons and optional diffs
-Phases         per host and phase progress with elapsed times (live on a TTY, lines otherwise)
-print_status   one row per process: unit state, health, GPUs, ports, drift
+(Progress of apply is the shared disaggctl.targets.ui.Phases; status is disaggctl.targets.status.)
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from disaggctl.targets.systemd.changes import Action, Plan
+from disaggctl.targets.base import Action
+from disaggctl.targets.systemd.changes import Plan
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -91,97 +86,3 @@ def print_plan(console: Console, plan: Plan, diffs: Mapping[tuple[str, str], str
             f"{c['delete']} to delete."
         )
     out.print(console)
-
-
-@dataclass
-class _Step:
-    host: str
-    phase: str
-    start: float
-    task: Any = None
-
-
-class Phases:
-    """Progress of per-host phases with elapsed times; thread safe (hosts run in threads)."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.t0 = time.monotonic()
-        self._lock = threading.Lock()
-        self._progress: Any = None
-        if console.is_terminal:
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
-            )
-
-    def __enter__(self) -> Phases:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    @contextmanager
-    def step(self, host: str, phase: str) -> Iterator[None]:
-        s = _Step(host, phase, time.monotonic())
-        if self._progress is not None:
-            with self._lock:
-                s.task = self._progress.add_task(f"{host:<16} {phase}", total=None)
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            self._finish(s, ok)
-
-    def _finish(self, s: _Step, ok: bool) -> None:
-        from rich.markup import escape
-
-        took = time.monotonic() - s.start
-        mark = "[green]ok[/green]" if ok else "[red]FAILED[/red]"
-        with self._lock:
-            if self._progress is not None and s.task is not None:
-                self._progress.remove_task(s.task)
-            self.console.print(
-                f"[dim]{time.monotonic() - self.t0:6.1f}s[/dim] {escape(s.host):<16} {escape(s.phase):<22} "
-                f"{mark} [dim]{took:.2f}s[/dim]",
-                highlight=False,
-            )
-
-    def note(self, text: str) -> None:
-        from rich.markup import escape
-
-        with self._lock:
-            self.console.print(f"[dim]{time.monotonic() - self.t0:6.1f}s[/dim] {escape(text)}", highlight=False)
-
-
-@dataclass
-class StatusRow:
-    process: str
-    host: str
-    unit: str
-    state: str
-    health: str
-    gpus: str
-    port: str
-    drift: list[str]
-
-
-def print_status(console: Console, deployment: str, rows: list[StatusRow], notes: list[str]) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"{deployment}", show_lines=False)
-    for col in ("process", "host", "unit", "state", "health", "GPUs", "port", "drift"):
-        table.add_column(col)
-    for r in rows:
-        state = f"[green]{r.state}[/green]" if r.state.startswith("active/running") else f"[red]{r.state}[/red]"
-        health = f"[green]{r.health}[/green]" if r.health in ("ok", "-") else f"[red]{r.health}[/red]"
-        drift = "[yellow]" + "; ".join(r.drift) + "[/yellow]" if r.drift else "[dim]none[/dim]"
-        table.add_row(r.process, r.host, r.unit, state, health, r.gpus, r.port, drift)
-    console.print(table)
-    for n in notes:
-        console.print(f"[yellow]{n}[/yellow]")
