@@ -24,6 +24,7 @@ from disaggctl.render.local import Table, render, table
 from disaggctl.spec import LocalTarget
 from disaggctl.targets.base import Action
 from disaggctl.targets.local.backend import diff, preflight
+from disaggctl.targets.status import StatusReport
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
@@ -216,6 +217,7 @@ def test_apply_plan_status_update_destroy(tmp_path: Path, standin_vllm: str, cle
     assert r.returncode == 0 and "No changes." in r.stdout, r.stdout + r.stderr
     r = cli("status", str(spec), "--output", "json")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert StatusReport.model_validate_json(r.stdout).healthy  # the schema of docs/status.md
     rows = {p["name"]: p for p in json.loads(r.stdout)["processes"]}
     assert all(p["state"] == "running" and p["healthy"] for p in rows.values())
 

@@ -153,7 +153,9 @@ def test_01_plan_shows_creates_with_detailed_exitcode(env: Env) -> None:
     assert "+ create    /etc/systemd/system/disaggctl-sysd-decode-1.service" in env.text
     assert "secret, content hidden" in env.text and "tok" not in env.text
     plan = json.loads(saved.read_text())
-    assert plan["spec_file"].endswith("spec.yaml") and {h["host"] for h in plan["hosts"]} == {"s1", "s2"}
+    assert plan["format"] == "disaggctl-plan" and plan["meta"]["spec_file"].endswith("spec.yaml")
+    assert {h["host"] for h in plan["target"]["hosts"]} == {"s1", "s2"}
+    assert [a["process"] for a in plan["actions"]][:2] == ["decode-0", "decode-1"]  # per process, start order
     assert "tok" not in saved.read_text()  # secrets never land in a saved plan
 
 

@@ -93,3 +93,16 @@ def print_status(ctx: OpsContext, report: StatusReport) -> None:
 
 def status_exit(report: StatusReport) -> int:
     return 0 if report.healthy else 1
+
+
+def status_schema_markdown() -> str:
+    """The field tables of docs/status.md, generated from the models' descriptions."""
+    out: list[str] = []
+    for model, title in ((StatusReport, "The report"), (ProcessStatus, "`processes[]`: one per process")):
+        out += [f"### {title}", "", "| field | type | meaning |", "|---|---|---|"]
+        for name, f in model.model_fields.items():
+            ann = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            ann = ann.replace("disaggctl.targets.status.", "").replace(" | None", " or null")
+            out.append(f"| `{name}` | `{ann}` | {f.description or ''} |")
+        out.append("")
+    return "\n".join(out)
