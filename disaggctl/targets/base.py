@@ -185,6 +185,22 @@ def emit_plan(ctx: OpsContext, saved: SavedPlan, out_file: str | None) -> None:
             ctx.console.print(f"Saved the plan to {out_file}; apply it with `disaggctl apply {out_file}`.")
 
 
+def finish_plan(
+    ctx: OpsContext,
+    saved: SavedPlan,
+    show: Callable[[], None],
+    out_file: str | None,
+    detailed_exitcode: bool,
+    failed: bool = False,
+) -> int:
+    """The end of every target's `plan`: the target's text view (`show`) or the JSON document, the
+    saved file, and the exit code."""
+    if ctx.output != "json":
+        show()
+    emit_plan(ctx, saved, out_file)
+    return plan_exit(saved, detailed_exitcode, failed)
+
+
 def plan_exit(saved: SavedPlan, detailed_exitcode: bool, failed: bool = False) -> int:
     """1 when the plan could not be made everywhere, 2 for changes with --detailed-exitcode, else 0."""
     if failed:

@@ -35,8 +35,7 @@ from disaggctl.targets.base import (
     SavedPlan,
     check_saved_plan,
     confirm,
-    emit_plan,
-    plan_exit,
+    finish_plan,
     plan_meta,
     select_processes,
 )
@@ -302,11 +301,8 @@ class LocalBackend:
 
     def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
         o = self._observe(ctx, render(ctx.desired, _target(ctx)))
-        if ctx.output != "json":
-            _print_plan(ctx, o.state_dir, o.actions, o.files)
-        saved = self._saved(ctx, o)
-        emit_plan(ctx, saved, out_file)
-        return plan_exit(saved, detailed_exitcode)
+        show = lambda: _print_plan(ctx, o.state_dir, o.actions, o.files)  # noqa: E731
+        return finish_plan(ctx, self._saved(ctx, o), show, out_file, detailed_exitcode)
 
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
         from disaggctl.targets.ui import Phases

@@ -29,8 +29,7 @@ from disaggctl.targets.base import (
     SavedPlan,
     check_saved_plan,
     confirm,
-    emit_plan,
-    plan_exit,
+    finish_plan,
     plan_meta,
     select_processes,
 )
@@ -219,11 +218,7 @@ class SlurmBackend:
     def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
         run = self._runner_factory(ctx.spec)
         p = self.plan_for(ctx, run)
-        if ctx.output != "json":
-            self._show(ctx, p, run)
-        saved = saved_plan(ctx, p)
-        emit_plan(ctx, saved, out_file)
-        return plan_exit(saved, detailed_exitcode)
+        return finish_plan(ctx, saved_plan(ctx, p), lambda: self._show(ctx, p, run), out_file, detailed_exitcode)
 
     def _show(self, ctx: OpsContext, p: PlanResult, run: Runner) -> None:
         for j in p.jobs:

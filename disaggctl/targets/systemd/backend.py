@@ -36,8 +36,7 @@ from disaggctl.targets.base import (
     SavedPlan,
     check_saved_plan,
     confirm,
-    emit_plan,
-    plan_exit,
+    finish_plan,
     plan_meta,
     select_processes,
 )
@@ -483,11 +482,9 @@ class SystemdBackend:
             observed = observe_all(hosts, c)
             plan = compute_plan(c, observed)
             diffs = plan_diffs(hosts, c, plan) if ctx.diff else None
-        if ctx.output != "json":
-            print_plan(ctx.console, plan, diffs)
-        saved = saved_plan(ctx, c, plan)
-        emit_plan(ctx, saved, out_file)
-        return plan_exit(saved, detailed_exitcode, failed=any(h.error for h in plan.hosts))
+        failed = any(h.error for h in plan.hosts)
+        show = lambda: print_plan(ctx.console, plan, diffs)  # noqa: E731
+        return finish_plan(ctx, saved_plan(ctx, c, plan), show, out_file, detailed_exitcode, failed)
 
     # ----- apply
 
