@@ -4,7 +4,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install test-deps lint bench clean-demo
+# The test order is shuffled (pytest-randomly) with a seed printed first: every module must pass
+# alone and in any order. Rerun one order with `make test SEED=1234`.
+ifndef SEED
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
+
+.PHONY: demo test install test-deps lint lint-only bench clean-demo
 
 install:
 	scripts/bootstrap.sh $(VENV)
@@ -16,10 +22,14 @@ demo: install
 	scripts/demo.sh
 
 test: install test-deps
+	$(MAKE) --no-print-directory lint-only
 	scripts/stop-test-infra.sh
-	$(PY) -m pytest -q tests
+	@echo "pytest-randomly seed $(SEED): rerun this order with make test SEED=$(SEED)"
+	$(PY) -m pytest -q -p randomly --randomly-seed=$(SEED) tests
 
-lint: install
+lint: install lint-only
+
+lint-only:
 	$(VENV)/bin/ruff check disaggctl tests bench
 	$(VENV)/bin/mypy disaggctl
 

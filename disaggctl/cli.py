@@ -35,13 +35,7 @@ def _root(
 
 
 for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"disaggctl.commands.{_name}")
-    except ModuleNotFoundError as _e:  # a command group not built yet
-        if _e.name != f"disaggctl.commands.{_name}":
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(f"disaggctl.commands.{_name}").register(app)
 
 
 def main() -> None:

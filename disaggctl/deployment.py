@@ -61,10 +61,6 @@ class Instance(Data):
     def url(self) -> str:
         return f"http://{_url_host(self.head.address)}:{self.http_port}"
 
-    @property
-    def gpu_count(self) -> int:
-        return sum(len(n.gpus) for n in self.nodes)
-
 
 class Placement(Data):
     name: str

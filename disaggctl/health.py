@@ -307,26 +307,43 @@ def run_canary(
     if completion_tokens <= 0 and not text:
         raise HealthError("canary", f"router answered with no tokens: {json.dumps(data)[:300]}")
 
-    deadline = clock() + settle_s
-    while True:
-        kv1, comp1, cache1 = _metrics(decode_metrics_urls, timeout_s)
-        kv, comp = kv1 - kv0, comp1 - comp0
-        # Settled once decode accounted for the whole prompt (loaded, computed or cached).
-        if prompt_tokens and kv + comp + (cache1 - cache0) >= prompt_tokens:
-            break
-        if clock() >= deadline:
-            break
-        sleep(0.2)
+    kv, comp = _settled(decode_metrics_urls, timeout_s, (kv0, comp0, cache0), prompt_tokens, clock() + settle_s,
+                        clock, sleep)  # fmt: skip
     result = CanaryResult(text, prompt_tokens, completion_tokens, latency, kv, comp, request_id)
     if require_kv_transfer:
-        if not result.kv_transferred:
-            raise HealthError(
-                "canary",
-                f"decode received no KV from prefill ({comp:g} of {prompt_tokens} prompt tokens computed on decode); "
-                "check the router's local-prefill threshold and the kv_transfer settings",
-            )
-        if result.recomputed:
-            raise HealthError(
-                "canary", f"decode recomputed the prompt: {comp:g} tokens computed locally, {kv:g} received"
-            )
+        _require_transfer(result)
     return result
+
+
+def _settled(
+    urls: list[str],
+    timeout_s: float,
+    before: tuple[float, float, float],
+    prompt_tokens: int,
+    deadline: float,
+    clock: Clock,
+    sleep: Sleep,
+) -> tuple[float, float]:
+    """(KV received, computed locally) since `before`, once decode accounted for the whole prompt
+    (loaded, computed or cached) or at the deadline."""
+    kv0, comp0, cache0 = before
+    while True:
+        kv1, comp1, cache1 = _metrics(urls, timeout_s)
+        kv, comp = kv1 - kv0, comp1 - comp0
+        if prompt_tokens and kv + comp + (cache1 - cache0) >= prompt_tokens:
+            return kv, comp
+        if clock() >= deadline:
+            return kv, comp
+        sleep(0.2)
+
+
+def _require_transfer(result: CanaryResult) -> None:
+    kv, comp, n = result.kv_tokens, result.computed_tokens, result.prompt_tokens
+    if not result.kv_transferred:
+        raise HealthError(
+            "canary",
+            f"decode received no KV from prefill ({comp:g} of {n} prompt tokens computed on decode); "
+            "check the router's local-prefill threshold and the kv_transfer settings",
+        )
+    if result.recomputed:
+        raise HealthError("canary", f"decode recomputed the prompt: {comp:g} tokens computed locally, {kv:g} received")

@@ -15,7 +15,6 @@ from disaggctl.spec import (
     NixlTransfer,
     Quantization,
     Role,
-    SlurmTarget,
 )
 
 BLACKWELL = {GpuType.B200, GpuType.B300, GpuType.GB200, GpuType.GB300}
@@ -170,8 +169,6 @@ def _router(spec: ClusterSpec, out: IssueList) -> None:
             f"router host {spec.router.host!r} is not a declared host",
             f"declared hosts: {', '.join(sorted(names))}",
         )
-    if spec.router.kind == "vllm-router" and isinstance(spec.target, SlurmTarget) is False:
-        pass
     if spec.router.metrics_port is not None and spec.router.metrics_port == spec.router.port:
         out.add(
             ("router", "metrics_port"),

@@ -19,7 +19,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -466,7 +466,3 @@ def run_on_hosts(
 def targets_for(spec: ClusterSpec, hosts: Iterable[str]) -> list[SshTarget]:
     return [target_for(spec, h) for h in hosts]
 
-
-def describe_errors(results: Mapping[str, HostResult[T]]) -> list[str]:
-    """One line per failed host, always naming the host."""
-    return [str(r.error) if isinstance(r.error, SshError) else f"{h}: {r.error}" for h, r in results.items() if r.error]

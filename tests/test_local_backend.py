@@ -22,7 +22,9 @@ from disaggctl.errors import DisaggError
 from disaggctl.loader import load_spec
 from disaggctl.render.local import Table, render, table
 from disaggctl.spec import LocalTarget
-from disaggctl.targets.local import Action, diff, preflight
+from disaggctl.targets.base import Action
+from disaggctl.targets.local.backend import diff, preflight
+from disaggctl.targets.status import StatusReport
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
@@ -156,14 +158,19 @@ def test_rendered_files_live_in_the_state_folder(tmp_path: Path) -> None:
 def test_diff_names_each_change_and_its_reason(tmp_path: Path) -> None:
     old, _ = _table(write_spec(tmp_path, "vllm", threshold=32))
     new_router, _ = _table(write_spec(tmp_path, "vllm", threshold=64))
-    assert diff(None, old, False) == [Action("create", n, "new process") for n in ("decode-0", "prefill-0", "router")]
-    assert {a.kind for a in diff(old, old, True)} == {"unchanged"}
-    assert {a.kind for a in diff(old, old, False)} == {"start"}
-    acts = {a.name: a for a in diff(old, new_router, True)}
-    assert acts["router"] == Action("update", "router", "config file changed")
-    assert acts["decode-0"].kind == "unchanged" and acts["prefill-0"].kind == "unchanged"
+    first = diff(None, old, False)
+    assert [(a.process, a.action, a.reason) for a in first] == [
+        (n, Action.CREATE, "new process") for n in ("decode-0", "prefill-0", "router")
+    ]
+    assert [a.start_order for a in first] == [0, 1, 2]  # per process, in start order: an executor can walk it
+    assert {a.action for a in diff(old, old, True)} == {Action.UNCHANGED}
+    assert {a.action for a in diff(old, old, False)} == {Action.RESTART}
+    acts = {a.process: a for a in diff(old, new_router, True)}
+    assert (acts["router"].action, acts["router"].reason) == (Action.UPDATE, "config file changed")
+    assert acts["decode-0"].action is Action.UNCHANGED and acts["prefill-0"].action is Action.UNCHANGED
     fewer = Table(**{**old.__dict__, "processes": old.processes[:2]})
-    assert diff(old, fewer, True)[-1] == Action("delete", "router", "no longer in the spec")
+    last = diff(old, fewer, True)[-1]
+    assert (last.process, last.action, last.reason) == ("router", Action.DELETE, "no longer in the spec")
 
 
 def test_preflight_refuses_a_missing_model_with_the_demo_model_hint(tmp_path: Path) -> None:
@@ -210,6 +217,7 @@ def test_apply_plan_status_update_destroy(tmp_path: Path, standin_vllm: str, cle
     assert r.returncode == 0 and "No changes." in r.stdout, r.stdout + r.stderr
     r = cli("status", str(spec), "--output", "json")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert StatusReport.model_validate_json(r.stdout).healthy  # the schema of docs/status.md
     rows = {p["name"]: p for p in json.loads(r.stdout)["processes"]}
     assert all(p["state"] == "running" and p["healthy"] for p in rows.values())
 
@@ -298,7 +306,7 @@ def test_reapply_starts_a_process_the_supervisor_gave_up_on(
         assert time.monotonic() < deadline, "decode-0 never marked failed"
         time.sleep(0.2)
     r = cli("plan", str(spec), "--detailed-exitcode")
-    assert r.returncode == 2 and "start     decode-0 (failed: start it again)" in r.stdout, r.stdout
+    assert r.returncode == 2 and "restart   decode-0 (failed: start it again)" in r.stdout, r.stdout
     r = cli("apply", str(spec), "-y")
     assert r.returncode == 0, r.stdout + r.stderr
     now = {n: int((state / "run" / f"{n}.pid").read_text()) for n in pids}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from disaggctl.render.local import ProcSpec, Table, paths
-from disaggctl.supervisor import pid_alive, read_state, supervisor_pid
+from disaggctl.targets.local.supervisor import pid_alive, read_state, supervisor_pid
 
 PY = sys.executable
 
@@ -79,7 +79,7 @@ def sup(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
 
     def start() -> subprocess.Popen[bytes]:
         p = subprocess.Popen(
-            [PY, "-m", "disaggctl.supervisor", str(state)],
+            [PY, "-m", "disaggctl.targets.local.supervisor", str(state)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -173,7 +173,9 @@ def test_second_supervisor_for_the_same_folder_is_refused(tmp_path: Path, sup: C
     state = tmp_path / "state"
     write_table(state, [proc(state, "decode-0", SLEEPER)])
     sup()
-    r = subprocess.run([PY, "-m", "disaggctl.supervisor", str(state)], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [PY, "-m", "disaggctl.targets.local.supervisor", str(state)], capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 1 and "already runs" in r.stderr
     data = json.loads(paths(str(state))["supervisor_state"].read_text())
     assert data["name"] == "t"

@@ -7,12 +7,12 @@ import io
 import pytest
 from rich.console import Console
 
-from disaggctl import slurm_cli as cli
 from disaggctl.compile import compile_spec
 from disaggctl.errors import DisaggError
 from disaggctl.loader import load_text
 from disaggctl.targets import OpsContext, get_backend
-from disaggctl.targets.slurm import Result, SlurmBackend
+from disaggctl.targets.slurm import cli
+from disaggctl.targets.slurm.backend import Result, SlurmBackend
 
 SPEC = """
 name: fake

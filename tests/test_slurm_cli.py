@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from disaggctl import slurm_cli as cli
 from disaggctl.render.slurm import grace_s, time_limit_s
-from disaggctl.targets.slurm import compute_plan
+from disaggctl.targets.slurm import cli
+from disaggctl.targets.slurm.backend import compute_plan
 
 # `scontrol show job -o 5` of a running het job (two components), recorded on the test cluster.
 SCONTROL_HET = (

@@ -24,13 +24,13 @@ import pytest
 import yaml
 from rich.console import Console
 
-from disaggctl import slurm_cli as cli
 from disaggctl.compile import compile_spec
 from disaggctl.errors import DisaggError
 from disaggctl.loader import load_text
 from disaggctl.render.slurm import render_slurm, script_of
 from disaggctl.targets import OpsContext
-from disaggctl.targets.slurm import LocalRunner, SlurmBackend, list_jobs, sbatch_test_only
+from disaggctl.targets.slurm import cli
+from disaggctl.targets.slurm.backend import LocalRunner, SlurmBackend, list_jobs, sbatch_test_only
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "tests" / "infra"
@@ -192,7 +192,7 @@ def test_apply_status_plan_destroy(slurm_ns: dict[str, str]) -> None:
         out.truncate(0)
         out.seek(0)
         assert backend.status(ctx) == 0
-        assert "health 200" in out.getvalue(), out.getvalue()
+        assert "health ok" in out.getvalue(), out.getvalue()
         assert backend.plan(ctx, None, detailed_exitcode=True) == 0
         assert backend.apply(ctx, None) == 0
         assert [j.job_id for j in list_jobs(LocalRunner(), f"disaggctl-{name}")] == [jobs[0].job_id]
@@ -449,7 +449,7 @@ def test_cli_apply_status_destroy(slurm_ns: dict[str, str], tmp_path: Path) -> N
         assert r.returncode == 0, r.stdout + r.stderr
         assert "Ready: job" in r.stdout + r.stderr
         r = run("status", str(spec))
-        assert r.returncode == 0 and "health 200" in r.stdout, r.stdout + r.stderr
+        assert r.returncode == 0 and "health ok" in r.stdout, r.stdout + r.stderr
         r = run("plan", str(spec), "--detailed-exitcode")
         assert r.returncode == 0 and "No changes" in r.stdout, r.stdout + r.stderr
         # without -y and without a terminal, destroy refuses to cancel

@@ -2,8 +2,9 @@
 
 The processes are real: the stdlib stand-in engine (tests/support/standin_engine.py) behind a
 `vllm` wrapper script on each host, and the builtin router from the repository's venv (bind-
-mounted read-only into the containers by tests/infra/systemd_hosts.sh). Tests run in order and
-share one deployment; each leaves the hosts converged for the next.
+mounted read-only into the containers by tests/infra/systemd_hosts.sh). The tests share the two
+hosts but not an order: each starts from the state it needs (`clean` hosts, or `env.converge()`
+to a spec; a converge of an already converged deployment is one no-op plan per host).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from disaggctl.compile import compile_spec
 from disaggctl.loader import load_text
 from disaggctl.ssh import Connection, SshTarget, connect
 from disaggctl.targets import OpsContext
-from disaggctl.targets.systemd import PUSH_SCRIPT, SystemdBackend
+from disaggctl.targets.base import StalePlan
+from disaggctl.targets.systemd.backend import PUSH_SCRIPT, SystemdBackend
 from tests.plugins.infra import TestHosts
 
 pytestmark = pytest.mark.infra
@@ -109,6 +111,22 @@ class Env:
     def show(self, host: str, unit: str, prop: str) -> str:
         return self.sh(host, "systemctl", "show", "--value", f"--property={prop}", unit).strip()
 
+    def wipe(self) -> None:
+        """Nothing of the deployment on either host (what a first apply finds)."""
+        for h in ("s1", "s2"):
+            self.sh(
+                h,
+                "sh",
+                "-c",
+                "systemctl stop 'disaggctl-sysd*' 2>/dev/null; rm -rf /etc/disaggctl/sysd "
+                "/var/lib/disaggctl/sysd /etc/systemd/system/disaggctl-sysd*; systemctl daemon-reload",
+            )
+
+    def converge(self, **kw: Any) -> None:
+        """The deployment of spec_text(**kw) is running (applied now unless it already was)."""
+        rc = self.backend.apply(self.ctx(**kw), None)
+        assert rc == 0, self.text
+
 
 @pytest.fixture(scope="module")
 def env(
@@ -120,19 +138,24 @@ def env(
         with e.conn(h) as c:
             c.run(["mkdir", "-p", "/opt/standin"])
             c.put("/opt/standin/vllm", WRAPPER.encode(), 0o755)
-            # leftovers of an earlier session (the containers' /etc is a tmpfs overlay, but be sure)
-            c.run(
-                [
-                    "sh",
-                    "-c",
-                    "systemctl stop 'disaggctl-sysd*' 2>/dev/null; rm -rf /etc/disaggctl/sysd "
-                    "/var/lib/disaggctl/sysd /etc/systemd/system/disaggctl-sysd*; systemctl daemon-reload",
-                ]
-            )
+    e.wipe()  # leftovers of an earlier session (the containers' /etc is a tmpfs overlay, but be sure)
     mp = pytest.MonkeyPatch()
     mp.setenv("DCTL_TEST_TOKEN", 'tok "$1" %n')
     yield e
     mp.undo()
+
+
+@pytest.fixture
+def clean(env: Env) -> Env:
+    env.wipe()
+    return env
+
+
+@pytest.fixture
+def deployed(env: Env) -> Env:
+    """The default spec deployed and converged."""
+    env.converge()
+    return env
 
 
 UNITS = {
@@ -145,18 +168,22 @@ def _pids(env: Env) -> dict[str, str]:
     return {u: env.show(h, u, "MainPID") for h, us in UNITS.items() for u in us}
 
 
-def test_01_plan_shows_creates_with_detailed_exitcode(env: Env) -> None:
+def test_01_plan_shows_creates_with_detailed_exitcode(clean: Env) -> None:
+    env = clean
     ctx = env.ctx()
     saved = env.tmp / "first.json"
     assert env.backend.plan(ctx, str(saved), detailed_exitcode=True) == 2
     assert "+ create    /etc/systemd/system/disaggctl-sysd-decode-1.service" in env.text
     assert "secret, content hidden" in env.text and "tok" not in env.text
     plan = json.loads(saved.read_text())
-    assert plan["spec_file"].endswith("spec.yaml") and {h["host"] for h in plan["hosts"]} == {"s1", "s2"}
+    assert plan["format"] == "disaggctl-plan" and plan["meta"]["spec_file"].endswith("spec.yaml")
+    assert {h["host"] for h in plan["target"]["hosts"]} == {"s1", "s2"}
+    assert [a["process"] for a in plan["actions"]][:2] == ["decode-0", "decode-1"]  # per process, start order
     assert "tok" not in saved.read_text()  # secrets never land in a saved plan
 
 
-def test_02_apply_starts_everything_and_passes_the_canary(env: Env) -> None:
+def test_02_apply_starts_everything_and_passes_the_canary(clean: Env) -> None:
+    env = clean
     rc = env.backend.apply(env.ctx(), None)
     assert rc == 0, env.text
     assert "canary:" in env.text and "Apply complete" in env.text
@@ -177,7 +204,8 @@ def test_02_apply_starts_everything_and_passes_the_canary(env: Env) -> None:
     assert "/etc/disaggctl/sysd/secrets.env" in manifest["files"]
 
 
-def test_03_second_apply_reports_no_changes_and_touches_nothing(env: Env) -> None:
+def test_03_second_apply_reports_no_changes_and_touches_nothing(deployed: Env) -> None:
+    env = deployed
     before = _pids(env)
     mtime = env.sh("s1", "stat", "-c", "%Y.%N", "/var/lib/disaggctl/sysd/manifest.json")
     assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 0
@@ -188,7 +216,8 @@ def test_03_second_apply_reports_no_changes_and_touches_nothing(env: Env) -> Non
     assert env.backend.status(env.ctx()) == 0, env.text
 
 
-def test_04_hand_edit_is_drift_and_reapply_restarts_only_the_router(env: Env) -> None:
+def test_04_hand_edit_is_drift_and_reapply_restarts_only_the_router(deployed: Env) -> None:
+    env = deployed
     env.sh("s1", "sh", "-c", 'sed -i \'s/"retries": 1/"retries": 3/\' /etc/disaggctl/sysd/router.json')
     assert env.backend.status(env.ctx()) == 1
     assert "/etc/disaggctl/sysd/router.json edited by hand" in env.text
@@ -204,7 +233,8 @@ def test_04_hand_edit_is_drift_and_reapply_restarts_only_the_router(env: Env) ->
     assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 0
 
 
-def test_05_stopped_unit_is_drift_and_reapply_starts_it(env: Env) -> None:
+def test_05_stopped_unit_is_drift_and_reapply_starts_it(deployed: Env) -> None:
+    env = deployed
     env.sh("s2", "systemctl", "stop", "disaggctl-sysd-decode-1.service")
     assert env.backend.status(env.ctx()) == 1 and "unit inactive" in env.text
     assert env.backend.apply(env.ctx(), None) == 0, env.text
@@ -212,22 +242,26 @@ def test_05_stopped_unit_is_drift_and_reapply_starts_it(env: Env) -> None:
     assert env.show("s2", "disaggctl-sysd-decode-1.service", "ActiveState") == "active"
 
 
-def test_06_saved_plan_is_refused_when_a_host_changed(env: Env) -> None:
+def test_06_saved_plan_is_refused_when_a_host_changed(deployed: Env) -> None:
+    env = deployed
     saved = env.tmp / "plan.json"
     assert env.backend.plan(env.ctx(rto=300), str(saved), detailed_exitcode=True) == 2
     env.sh("s1", "sh", "-c", "echo '# hand edit' >> /etc/systemd/system/disaggctl-sysd-decode-0.service")
-    assert env.backend.apply(env.ctx(rto=300), str(saved)) == 1
-    assert "stale" in env.text and "s1: /etc/systemd/system/disaggctl-sysd-decode-0.service changed" in env.text
+    with pytest.raises(StalePlan, match="stale") as stale:
+        env.backend.apply(env.ctx(rto=300), str(saved))
+    assert "s1: /etc/systemd/system/disaggctl-sysd-decode-0.service changed" in str(stale.value)
     # a fresh plan applies and converges (the hand edit is overwritten)
     assert env.backend.plan(env.ctx(rto=300), str(saved), detailed_exitcode=True) == 2
     assert env.backend.apply(env.ctx(rto=300), str(saved)) == 0, env.text
     assert "# hand edit" not in env.sh("s1", "cat", "/etc/systemd/system/disaggctl-sysd-decode-0.service")
     # and a plan saved for one spec is refused for another
     assert env.backend.plan(env.ctx(rto=300), str(saved), detailed_exitcode=True) == 0
-    assert env.backend.apply(env.ctx(rto=200), str(saved)) == 1 and "renders differently" in env.text
+    with pytest.raises(StalePlan, match="renders differently"):
+        env.backend.apply(env.ctx(rto=200), str(saved))
 
 
-def test_07_unit_that_fails_to_start_names_host_unit_and_journal(env: Env) -> None:
+def test_07_unit_that_fails_to_start_names_host_unit_and_journal(deployed: Env) -> None:
+    env = deployed
     ctx = env.ctx(rto=200, decode_extra=", env: {FAIL_START: '1'}")
     assert env.backend.apply(ctx, None) == 1
     text = env.text
@@ -240,7 +274,8 @@ def test_07_unit_that_fails_to_start_names_host_unit_and_journal(env: Env) -> No
     assert env.backend.plan(env.ctx(rto=200), None, detailed_exitcode=True) == 0
 
 
-def test_08_health_that_never_passes_times_out_naming_the_instance(env: Env) -> None:
+def test_08_health_that_never_passes_times_out_naming_the_instance(deployed: Env) -> None:
+    env = deployed
     ctx = env.ctx(rto=200, startup=3, prefill_extra=", env: {STANDIN_FAIL_HEALTH: '1'}")
     assert env.backend.apply(ctx, None) == 1
     assert "s1: disaggctl-sysd-prefill-0.service: not healthy" in env.text
@@ -285,7 +320,8 @@ class _CutAfterFiles:
 GEN2 = ", env: {GEN: '2'}"  # changes both decode units (s1 and s2)
 
 
-def test_09_host_unreachable_mid_apply(env: Env) -> None:
+def test_09_host_unreachable_mid_apply(deployed: Env) -> None:
+    env = deployed
     backend = SystemdBackend()
     backend.connector = _CutAfterFiles(env.hosts)  # type: ignore[assignment]
     try:
@@ -304,6 +340,7 @@ def test_09_host_unreachable_mid_apply(env: Env) -> None:
 
 
 def test_09b_an_unreachable_host_the_spec_does_not_use_is_skipped(env: Env) -> None:
+    env.converge(rto=100, decode_extra=GEN2 + ", hosts: {names: [s1, s2]}")
     down = "  - {name: s9, address: 127.0.0.1, gpus: 2, ssh: {port: 1, connect_timeout_s: 1}}\n"
     ctx = env.ctx(rto=100, decode_extra=GEN2 + ", hosts: {names: [s1, s2]}", extra_hosts=down)
     assert {p.host for p in ctx.desired.processes} == {"s1", "s2"}
@@ -312,14 +349,16 @@ def test_09b_an_unreachable_host_the_spec_does_not_use_is_skipped(env: Env) -> N
     assert "No changes." in env.text
 
 
-def test_10_logs_show_the_journal_per_host(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+def test_10_logs_show_the_journal_per_host(deployed: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    env = deployed
     assert env.backend.logs(env.ctx(rto=100), "decode", None, False, 20) == 0
     out = capsys.readouterr().out
     assert any(line.startswith("s1: ") for line in out.splitlines())
     assert any(line.startswith("s2: ") for line in out.splitlines())
 
 
-def test_11_scale_down_deletes_what_the_spec_dropped(env: Env) -> None:
+def test_11_scale_down_deletes_what_the_spec_dropped(deployed: Env) -> None:
+    env = deployed
     ctx = env.ctx(rto=100, dreps=1)
     assert [p.host for p in ctx.desired.processes if p.role.value == "decode"] == ["s1"]
     assert env.backend.plan(ctx, None, detailed_exitcode=True) == 2
@@ -330,7 +369,8 @@ def test_11_scale_down_deletes_what_the_spec_dropped(env: Env) -> None:
     assert "manifest.json" not in env.sh("s2", "ls", "/var/lib/disaggctl/sysd")
 
 
-def test_12_destroy_removes_exactly_what_the_manifest_owns(env: Env) -> None:
+def test_12_destroy_removes_exactly_what_the_manifest_owns(deployed: Env) -> None:
+    env = deployed
     env.sh("s1", "touch", "/etc/disaggctl/sysd/not-ours.txt")
     assert env.backend.destroy(env.ctx(rto=100, dreps=1)) == 0, env.text
     assert env.sh("s1", "ls", "/etc/disaggctl/sysd").split() == ["not-ours.txt"]

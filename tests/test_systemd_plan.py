@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import base64
 
-from disaggctl.changes import Action, FileFact, Observed, UnitFact, make_plan, parse_observe, stale_reasons
 from disaggctl.deployment import DesiredState, Rendered
-from disaggctl.manifest import OwnedFile, build_manifest, spec_hash
 from disaggctl.render.systemd import render_systemd
+from disaggctl.targets.base import Action
+from disaggctl.targets.systemd.changes import (
+    FileFact,
+    Observed,
+    UnitFact,
+    make_plan,
+    parse_observe,
+    stale_reasons,
+)
+from disaggctl.targets.systemd.manifest import OwnedFile, build_manifest, spec_hash
 from tests.test_systemd_render import _state
 
 UNIT_DIR = "/etc/systemd/system/"

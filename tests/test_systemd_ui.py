@@ -7,8 +7,10 @@ import io
 import pytest
 from rich.console import Console
 
-from disaggctl.changes import Action, FileChange, HostPlan, Plan, UnitChange
-from disaggctl.ui import Phases, print_plan
+from disaggctl.targets.base import Action
+from disaggctl.targets.systemd.changes import FileChange, HostPlan, Plan, UnitChange
+from disaggctl.targets.systemd.ui import print_plan
+from disaggctl.targets.ui import Phases
 
 
 def _console(terminal: bool = False) -> tuple[Console, io.StringIO]:

@@ -22,7 +22,7 @@ from disaggctl.deployment import ConfigFile, DesiredState, Placement, Process  #
 from disaggctl.loader import load_text  # noqa: E402
 from disaggctl.spec import Role  # noqa: E402
 from disaggctl.targets import OpsContext  # noqa: E402
-from disaggctl.targets.systemd import SystemdBackend  # noqa: E402
+from disaggctl.targets.systemd.backend import SystemdBackend  # noqa: E402
 
 hosts = [tuple(h) for h in json.loads(Path(sys.argv[1]).read_text())]
 base = Path(sys.argv[2])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,18 +78,6 @@ def _backend(ctx: OpsContext) -> Backend:
     return get_backend(ctx.spec.target.kind)
 
 
-def _read_plan(path: Path) -> dict[str, Any]:
-    from disaggctl.errors import DisaggError
-
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DisaggError(f"cannot read plan file {path}: {e}") from None
-    if not isinstance(data, dict) or "spec_file" not in data:
-        raise DisaggError(f"{path} is not a saved plan (no spec_file); create one with `disaggctl plan SPEC -o FILE`")
-    return data
-
-
 def plan_json(desired: DesiredState) -> dict[str, Any]:
     """The machine-readable plan: every process with host, role, argv (a list) and env."""
     return {
@@ -156,131 +145,139 @@ def print_plan_table(desired: DesiredState, show_commands: bool = True) -> None:
             )
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def validate(
-        spec: Path = SPEC,
-        profile: list[str] = PROFILE,
-        topology: Path | None = TOPOLOGY,
-        allow_degraded: bool = DEGRADED,
-    ) -> None:
-        """Check a spec (schema, cross-field rules and placement). Exit 2 with file:line:col on errors."""
+def validate(
+    spec: Path = SPEC,
+    profile: list[str] = PROFILE,
+    topology: Path | None = TOPOLOGY,
+    allow_degraded: bool = DEGRADED,
+) -> None:
+    """Check a spec (schema, cross-field rules and placement). Exit 2 with file:line:col on errors."""
+    loaded = _load(spec, profile)
+    desired = _compile(loaded, _topology(topology), allow_degraded)
+    for w in desired.placement.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(f"{spec}: OK ({len(desired.placement.instances)} instances, {len(desired.processes)} processes)")
+
+
+def schema(
+    markdown: bool = typer.Option(False, "--markdown", help="Print the spec reference (docs/spec-reference.md)."),
+) -> None:
+    """Print the JSON Schema of the cluster spec (for editors), or the Markdown reference."""
+    from disaggctl.docgen import spec_json_schema, spec_reference_markdown
+
+    if markdown:
+        sys.stdout.write(spec_reference_markdown())
+    else:
+        sys.stdout.write(json.dumps(spec_json_schema(), indent=2) + "\n")
+
+
+def render(
+    spec: Path = SPEC,
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: one subfolder per host."),
+    profile: list[str] = PROFILE,
+    topology: Path | None = TOPOLOGY,
+    allow_degraded: bool = DEGRADED,
+) -> None:
+    """Write every artifact (units, batch scripts, LMCache YAML, router config) per host."""
+    from disaggctl.render import render as do_render
+    from disaggctl.render.output import write_rendered
+
+    loaded = _load(spec, profile)
+    desired = _compile(loaded, _topology(topology), allow_degraded)
+    secrets = {k: os.environ.get(k, "") for k in getattr(loaded.spec.target, "secrets", [])}
+    rendered = do_render(desired, loaded.spec, secrets)
+    written = write_rendered(rendered, out)
+    typer.echo(f"wrote {len(written)} files under {out}")
+
+
+def plan(
+    spec: Path = SPEC,
+    profile: list[str] = PROFILE,
+    topology: Path | None = TOPOLOGY,
+    allow_degraded: bool = DEGRADED,
+    offline: bool = typer.Option(False, "--offline", help="Do not contact hosts: show what would run."),
+    output: str = typer.Option("text", "--output", help="text or json."),
+    diff: bool = typer.Option(False, "--diff", help="Show unified diffs of changed files."),
+    out_file: str | None = typer.Option(None, "--out", "-o", help="Save the plan to apply it later."),
+    detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode", help="Exit 2 when there are changes."),
+) -> None:
+    """Show what would run and (unless --offline) what would change on the hosts."""
+    if offline:
         loaded = _load(spec, profile)
         desired = _compile(loaded, _topology(topology), allow_degraded)
-        for w in desired.placement.warnings:
-            typer.echo(f"warning: {w}", err=True)
-        typer.echo(f"{spec}: OK ({len(desired.placement.instances)} instances, {len(desired.processes)} processes)")
-
-    @app.command()
-    def schema(
-        markdown: bool = typer.Option(False, "--markdown", help="Print the spec reference (docs/spec-reference.md)."),
-    ) -> None:
-        """Print the JSON Schema of the cluster spec (for editors), or the Markdown reference."""
-        from disaggctl.docgen import spec_json_schema, spec_reference_markdown
-
-        if markdown:
-            sys.stdout.write(spec_reference_markdown())
+        if output == "json":
+            sys.stdout.write(json.dumps(plan_json(desired), indent=2) + "\n")
         else:
-            sys.stdout.write(json.dumps(spec_json_schema(), indent=2) + "\n")
+            print_plan_table(desired)
+        return
+    ctx = _context(spec, profile, topology, allow_degraded, output=output, diff=diff)
+    raise typer.Exit(_backend(ctx).plan(ctx, out_file, detailed_exitcode))
 
-    @app.command()
-    def render(
-        spec: Path = SPEC,
-        out: Path = typer.Option(..., "--out", "-o", help="Output folder: one subfolder per host."),
-        profile: list[str] = PROFILE,
-        topology: Path | None = TOPOLOGY,
-        allow_degraded: bool = DEGRADED,
-    ) -> None:
-        """Write every artifact (units, batch scripts, LMCache YAML, router config) per host."""
-        from disaggctl.render import render as do_render
-        from disaggctl.render.output import write_rendered
 
-        loaded = _load(spec, profile)
-        desired = _compile(loaded, _topology(topology), allow_degraded)
-        secrets = {k: os.environ.get(k, "") for k in getattr(loaded.spec.target, "secrets", [])}
-        rendered = do_render(desired, loaded.spec, secrets)
-        written = write_rendered(rendered, out)
-        typer.echo(f"wrote {len(written)} files under {out}")
+def apply(
+    spec: Path = typer.Argument(..., help="The cluster spec, or a plan saved with `plan -o plan.json`."),
+    plan_file: str | None = typer.Option(None, "--plan", help="Apply exactly this saved plan (plan -o FILE)."),
+    profile: list[str] = PROFILE,
+    topology: Path | None = TOPOLOGY,
+    allow_degraded: bool = DEGRADED,
+    yes: bool = YES,
+) -> None:
+    """Push files, start decode, prefill and router, and wait until a request flows end to end."""
+    if spec.suffix == ".json":  # `apply plan.json`: the plan names its spec, profiles and topology
+        from disaggctl.targets.base import read_saved_plan
 
-    @app.command()
-    def plan(
-        spec: Path = SPEC,
-        profile: list[str] = PROFILE,
-        topology: Path | None = TOPOLOGY,
-        allow_degraded: bool = DEGRADED,
-        offline: bool = typer.Option(False, "--offline", help="Do not contact hosts: show what would run."),
-        output: str = typer.Option("text", "--output", help="text or json."),
-        diff: bool = typer.Option(False, "--diff", help="Show unified diffs of changed files."),
-        out_file: str | None = typer.Option(None, "--out", "-o", help="Save the plan to apply it later."),
-        detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode", help="Exit 2 when there are changes."),
-    ) -> None:
-        """Show what would run and (unless --offline) what would change on the hosts."""
-        if offline:
-            loaded = _load(spec, profile)
-            desired = _compile(loaded, _topology(topology), allow_degraded)
-            if output == "json":
-                sys.stdout.write(json.dumps(plan_json(desired), indent=2) + "\n")
-            else:
-                print_plan_table(desired)
-            return
-        ctx = _context(spec, profile, topology, allow_degraded, output=output, diff=diff)
-        raise typer.Exit(_backend(ctx).plan(ctx, out_file, detailed_exitcode))
+        plan_file = str(spec)
+        meta = read_saved_plan(spec).meta
+        spec = Path(meta.spec_file)
+        profile = list(meta.profiles) or profile
+        topology = Path(meta.topology_file) if meta.topology_file else topology
 
-    @app.command()
-    def apply(
-        spec: Path = typer.Argument(..., help="The cluster spec, or a plan saved with `plan -o plan.json`."),
-        plan_file: str | None = typer.Option(None, "--plan", help="Apply exactly this saved plan (plan -o FILE)."),
-        profile: list[str] = PROFILE,
-        topology: Path | None = TOPOLOGY,
-        allow_degraded: bool = DEGRADED,
-        yes: bool = YES,
-    ) -> None:
-        """Push files, start decode, prefill and router, and wait until a request flows end to end."""
-        if spec.suffix == ".json":  # `apply plan.json`: the plan names its spec, profiles and topology
-            plan_file = str(spec)
-            saved = _read_plan(spec)
-            spec = Path(saved["spec_file"])
-            profile = list(saved.get("profiles", [])) or profile
-            topology = Path(saved["topology_file"]) if saved.get("topology_file") else topology
+    ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
+    raise typer.Exit(_backend(ctx).apply(ctx, plan_file))
 
-        ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
-        raise typer.Exit(_backend(ctx).apply(ctx, plan_file))
 
-    @app.command()
-    def status(
-        spec: Path = SPEC,
-        profile: list[str] = PROFILE,
-        topology: Path | None = TOPOLOGY,
-        allow_degraded: bool = DEGRADED,
-        output: str = typer.Option("text", "--output", help="text or json."),
-    ) -> None:
-        """Show each instance's state, health, GPUs, ports and drift from the spec."""
-        ctx = _context(spec, profile, topology, allow_degraded, output=output)
-        raise typer.Exit(_backend(ctx).status(ctx))
+def status(
+    spec: Path = SPEC,
+    profile: list[str] = PROFILE,
+    topology: Path | None = TOPOLOGY,
+    allow_degraded: bool = DEGRADED,
+    output: str = typer.Option("text", "--output", help="text or json."),
+) -> None:
+    """Show each instance's state, health, GPUs, ports and drift from the spec."""
+    ctx = _context(spec, profile, topology, allow_degraded, output=output)
+    raise typer.Exit(_backend(ctx).status(ctx))
 
-    @app.command()
-    def destroy(
-        spec: Path = SPEC,
-        profile: list[str] = PROFILE,
-        topology: Path | None = TOPOLOGY,
-        allow_degraded: bool = DEGRADED,
-        yes: bool = YES,
-    ) -> None:
-        """Stop and remove exactly what disaggctl owns for this deployment."""
-        ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
-        raise typer.Exit(_backend(ctx).destroy(ctx))
 
-    @app.command()
-    def logs(
-        spec: Path = SPEC,
-        role: str | None = typer.Option(None, "--role", help="prefill, decode or router."),
-        instance: int | None = typer.Option(None, "--instance", help="Instance number within the role."),
-        follow: bool = typer.Option(False, "--follow", "-f", help="Keep following."),
-        lines: int = typer.Option(100, "--lines", "-n", help="Lines of history."),
-        profile: list[str] = PROFILE,
-        topology: Path | None = TOPOLOGY,
-        allow_degraded: bool = DEGRADED,
-    ) -> None:
-        """Show (or follow) the logs of the deployment's processes."""
-        ctx = _context(spec, profile, topology, allow_degraded)
-        raise typer.Exit(_backend(ctx).logs(ctx, role, instance, follow, lines))
+def destroy(
+    spec: Path = SPEC,
+    profile: list[str] = PROFILE,
+    topology: Path | None = TOPOLOGY,
+    allow_degraded: bool = DEGRADED,
+    yes: bool = YES,
+) -> None:
+    """Stop and remove exactly what disaggctl owns for this deployment."""
+    ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
+    raise typer.Exit(_backend(ctx).destroy(ctx))
+
+
+def logs(
+    spec: Path = SPEC,
+    role: str | None = typer.Option(None, "--role", help="prefill, decode or router."),
+    instance: int | None = typer.Option(None, "--instance", help="Instance number within the role."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep following."),
+    lines: int = typer.Option(100, "--lines", "-n", help="Lines of history."),
+    profile: list[str] = PROFILE,
+    topology: Path | None = TOPOLOGY,
+    allow_degraded: bool = DEGRADED,
+) -> None:
+    """Show (or follow) the logs of the deployment's processes."""
+    ctx = _context(spec, profile, topology, allow_degraded)
+    raise typer.Exit(_backend(ctx).logs(ctx, role, instance, follow, lines))
+
+
+COMMANDS: list[Callable[..., None]] = [validate, schema, render, plan, apply, status, destroy, logs]
+
+
+def register(app: typer.Typer) -> None:
+    for command in COMMANDS:
+        app.command()(command)

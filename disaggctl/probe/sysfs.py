@@ -27,18 +27,6 @@ def read(path: str) -> str | None:
         return None
 
 
-def parse_cpulist(text: str) -> list[int]:
-    """"0-3,8,10-11" -> [0, 1, 2, 3, 8, 10, 11]."""
-    cpus: list[int] = []
-    for part in text.strip().split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        cpus.extend(range(int(lo), int(hi or lo) + 1))
-    return cpus
-
-
 def format_cpulist(cpus: list[int]) -> str:
     """[0, 1, 2, 3, 8] -> "0-3,8" (the kernel's cpulist format)."""
     out: list[str] = []

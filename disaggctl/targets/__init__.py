@@ -1,8 +1,18 @@
 """Targets run a compiled deployment: systemd hosts over SSH, a Slurm cluster, or this machine.
 
-Each target module exposes `backend() -> Backend`. The CLI loads the spec, compiles it and
-hands an `OpsContext` to the backend of `spec.target.kind`; everything target-specific
-(observing hosts, diffing, starting, health) happens behind this seam.
+Each target subpackage (`systemd/`, `slurm/`, `local/`) has a `backend` module exposing
+`backend() -> Backend`. The CLI loads the spec, compiles it and hands an `OpsContext` to the
+backend of `spec.target.kind`. What every target shares lives once, next to this protocol:
+
+    base     the closed set of plan actions (one per process), the one saved-plan format,
+             the one confirmation, stale-plan checks
+    gate     the one health gate: /health of each start phase, the router sees its upstreams,
+             the canary (same inputs for every connector); HTTP transport injectable
+    status   the one status report (docs/status.md)
+    ui       apply progress (Phases)
+
+A target says only how it reaches its hosts (SSH, sbatch/squeue, this machine) and what a unit
+is (a systemd service, a het-job component, a row of the supervisor's process table).
 """
 
 from __future__ import annotations
@@ -53,9 +63,9 @@ class Backend(Protocol):
 
 
 _MODULES = {
-    "systemd": "disaggctl.targets.systemd",
-    "slurm": "disaggctl.targets.slurm",
-    "local": "disaggctl.targets.local",
+    "systemd": "disaggctl.targets.systemd.backend",
+    "slurm": "disaggctl.targets.slurm.backend",
+    "local": "disaggctl.targets.local.backend",
 }
 
 

@@ -187,6 +187,10 @@ class VllmPair:
             )
         self.kind = kind
 
+    def ensure_any(self) -> None:
+        """The pair runs with whichever connector it has (NIXL when nothing runs)."""
+        self.ensure(self.kind if self.kind in ("nixl", "shared-storage") else "nixl")
+
     def pid(self, name: str) -> int:
         return int((self.state_dir / "run" / f"{name}.pid").read_text())
 

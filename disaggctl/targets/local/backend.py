@@ -8,6 +8,7 @@ SIGHUP it: only changed processes restart) -> wait for every /health -> canary t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -16,30 +17,36 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Set
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping, Set
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from disaggctl.deployment import DesiredState, Rendered
 from disaggctl.errors import DisaggError
-from disaggctl.health import HealthError, HealthProgress, run_canary, wait_healthy
+from disaggctl.health import HealthError, HealthProgress
 from disaggctl.render.local import ProcSpec, Table, paths, render, table
 from disaggctl.spec import LocalTarget
-from disaggctl.supervisor import kill_group, pid_alive, read_state, supervisor_pid, write_atomic
 from disaggctl.targets import OpsContext
+from disaggctl.targets.base import (
+    Action,
+    ProcessAction,
+    SavedPlan,
+    check_saved_plan,
+    confirm,
+    finish_plan,
+    plan_meta,
+    select_processes,
+)
+from disaggctl.targets.local.supervisor import kill_group, pid_alive, read_state, supervisor_pid, write_atomic
+from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit
+
+if TYPE_CHECKING:
+    from disaggctl.targets.ui import Phases
 
 SUPERVISOR_START_S = 15.0
 LOG_TAIL = 25
-
-
-@dataclass(frozen=True)
-class Action:
-    """One line of the plan: what happens to a process and why."""
-
-    kind: str  # create | update | start | delete | unchanged
-    name: str
-    reason: str = ""
 
 
 def _target(ctx: OpsContext) -> LocalTarget:
@@ -66,51 +73,61 @@ def _why(old: ProcSpec, new: ProcSpec) -> str:
     return ", ".join(names.get(f, f) for f in changed) + " changed"
 
 
-def diff(old: Table | None, new: Table, running: bool, failed: Set[str] = frozenset()) -> list[Action]:
-    """Pure: the actions that take the deployed table `old` to `new`."""
-    actions: list[Action] = []
+def diff(old: Table | None, new: Table, running: bool, failed: Set[str] = frozenset()) -> list[ProcessAction]:
+    """Pure: the actions that take the deployed table `old` to `new`, one per process."""
+    actions: list[ProcessAction] = []
     before = {p.name: p for p in old.processes} if old else {}
     for p in new.processes:
         o = before.get(p.name)
+        act, why = Action.UNCHANGED, ""
         if o is None:
-            actions.append(Action("create", p.name, "new process"))
+            act, why = Action.CREATE, "new process"
         elif o != p:
-            actions.append(Action("update", p.name, _why(o, p)))
+            act, why = Action.UPDATE, _why(o, p)
         elif not running:
-            actions.append(Action("start", p.name, "supervisor not running"))
+            act, why = Action.RESTART, "supervisor not running"
         elif p.name in failed:
-            actions.append(Action("start", p.name, "failed: start it again"))
-        else:
-            actions.append(Action("unchanged", p.name))
+            act, why = Action.RESTART, "failed: start it again"
+        actions.append(_action(p, act, why))
     names = {p.name for p in new.processes}
-    for name in before:
+    for name, o in before.items():
         if name not in names:
-            actions.append(Action("delete", name, "no longer in the spec"))
+            actions.append(_action(o, Action.DELETE, "no longer in the spec"))
     if old is not None and (old.restart_on_crash, old.max_restarts) != (new.restart_on_crash, new.max_restarts):
         # the supervisor reads its policy at start: restart it as a whole
-        actions = [Action("update", a.name, "restart policy changed") if a.kind == "unchanged" else a for a in actions]
+        actions = [
+            a.model_copy(update={"action": Action.UPDATE, "reason": "restart policy changed"})
+            if a.action is Action.UNCHANGED
+            else a
+            for a in actions
+        ]
     return actions
 
 
-def _changes(actions: list[Action]) -> bool:
-    return any(a.kind != "unchanged" for a in actions)
+def _action(p: ProcSpec, action: Action, reason: str) -> ProcessAction:
+    return ProcessAction(process=p.name, action=action, reason=reason, role=p.role, instance=p.instance,
+                         host="localhost", start_order=p.start_order)  # fmt: skip
+
+
+def _changes(actions: list[ProcessAction]) -> bool:
+    return any(a.action is not Action.UNCHANGED for a in actions)
 
 
 # --------------------------------------------------------------------------- output
 
 
-_STYLE = {"create": "green", "update": "yellow", "start": "cyan", "delete": "red", "unchanged": "dim"}
+_STYLE = {"create": "green", "update": "yellow", "restart": "cyan", "delete": "red", "unchanged": "dim"}
 
 
-def _print_plan(ctx: OpsContext, state_dir: str, actions: list[Action], files_changed: list[str]) -> None:
+def _print_plan(ctx: OpsContext, state_dir: str, actions: list[ProcessAction], files_changed: list[str]) -> None:
     c = ctx.console
     c.print(f"[bold]local[/bold] {ctx.desired.name}: state in {state_dir}")
     for a in actions:
         reason = f" ({a.reason})" if a.reason else ""
-        c.print(f"  [{_STYLE[a.kind]}]{a.kind:<9}[/] {a.name}{reason}")
+        c.print(f"  [{_STYLE[a.action.value]}]{a.action.value:<9}[/] {a.process}{reason}")
     for f in files_changed:
         c.print(f"  [yellow]write[/]     {f}")
-    n = sum(1 for a in actions if a.kind != "unchanged")
+    n = sum(1 for a in actions if a.action is not Action.UNCHANGED)
     c.print("No changes." if not n and not files_changed else f"{n} process change(s), {len(files_changed)} file(s).")
 
 
@@ -175,7 +192,7 @@ def start_supervisor(state_dir: str) -> int:
     pth["logs"].mkdir(parents=True, exist_ok=True)
     with open(pth["supervisor_log"], "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "disaggctl.supervisor", state_dir],
+            [sys.executable, "-m", "disaggctl.targets.local.supervisor", state_dir],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -248,82 +265,87 @@ def _tail(path: Path, n: int = LOG_TAIL) -> str:
 # --------------------------------------------------------------------------- the backend
 
 
+@dataclass
+class _Observed:
+    """The local deployment as it is now, and the plan to the spec."""
+
+    state_dir: str
+    old: Table | None
+    new: Table
+    running: bool
+    actions: list[ProcessAction]
+    files: list[str]
+
+    @property
+    def changed(self) -> bool:
+        return _changes(self.actions) or bool(self.files)
+
+
 class LocalBackend:
-    def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
-        target = _target(ctx)
+    """Backend protocol implementation: the host is this machine, a unit is a row of the supervisor's
+    process table; the flow is the shared one of targets.base."""
+
+    def _observe(self, ctx: OpsContext, rendered: Rendered) -> _Observed:
         state_dir = ctx.desired.config_dir
-        new = table(ctx.desired, target)
+        new = table(ctx.desired, _target(ctx))
         old = deployed_table(state_dir)
         running = supervisor_pid(state_dir) is not None
         actions = diff(old, new, running, _failed(state_dir))
-        files = _changed_files(render(ctx.desired, target))
-        if ctx.output == "json":
-            data = {"target": "local", "state_dir": state_dir, "actions": [asdict(a) for a in actions], "files": files}
-            sys.stdout.write(json.dumps(data, indent=2) + "\n")
-        else:
-            _print_plan(ctx, state_dir, actions, files)
-        if out_file:
-            saved = {
-                "spec_file": str(Path(ctx.loaded.file).resolve()),
-                "profiles": list(ctx.loaded.spec.profiles),
-                "target": "local",
-                "state_dir": state_dir,
-                "base": old.to_json() if old else None,
-                "table": new.to_json(),
-                "actions": [asdict(a) for a in actions],
-            }
-            write_atomic(Path(out_file), json.dumps(saved, indent=2) + "\n")
-            ctx.console.print(f"plan saved to {out_file}")
-        changed = _changes(actions) or bool(files)
-        return 2 if detailed_exitcode and changed else 0
+        return _Observed(state_dir, old, new, running, actions, _changed_files(rendered))
+
+    def _saved(self, ctx: OpsContext, o: _Observed) -> SavedPlan:
+        details = {"state_dir": o.state_dir, "base": o.old.to_json() if o.old else None, "table": o.new.to_json(),
+                   "files": o.files}  # fmt: skip
+        digest = hashlib.sha256(o.new.to_json().encode()).hexdigest()
+        return SavedPlan(meta=plan_meta(ctx, "local", digest), changed=o.changed, actions=o.actions, target=details)
+
+    def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
+        o = self._observe(ctx, render(ctx.desired, _target(ctx)))
+        show = lambda: _print_plan(ctx, o.state_dir, o.actions, o.files)  # noqa: E731
+        return finish_plan(ctx, self._saved(ctx, o), show, out_file, detailed_exitcode)
 
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
-        target = _target(ctx)
-        desired = ctx.desired
-        state_dir = desired.config_dir
-        rendered = render(desired, target)
-        new = table(desired, target)
-        old = deployed_table(state_dir)
-        if plan_file:
-            saved = json.loads(Path(plan_file).read_text())
-            if saved.get("base") != (old.to_json() if old else None):
-                raise DisaggError(f"the deployment changed since {plan_file} was made; run `disaggctl plan` again")
-            if saved.get("table") != new.to_json():
-                raise DisaggError(f"the spec no longer compiles to {plan_file}; run `disaggctl plan` again")
-        running = supervisor_pid(state_dir) is not None
-        actions = diff(old, new, running, _failed(state_dir))
-        files = _changed_files(rendered)
-        _print_plan(ctx, state_dir, actions, files)
-        if _changes(actions) or files:
-            if not ctx.yes and not self._confirm(ctx):
-                ctx.console.print("Apply cancelled.")
-                return 1
-            preflight(desired, new, old, supervisor_pid(state_dir) is not None)
-            self._write(rendered, state_dir)
-            t0 = time.time()
-            same_policy = old is not None and (old.restart_on_crash, old.max_restarts) == (
-                new.restart_on_crash,
-                new.max_restarts,
-            )
-            if running and same_policy:
-                pid = supervisor_pid(state_dir)
-                assert pid is not None
-                os.kill(pid, signal.SIGHUP)
-                changed = [a.name for a in actions if a.kind in ("create", "update", "start")]
-                _wait_reloaded(state_dir, changed, t0)
-                ctx.console.print(f"supervisor (pid {pid}) restarted: {', '.join(changed) or 'nothing'}")
-            else:
-                if supervisor_pid(state_dir) is not None:
-                    stop_supervisor(state_dir)
-                pid = start_supervisor(state_dir)
-                ctx.console.print(f"supervisor started (pid {pid}); logs in {paths(state_dir)['logs']}")
-        return self._gate(ctx, new)
+        from disaggctl.targets.ui import Phases
 
-    def _confirm(self, ctx: OpsContext) -> bool:
-        if not sys.stdin.isatty():
-            raise DisaggError("apply needs confirmation: run it in a terminal or pass -y")
-        answer = ctx.console.input("Apply these changes? [y/N] ")
-        return answer.strip().lower() in ("y", "yes")
+        rendered = render(ctx.desired, _target(ctx))
+        o = self._observe(ctx, rendered)
+        base = o.old.to_json() if o.old else None
+        check_saved_plan(plan_file, self._saved(ctx, o), lambda s: _stale(s, base))
+        _print_plan(ctx, o.state_dir, o.actions, o.files)
+        if not o.changed:
+            return self._gate(ctx, o.new, None)
+        if not confirm(ctx, "Apply these changes?", plan_file):
+            ctx.console.print("Apply cancelled.")
+            return 1
+        preflight(ctx.desired, o.new, o.old, supervisor_pid(o.state_dir) is not None)
+        with Phases(ctx.console) as phases:
+            with phases.step("local", "files"):
+                self._write(rendered, o.state_dir)
+            self._start(ctx, o, phases)
+            return self._gate(ctx, o.new, phases)
+
+    def _start(self, ctx: OpsContext, o: _Observed, phases: Phases) -> None:
+        """SIGHUP a running supervisor with the same restart policy (only changed processes restart);
+        else (re)start the supervisor."""
+        t0 = time.time()
+        same_policy = o.old is not None and (o.old.restart_on_crash, o.old.max_restarts) == (
+            o.new.restart_on_crash,
+            o.new.max_restarts,
+        )
+        if o.running and same_policy:
+            pid = supervisor_pid(o.state_dir)
+            assert pid is not None
+            changed = [a.process for a in o.actions if a.action in (Action.CREATE, Action.UPDATE, Action.RESTART)]
+            with phases.step("local", f"restart {', '.join(changed) or 'nothing'}"):
+                os.kill(pid, signal.SIGHUP)
+                _wait_reloaded(o.state_dir, changed, t0)
+            ctx.console.print(f"supervisor (pid {pid}) restarted: {', '.join(changed) or 'nothing'}")
+            return
+        with phases.step("local", "start supervisor"):
+            if supervisor_pid(o.state_dir) is not None:
+                stop_supervisor(o.state_dir)
+            pid = start_supervisor(o.state_dir)
+        ctx.console.print(f"supervisor started (pid {pid}); logs in {paths(o.state_dir)['logs']}")
 
     def _write(self, rendered: Rendered, state_dir: str) -> None:
         pth = paths(state_dir)
@@ -335,13 +357,13 @@ class LocalBackend:
             write_atomic(p, f.content)
             os.chmod(p, f.mode)
 
-    def _gate(self, ctx: OpsContext, tbl: Table) -> int:
-        """Health of every process, then the canary; on failure show the process's log tail."""
-        spec = ctx.loaded.spec
+    def _gate(self, ctx: OpsContext, tbl: Table, phases: Phases | None) -> int:
+        """The shared gate (health of every process, router, canary); on failure the process's log tail."""
+        from disaggctl.targets.gate import HealthGate, canary_summary
+
         state_dir = tbl.state_dir
-        c = ctx.console
-        targets = {p.name: p.health_url for p in tbl.processes if p.health_url}
-        shown: dict[str, float] = {}
+        gate = HealthGate(ctx.spec, ctx.desired, urls={p.name: p.health_url.rsplit("/", 1)[0]
+                                                        for p in tbl.processes if p.health_url})  # fmt: skip
         restarts0 = {n: int(st.get("restarts") or 0) for n, st in _proc_states(state_dir).items()}
 
         def alive(name: str) -> bool:
@@ -349,47 +371,16 @@ class LocalBackend:
                 return False
             return (_proc_states(state_dir).get(name) or {}).get("state") != "failed"
 
-        def progress(ev: HealthProgress) -> None:
-            if ev.healthy:
-                c.print(f"  [green]healthy[/] {ev.name} after {ev.elapsed_s:.1f} s")
-            elif ev.elapsed_s - shown.get(ev.name, -30.0) >= 15:
-                shown[ev.name] = ev.elapsed_s
-                c.print(f"  waiting for {ev.name} ({ev.elapsed_s:.0f} s): {ev.detail}")
-
         try:
-            wait_healthy(
-                targets, spec.health.startup_timeout_s, spec.health.interval_s, alive=alive, on_progress=progress
-            )
-            decode_metrics = [
-                p.health_url.rsplit("/", 1)[0] + "/metrics"
-                for p in tbl.processes
-                if p.role == "decode" and p.health_url
-            ]
-            canary = spec.health.canary
-            res = run_canary(
-                ctx.desired.router_url,
-                ctx.desired.model_name,
-                canary.prompt,
-                canary.max_tokens,
-                decode_metrics,
-                spec.health.request_timeout_s,
-                canary.require_kv_transfer,
-                block_size=(spec.decode.block_size or 32) if ctx.desired.kv_kind == "shared-storage" else None,
-            )
+            with _step(phases, f"health ({len(gate.urls)})"):
+                gate.wait(None, alive=alive, on_progress=_progress_printer(ctx))
+            with _step(phases, "canary"):
+                gate.router_sees_upstreams()
+                res = gate.canary()
         except HealthError as e:
-            c.print(f"[red]health check failed[/]: {e}")
-            if e.name in targets:
-                c.print(f"last lines of {tbl.proc(e.name).log}:\n{_tail(Path(tbl.proc(e.name).log))}")
-            for name, st in _proc_states(state_dir).items():
-                # a process that died during the check explains a failed canary better than the canary does
-                if int(st.get("restarts") or 0) > restarts0.get(name, 0) or st.get("state") == "failed":
-                    code = st.get("last_exit")
-                    why = " (SIGKILL: out of memory?)" if code == -9 else ""
-                    c.print(f"[red]{name} exited with {code}{why} during the check[/]; now {st.get('state')}")
-            c.print(f"hint: `disaggctl logs {ctx.loaded.file}` shows every log; `disaggctl destroy` stops it all")
+            _explain_failure(ctx, tbl, e, restarts0)
             return 1
-        kv = f"decode received the KV of {res.kv_tokens:g} prompt tokens" if res.kv_transferred else "no KV transfer"
-        c.print(f"  [green]canary[/] {res.prompt_tokens} prompt tokens -> {res.text!r} in {res.latency_s:.2f} s ({kv})")
+        ctx.console.print(f"  [green]{canary_summary(res)}[/]")
         self._print_endpoint(ctx)
         return 0
 
@@ -403,82 +394,9 @@ class LocalBackend:
     # ------------------------------------------------------------------ status / destroy / logs
 
     def status(self, ctx: OpsContext) -> int:
-        target = _target(ctx)
-        state_dir = ctx.desired.config_dir
-        old = deployed_table(state_dir)
-        sup = supervisor_pid(state_dir)
-        new = table(ctx.desired, target)
-        if old is None:
-            msg = f"{ctx.desired.name}: not deployed (no {paths(state_dir)['table']})"
-            if ctx.output == "json":
-                sys.stdout.write(json.dumps({"deployed": False, "state_dir": state_dir}) + "\n")
-            else:
-                ctx.console.print(msg)
-            return 1
-        states = _proc_states(state_dir)
-        drift = {a.name: a for a in diff(old, new, sup is not None) if a.kind in ("create", "update", "delete")}
-        rows = []
-        ok = sup is not None
-        for p in old.processes:
-            st = states.get(p.name) or {}
-            pid = st.get("pid") if sup else None
-            healthy: bool | None = None
-            if p.health_url and pid:
-                from disaggctl.health import http_probe
-
-                healthy = http_probe(p.health_url, 2.0)[0]
-            state = str(st.get("state", "unknown")) if sup else "stopped"
-            ok = ok and state == "running" and healthy is not False
-            d = drift.get(p.name)
-            rows.append(
-                {
-                    "name": p.name,
-                    "role": p.role,
-                    "state": state,
-                    "pid": pid,
-                    "restarts": st.get("restarts", 0),
-                    "port": p.http_port,
-                    "healthy": healthy,
-                    "cores": p.env.get("VLLM_CPU_OMP_THREADS_BIND"),
-                    "drift": (d.reason if d else None),
-                    "log": p.log,
-                }
-            )
-        for name, a in drift.items():
-            if a.kind == "create":
-                rows.append({"name": name, "state": "not deployed", "drift": "in the spec, not deployed"})
-                ok = False
-        if ctx.output == "json":
-            out = {"deployed": True, "state_dir": state_dir, "supervisor_pid": sup, "processes": rows}
-            sys.stdout.write(json.dumps(out, indent=2) + "\n")
-            return 0 if ok else 1
-        from rich.table import Table as RichTable
-
-        c = ctx.console
-        c.print(
-            f"[bold]{ctx.desired.name}[/] (local) state {state_dir}; supervisor "
-            + (f"pid {sup}" if sup else "[red]not running[/]")
-        )
-        t = RichTable(show_edge=False)
-        for col in ("process", "role", "state", "pid", "restarts", "port", "health", "cores", "drift"):
-            t.add_column(col)
-        for r in rows:
-            h = r.get("healthy")
-            t.add_row(
-                str(r["name"]),
-                str(r.get("role", "")),
-                str(r["state"]),
-                str(r.get("pid") or "-"),
-                str(r.get("restarts", "")),
-                str(r.get("port") or "-"),
-                "-" if h is None else ("[green]ok[/]" if h else "[red]down[/]"),
-                str(r.get("cores") or "-"),
-                str(r.get("drift") or ""),
-            )
-        c.print(t)
-        if sup:
-            c.print(f"router: {ctx.desired.router_url}")
-        return 0 if ok else 1
+        report = status_report(ctx)
+        print_status(ctx, report)
+        return status_exit(report)
 
     def destroy(self, ctx: OpsContext) -> int:
         state_dir = ctx.desired.config_dir
@@ -490,47 +408,25 @@ class LocalBackend:
         ctx.console.print(
             f"destroy {ctx.desired.name}: stop {', '.join(names) or 'the supervisor'}; remove {state_dir}"
         )
-        if not ctx.yes and not self._confirm(ctx):
+        if not confirm(ctx, "Destroy these?"):
             ctx.console.print("Destroy cancelled.")
             return 1
         t0 = time.monotonic()
         stop_supervisor(state_dir)
-        removed = self._remove_owned(state_dir)
+        removed = _remove_owned(state_dir)
         ctx.console.print(
             f"stopped and removed {removed} entries in {time.monotonic() - t0:.1f} s; "
             f"logs kept in {paths(state_dir)['logs']}"
         )
         return 0
 
-    def _remove_owned(self, state_dir: str) -> int:
-        """Exactly what disaggctl wrote: config files, the table, run/ and work/; logs stay."""
-        import shutil
-
-        pth = paths(state_dir)
-        n = 0
-        for f in self._owned_files(state_dir):
-            if f.exists():
-                f.unlink()
-                n += 1
-        for d in (pth["run"], pth["work"]):
-            if d.exists():
-                shutil.rmtree(d, ignore_errors=True)
-                n += 1
-        return n
-
-    def _owned_files(self, state_dir: str) -> list[Path]:
-        # the names compile gives ConfigFiles (router.json, lmcache-<instance>.yaml) and the table
-        return [paths(state_dir)["table"], Path(state_dir) / "router.json", *Path(state_dir).glob("lmcache-*.yaml")]
-
     def logs(self, ctx: OpsContext, role: str | None, instance: int | None, follow: bool, lines: int) -> int:
         state_dir = ctx.desired.config_dir
         tbl = deployed_table(state_dir) or table(ctx.desired, _target(ctx))
-        procs = [p for p in tbl.processes if role is None or p.role == role]
-        if instance is not None:
-            procs = [p for p in procs if p.instance.rsplit("-", 1)[-1] == str(instance)]
-        if not procs:
-            raise DisaggError(f"no process matches role={role} instance={instance}")
-        files = {p.name: Path(p.log) for p in procs}
+        wanted = {p.name for p in select_processes(ctx.desired, role, instance)}
+        files = {p.name: Path(p.log) for p in tbl.processes if p.name in wanted}
+        if not files:
+            raise DisaggError(f"no process matches --role {role} --instance {instance}")
         for name, path in files.items():
             try:
                 text = path.read_text(errors="replace").splitlines()[-lines:] if lines > 0 else []
@@ -542,6 +438,107 @@ class LocalBackend:
         if follow:
             _follow(files, time.sleep)
         return 0
+
+
+def _stale(saved: SavedPlan, base: str | None) -> list[str]:
+    if saved.target.get("base") != base:
+        return ["the deployment changed since the plan was made (its process table differs)"]
+    return []
+
+
+@contextmanager
+def _step(phases: Phases | None, what: str) -> Iterator[None]:
+    if phases is None:
+        yield
+        return
+    with phases.step("local", what):
+        yield
+
+
+def _progress_printer(ctx: OpsContext) -> Callable[[HealthProgress], None]:
+    shown: dict[str, float] = {}
+    c = ctx.console
+
+    def progress(ev: HealthProgress) -> None:
+        if ev.healthy:
+            c.print(f"  [green]healthy[/] {ev.name} after {ev.elapsed_s:.1f} s")
+        elif ev.elapsed_s - shown.get(ev.name, -30.0) >= 15:
+            shown[ev.name] = ev.elapsed_s
+            c.print(f"  waiting for {ev.name} ({ev.elapsed_s:.0f} s): {ev.detail}")
+
+    return progress
+
+
+def _explain_failure(ctx: OpsContext, tbl: Table, e: HealthError, restarts0: Mapping[str, int]) -> None:
+    c = ctx.console
+    c.print(f"[red]health check failed[/]: {e}")
+    if e.name in {p.name for p in tbl.processes}:
+        c.print(f"last lines of {tbl.proc(e.name).log}:\n{_tail(Path(tbl.proc(e.name).log))}")
+    for name, st in _proc_states(tbl.state_dir).items():
+        # a process that died during the check explains a failed canary better than the canary does
+        if int(st.get("restarts") or 0) > restarts0.get(name, 0) or st.get("state") == "failed":
+            code = st.get("last_exit")
+            why = " (SIGKILL: out of memory?)" if code == -9 else ""
+            c.print(f"[red]{name} exited with {code}{why} during the check[/]; now {st.get('state')}")
+    c.print(f"hint: `disaggctl logs {ctx.loaded.file}` shows every log; `disaggctl destroy` stops it all")
+
+
+def status_report(ctx: OpsContext) -> StatusReport:
+    """The deployed table, the supervisor's view of each process, /health, and drift from the spec."""
+    from disaggctl.health import http_probe
+
+    state_dir = ctx.desired.config_dir
+    old = deployed_table(state_dir)
+    sup = supervisor_pid(state_dir)
+    detail: dict[str, object] = {"state_dir": state_dir, "supervisor_pid": sup}
+    common = {"deployment": ctx.desired.name, "target": "local", "endpoint": ctx.desired.router_url, "detail": detail}
+    if old is None:
+        return StatusReport(deployed=False, healthy=False, notes=[f"no {paths(state_dir)['table']}"], **common)
+    states = _proc_states(state_dir)
+    drift = {a.process: a for a in diff(old, table(ctx.desired, _target(ctx)), sup is not None)
+             if a.action in (Action.CREATE, Action.UPDATE, Action.DELETE)}  # fmt: skip
+    rows: list[ProcessStatus] = []
+    for p in old.processes:
+        st = states.get(p.name) or {}
+        pid = st.get("pid") if sup else None
+        healthy, health = None, "-"
+        if p.health_url and pid:
+            healthy, detail_ = http_probe(p.health_url, 2.0)
+            health = "ok" if healthy else detail_
+        state = str(st.get("state", "unknown")) if sup else "stopped"
+        d = drift.get(p.name)
+        rows.append(ProcessStatus(
+            name=p.name, role=p.role, instance=p.instance, host="localhost", state=state, running=state == "running",
+            healthy=healthy, health=health, pid=pid if isinstance(pid, int) else None,
+            restarts=int(st.get("restarts") or 0), port=p.http_port, cores=p.env.get("VLLM_CPU_OMP_THREADS_BIND"),
+            unit=None, log=p.log, drift=[d.reason] if d else [],
+        ))  # fmt: skip
+    for name, a in drift.items():
+        if a.action is Action.CREATE:
+            rows.append(ProcessStatus(name=name, role=a.role, instance=a.instance, host="localhost",
+                                      state="not deployed", running=False, healthy=None,
+                                      drift=["in the spec, not deployed"]))  # fmt: skip
+    ok = sup is not None and all(r.running and r.healthy is not False for r in rows)
+    notes = [] if sup else ["the supervisor is not running: `disaggctl apply` starts it"]
+    return StatusReport(deployed=True, healthy=ok, processes=rows, notes=notes, **common)
+
+
+def _remove_owned(state_dir: str) -> int:
+    """Exactly what disaggctl wrote: config files, the table, run/ and work/; logs stay."""
+    import shutil
+
+    pth = paths(state_dir)
+    n = 0
+    # the names compile gives ConfigFiles (router.json, lmcache-<instance>.yaml) and the table
+    for f in [pth["table"], Path(state_dir) / "router.json", *Path(state_dir).glob("lmcache-*.yaml")]:
+        if f.exists():
+            f.unlink()
+            n += 1
+    for d in (pth["run"], pth["work"]):
+        if d.exists():
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
 
 
 def _follow(files: dict[str, Path], sleep: Callable[[float], None]) -> None:

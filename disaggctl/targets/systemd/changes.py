@@ -3,8 +3,9 @@
     Observed   one host as read by the observe script: manifest, file hashes/modes, unit states
     HostPlan   per host: file actions (create/update/delete/unchanged) and unit actions
                (create/restart/delete/unchanged) with a reason for each restart
-    Plan       all hosts plus what it was computed against (observed hashes, rendered hashes),
-               saved as JSON by `plan -o` and refused by `apply plan.json` when either moved
+    Plan       all hosts plus what it was computed against (observed hashes, rendered hashes): the
+               `target` details of the saved plan (disaggctl.targets.base.SavedPlan); `apply
+               plan.json` refuses it when either moved
 
 Restarts follow from changes: a unit restarts when its unit file, a config file it reads or the
 secrets changed, when it is not running, or when its running command line differs from the
@@ -16,32 +17,22 @@ from __future__ import annotations
 
 import base64
 import difflib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from disaggctl.deployment import DesiredState, Rendered, RenderedFile
+from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
-from disaggctl.manifest import Manifest, parse_manifest
+from disaggctl.targets.base import Action, ProcessAction
+from disaggctl.targets.systemd.manifest import Manifest, parse_manifest
 
 PLAN_VERSION = 1
 UNIT_DIR = "/etc/systemd/system/"
 
 # KV connectors whose decode side must restart when a prefill it peers with restarts
 PEER_RESTART_KINDS = {"lmcache"}
-
-
-class Action(StrEnum):
-    CREATE = "create"
-    UPDATE = "update"
-    RESTART = "restart"
-    DELETE = "delete"
-    UNCHANGED = "unchanged"
 
 
 # --------------------------------------------------------------------------- observed state
@@ -171,8 +162,9 @@ class UnitChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     unit: str
-    process: str | None = None  # None for the target unit
+    process: str | None = None  # None for the target unit (and a unit the spec dropped)
     role: str | None = None
+    instance: str | None = None
     start_order: int = 0
     action: Action
     reason: str = ""
@@ -205,12 +197,7 @@ class Plan(BaseModel):
 
     version: int = PLAN_VERSION
     deployment: str
-    target: str = "systemd"
-    spec_file: str = ""
-    profiles: list[str] = Field(default_factory=list)
-    topology_file: str | None = None
     spec_hash: str = ""
-    created_at: str = ""
     hosts: list[HostPlan] = Field(default_factory=list)
 
     @property
@@ -230,15 +217,31 @@ class Plan(BaseModel):
                 out[a.value] += 1
         return out
 
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2) + "\n"
+    def process_actions(self) -> list[ProcessAction]:
+        """One action per process (in start order): what its unit does; the seam for ordered executors."""
+        out = [
+            ProcessAction(
+                process=u.process,
+                action=u.action,
+                reason=u.reason,
+                role=u.role,
+                instance=u.instance,
+                host=h.host,
+                start_order=u.start_order,
+            )
+            for h in self.hosts
+            for u in h.units
+            if u.process is not None
+        ]
+        return sorted(out, key=lambda a: (a.start_order, a.process))
 
 
-def load_plan(text: str, where: str) -> Plan:
+def load_plan(data: Mapping[str, Any], where: str) -> Plan:
+    """The systemd details of a saved plan (SavedPlan.target)."""
     try:
-        return Plan.model_validate(json.loads(text))
+        return Plan.model_validate(data)
     except ValueError as e:
-        raise DisaggError(f"{where}: not a disaggctl plan ({str(e).splitlines()[0]})") from None
+        raise DisaggError(f"{where}: not a systemd plan ({str(e).splitlines()[0]})") from None
 
 
 # --------------------------------------------------------------------------- diff
@@ -259,68 +262,100 @@ def _file_change(f: RenderedFile, fact: FileFact | None) -> FileChange:
 def diff_host(
     desired: DesiredState, rendered: Rendered, obs: Observed, unit_of: Mapping[str, str], target_unit: str
 ) -> HostPlan:
-    """Actions that take `obs` to what `rendered` says for this host. unit_of: process -> unit name."""
-    host = obs.host
-    plan = HostPlan(host=host, against=obs.against())
-    wanted = {f.path: f for f in rendered.for_host(host)}
-    for f in wanted.values():
-        plan.files.append(_file_change(f, obs.files.get(f.path)))
+    """Actions that take `obs` to what `rendered` says for this host. unit_of: process -> unit name.
+
+    Three steps: files (wanted, then owned ones the spec dropped), the units of the spec's
+    processes (restart reasons follow from the file changes and the observed units), then the
+    deployment's target unit and units the spec dropped."""
+    plan = HostPlan(host=obs.host, against=obs.against())
+    wanted = {f.path: f for f in rendered.for_host(obs.host)}
+    plan.files = _file_changes(wanted, obs)
+    changed = {c.path: c for c in plan.files if c.action in (Action.CREATE, Action.UPDATE)}
+    for p in sorted(desired.on_host(obs.host), key=lambda p: p.start_order):
+        plan.units.append(_unit_change(desired, p, unit_of[p.name], obs, changed))
+    plan.units += _other_units(obs, wanted, changed, target_unit)
+    return plan
+
+
+def _file_changes(wanted: Mapping[str, RenderedFile], obs: Observed) -> list[FileChange]:
+    out = [_file_change(f, obs.files.get(f.path)) for f in wanted.values()]
     owned = obs.manifest.files if obs.manifest else {}
     for path in sorted(set(owned) - set(wanted)):
         fact = obs.files.get(path)
         if fact is None or fact.sha256 is not None:
-            plan.files.append(
+            old = fact.sha256 if fact else None
+            out.append(
                 FileChange(
-                    path=path,
-                    action=Action.DELETE,
-                    secret=owned[path].secret,
-                    old_sha256=fact.sha256 if fact else None,
+                    path=path, action=Action.DELETE, secret=owned[path].secret, old_sha256=old,
                     reason="no longer in the spec",
                 )
-            )
-    changed = {c.path: c for c in plan.files if c.action in (Action.CREATE, Action.UPDATE)}
-    secrets_changed = [p for p, c in changed.items() if c.secret]
+            )  # fmt: skip
+    return out
 
-    procs = sorted(desired.on_host(host), key=lambda p: p.start_order)
-    for p in procs:
-        unit = unit_of[p.name]
-        unit_path = UNIT_DIR + unit
-        uf = obs.units.get(unit)
-        base = {"unit": unit, "process": p.name, "role": p.role.value, "start_order": p.start_order}
-        reasons: list[str] = []
-        if unit_path in changed and changed[unit_path].action is Action.CREATE:
-            plan.units.append(UnitChange(action=Action.CREATE, reason="new unit", **base))
-            continue
-        if unit_path in changed:
-            reasons.append("unit file changed")
-        for name in p.files:
-            cfg = f"{desired.config_dir}/{name}"
-            if cfg in changed:
-                reasons.append(f"{name} changed")
-        if secrets_changed:
-            reasons.append("secrets changed")
-        if uf is None or not uf.running:
-            state = f"{uf.active_state}/{uf.sub_state}" if uf and uf.active_state else "unknown"
-            reasons.append(f"not running ({state})")
-        elif uf.need_reload and unit_path not in changed:
-            reasons.append("unit file on disk differs from the loaded unit")
-        elif uf.cmdline is not None and not same_command(uf.cmdline, p.argv):
-            reasons.append("running command line differs from the unit")
-        if reasons:
-            plan.units.append(UnitChange(action=Action.RESTART, reason="; ".join(reasons), **base))
-        else:
-            plan.units.append(UnitChange(action=Action.UNCHANGED, **base))
 
+def _unit_change(
+    desired: DesiredState, p: Process, unit: str, obs: Observed, changed: Mapping[str, FileChange]
+) -> UnitChange:
+    """A process's unit: created with its unit file, else restarted for every reason found."""
+    unit_path = UNIT_DIR + unit
+    base: dict[str, Any] = {
+        "unit": unit, "process": p.name, "role": p.role.value, "instance": p.instance,
+        "start_order": p.start_order,
+    }  # fmt: skip
+    if unit_path in changed and changed[unit_path].action is Action.CREATE:
+        return UnitChange(action=Action.CREATE, reason="new unit", **base)
+    reasons = _changed_inputs(desired, p, unit_path, changed) + _run_state_reasons(
+        obs.units.get(unit), p, unit_path in changed
+    )
+    if reasons:
+        return UnitChange(action=Action.RESTART, reason="; ".join(reasons), **base)
+    return UnitChange(action=Action.UNCHANGED, **base)
+
+
+def _changed_inputs(desired: DesiredState, p: Process, unit_path: str, changed: Mapping[str, FileChange]) -> list[str]:
+    """What the process reads that this plan rewrites: its unit file, its config files, the secrets."""
+    reasons = ["unit file changed"] if unit_path in changed else []
+    reasons += [f"{name} changed" for name in p.files if f"{desired.config_dir}/{name}" in changed]
+    if any(c.secret for c in changed.values()):
+        reasons.append("secrets changed")
+    return reasons
+
+
+def _run_state_reasons(uf: UnitFact | None, p: Process, unit_file_changed: bool) -> list[str]:
+    """What the observed unit says: not running, loaded from an older unit file, another command."""
+    if uf is None or not uf.running:
+        state = f"{uf.active_state}/{uf.sub_state}" if uf and uf.active_state else "unknown"
+        return [f"not running ({state})"]
+    if uf.need_reload and not unit_file_changed:
+        return ["unit file on disk differs from the loaded unit"]
+    if uf.cmdline is not None and not same_command(uf.cmdline, p.argv):
+        return ["running command line differs from the unit"]
+    return []
+
+
+def _other_units(
+    obs: Observed, wanted: Mapping[str, RenderedFile], changed: Mapping[str, FileChange], target_unit: str
+) -> list[UnitChange]:
+    """The deployment's target unit, and the units of processes the spec dropped (from the manifest)."""
+    out: list[UnitChange] = []
     tpath = UNIT_DIR + target_unit
     if tpath in wanted:
         act = Action.CREATE if tpath in changed and changed[tpath].action is Action.CREATE else Action.UNCHANGED
-        plan.units.append(UnitChange(unit=target_unit, action=act, start_order=99, reason="groups the deployment"))
+        out.append(UnitChange(unit=target_unit, action=act, start_order=99, reason="groups the deployment"))
     if obs.manifest:
-        old_units = [*obs.manifest.units, *([obs.manifest.target_unit] if obs.manifest.target_unit else [])]
-        for u in old_units:
-            if UNIT_DIR + u not in wanted:
-                plan.units.append(UnitChange(unit=u, action=Action.DELETE, reason="no longer in the spec"))
-    return plan
+        m = obs.manifest
+        process_of = {op.unit: (name, op) for name, op in m.processes.items()}
+        for u in [*m.units, *([m.target_unit] if m.target_unit else [])]:
+            if UNIT_DIR + u in wanted:
+                continue
+            name, op = process_of.get(u, (None, None))
+            out.append(
+                UnitChange(
+                    unit=u, process=name, role=op.role if op else None, instance=op.instance if op else None,
+                    start_order=op.start_order if op else 99, action=Action.DELETE, reason="no longer in the spec",
+                )
+            )  # fmt: skip
+    return out
 
 
 def same_command(cmdline: list[str], argv: list[str]) -> bool:
@@ -350,7 +385,6 @@ def make_plan(
     unit_of: Mapping[str, str],
     target_unit: str,
     digest: str,
-    meta: Mapping[str, Any] | None = None,
 ) -> Plan:
     hosts: list[HostPlan] = []
     for host, obs in observed.items():
@@ -364,9 +398,7 @@ def make_plan(
     return Plan(
         deployment=desired.name,
         spec_hash=digest,
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         hosts=hosts,
-        **dict(meta or {}),
     )
 
 

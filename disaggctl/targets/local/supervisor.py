@@ -1,4 +1,4 @@
-"""A small supervisor for the local target: `python -m disaggctl.supervisor STATE_DIR`.
+"""A small supervisor for the local target: `python -m disaggctl.targets.local.supervisor STATE_DIR`.
 
 `disaggctl apply` starts it detached (own session) so the processes outlive the CLI. It runs
 the process table `STATE_DIR/processes.json` (written by disaggctl.render.local):
@@ -94,7 +94,8 @@ def supervisor_pid(state_dir: str) -> int | None:
     except OSError:
         return pid
     # pid reuse: only a supervisor of this very folder counts
-    return pid if b"disaggctl.supervisor" in cmdline and os.fsencode(state_dir) in cmdline else None
+    ours = b"disaggctl.targets.local.supervisor" in cmdline or b"disaggctl.supervisor" in cmdline  # also the old name
+    return pid if ours and os.fsencode(state_dir) in cmdline else None
 
 
 def kill_group(pid: int, timeout_s: float, sleep: float = 0.1) -> None:
@@ -290,7 +291,7 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.stderr.write("usage: python -m disaggctl.supervisor STATE_DIR\n")
+        sys.stderr.write("usage: python -m disaggctl.targets.local.supervisor STATE_DIR\n")
         return 2
     state_dir = os.path.abspath(args[0])
     if (other := supervisor_pid(state_dir)) is not None and other != os.getpid():

@@ -24,10 +24,25 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from disaggctl.changes import (
+from disaggctl.deployment import DesiredState, Process, Rendered
+from disaggctl.errors import DisaggError
+from disaggctl.render.systemd import render_systemd, systemd_target, target_name, unit_name
+from disaggctl.spec import SystemdTarget
+from disaggctl.ssh import Connection, SshError, connect, target_for
+from disaggctl.targets.base import (
     Action,
+    SavedPlan,
+    check_saved_plan,
+    confirm,
+    finish_plan,
+    plan_meta,
+    select_processes,
+)
+from disaggctl.targets.gate import HealthGate
+from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit
+from disaggctl.targets.systemd.changes import (
     HostPlan,
     Observed,
     Plan,
@@ -37,10 +52,8 @@ from disaggctl.changes import (
     same_command,
     stale_reasons,
 )
-from disaggctl.changes import unified_diff as _udiff
-from disaggctl.deployment import DesiredState, Process, Rendered
-from disaggctl.errors import DisaggError
-from disaggctl.manifest import (
+from disaggctl.targets.systemd.changes import unified_diff as _udiff
+from disaggctl.targets.systemd.manifest import (
     OwnedFile,
     OwnedProcess,
     build_manifest,
@@ -50,14 +63,13 @@ from disaggctl.manifest import (
     spec_hash,
     state_path,
 )
-from disaggctl.render.systemd import render_systemd, systemd_target, target_name, unit_name
-from disaggctl.spec import SystemdTarget
-from disaggctl.ssh import Connection, SshError, connect, target_for
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from disaggctl.spec import ClusterSpec
     from disaggctl.targets import OpsContext
-    from disaggctl.ui import Phases
+    from disaggctl.targets.ui import Phases
 
 T = TypeVar("T")
 
@@ -329,8 +341,8 @@ def observe_all(hosts: Hosts, ctx: Context) -> dict[str, Observed]:
     return dict(zip(ctx.hosts, hosts.each(ctx.hosts, one), strict=True))
 
 
-def compute_plan(ctx: Context, observed: Mapping[str, Observed], meta: Mapping[str, object]) -> Plan:
-    return make_plan(ctx.desired, ctx.rendered, observed, ctx.unit_of, ctx.target_unit, ctx.digest, meta)
+def compute_plan(ctx: Context, observed: Mapping[str, Observed]) -> Plan:
+    return make_plan(ctx.desired, ctx.rendered, observed, ctx.unit_of, ctx.target_unit, ctx.digest)
 
 
 def plan_diffs(hosts: Hosts, ctx: Context, plan: Plan) -> dict[tuple[str, str], str]:
@@ -443,7 +455,8 @@ def unit_alive(conn: Connection, unit: str) -> bool:
 
 
 class SystemdBackend:
-    """Backend protocol implementation (disaggctl.targets.Backend)."""
+    """Backend protocol implementation (disaggctl.targets.Backend): how to reach the hosts (SSH) and
+    what a unit is (a systemd service per process); the flow is the shared one of targets.base."""
 
     connector: Callable[..., Connection] = staticmethod(connect)  # tests may swap the connection factory
 
@@ -459,114 +472,61 @@ class SystemdBackend:
         systemd_target(ctx.spec)  # a wrong target kind fails before any connection
         return Hosts(ctx.spec, [h.name for h in ctx.spec.hosts], self.connector)
 
-    def _meta(self, ctx: OpsContext) -> dict[str, object]:
-        opts = ctx.options
-        profiles = opts.get("profiles")
-        topo = opts.get("topology_file")
-        return {
-            "spec_file": os.path.abspath(ctx.loaded.file),
-            "profiles": list(profiles) if isinstance(profiles, list) else [],
-            "topology_file": str(topo) if topo else None,
-        }
-
     # ----- plan
 
     def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
-        from disaggctl.ui import print_plan
+        from disaggctl.targets.systemd.ui import print_plan
 
         with self._hosts(ctx) as hosts:
             c = self._ctx(ctx)  # rendered while the connections come up
             observed = observe_all(hosts, c)
-            plan = compute_plan(c, observed, self._meta(ctx))
+            plan = compute_plan(c, observed)
             diffs = plan_diffs(hosts, c, plan) if ctx.diff else None
-        if ctx.output == "json":
-            sys.stdout.write(plan.to_json())
-        else:
-            print_plan(ctx.console, plan, diffs)
-        if out_file:
-            with open(out_file, "w") as f:
-                f.write(plan.to_json())
-            if ctx.output != "json":  # keep stdout pure JSON
-                ctx.console.print(f"Saved the plan to {out_file}; apply it with `disaggctl apply {out_file}`.")
-        if any(h.error for h in plan.hosts):
-            return 1
-        return 2 if detailed_exitcode and plan.changed else 0
+        failed = any(h.error for h in plan.hosts)
+        show = lambda: print_plan(ctx.console, plan, diffs)  # noqa: E731
+        return finish_plan(ctx, saved_plan(ctx, c, plan), show, out_file, detailed_exitcode, failed)
 
     # ----- apply
 
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
-        from disaggctl.ui import Phases, print_plan
+        from disaggctl.targets.systemd.ui import print_plan
+        from disaggctl.targets.ui import Phases
 
         console = ctx.console
         with self._hosts(ctx) as hosts:
             c = self._ctx(ctx)  # rendered while the connections come up
             observed = observe_all(hosts, c)
-            plan = compute_plan(c, observed, self._meta(ctx))
-            # a declared host this deployment does not use may be down: go on without it (what an
-            # earlier apply left there is cleaned up once it is back); a host that runs something may not
-            for h in plan.hosts:
-                if h.error and not c.rendered.for_host(h.host):
-                    console.print(f"[yellow]{h.error} (not used by this spec; skipped)[/yellow]")
-            plan.hosts = [h for h in plan.hosts if not (h.error and not c.rendered.for_host(h.host))]
-            bad = [h for h in plan.hosts if h.error]
-            if bad:
-                for h in bad:
-                    console.print(f"[red]{h.host}: {h.error}[/red]")
-                console.print("[red]Nothing was changed.[/red] Fix the hosts above and run apply again.")
+            plan = compute_plan(c, observed)
+            if not _usable(console, c, plan):
                 return 1
-            if plan_file:
-                with open(plan_file) as f:
-                    saved = load_plan(f.read(), plan_file)
-                stale = stale_reasons(saved, plan)
-                if stale:
-                    console.print(f"[red]The saved plan {plan_file} is stale; nothing was changed:[/red]")
-                    for s in stale:
-                        console.print(f"  {s}")
-                    console.print("Run `disaggctl plan -o FILE` again.")
-                    return 1
+            check_saved_plan(
+                plan_file, saved_plan(ctx, c, plan), lambda s: stale_reasons(load_plan(s.target, "plan"), plan)
+            )
             print_plan(console, plan)
             if not plan.changed:
                 return 0
-            if not ctx.yes and not plan_file and not _confirm(console):
+            if not confirm(ctx, "Apply these changes?", plan_file):
                 console.print("Apply cancelled; nothing was changed.")
                 return 1
             try:
                 with Phases(console) as phases:
                     self._execute(c, hosts, plan, observed, phases)
-                    self._health(ctx, c, hosts, plan, phases)
+                    self._health(c, hosts, plan, phases)
             except ApplyError as e:
-                console.print(f"[red bold]apply failed:[/red bold] {e}")
-                if e.journal:
-                    console.print(f"[dim]journalctl -u {e.unit} -n 50 on {e.host}:[/dim]")
-                    console.print(e.journal, markup=False, highlight=False)
-                console.print("Fix the cause and run apply again: it continues from what is on the hosts.")
+                _report_failure(console, e)
                 return 1
         console.print("[green]Apply complete.[/green]")
         return 0
 
     def _execute(self, c: Context, hosts: Hosts, plan: Plan, observed: Mapping[str, Observed], phases: Phases) -> None:
+        """Files (and the first start phase) on every changed host, then each later phase, each
+        gated by its processes' health; the final manifest last."""
         changed = [h for h in plan.hosts if h.changed]
-        # decode everywhere, then prefill, then the router: systemd orders units of one host only
-        orders = sorted(
-            {u.start_order for h in changed for u in h.units_with(Action.CREATE, Action.RESTART) if u.start_order < 99}
-        )
-        phases_todo = [
-            (
-                order,
-                {
-                    h.host: units
-                    for h in changed
-                    if (
-                        units := [u.unit for u in h.units_with(Action.CREATE, Action.RESTART) if u.start_order == order]
-                    )
-                },
-            )
-            for order in orders
-        ]
+        todo = start_phases(changed)
         # the first phase starts in the files command of each host, right after its reload: one
         # round trip less per host, and no host waits for the slowest one's files before starting
-        first: Mapping[str, list[str]] = phases_todo[0][1] if phases_todo else {}
-        first_role = _ROLE_NAME.get(orders[0], f"order {orders[0]}") if orders else ""
+        first: Mapping[str, list[str]] = todo[0][1] if todo else {}
+        first_role = _ROLE_NAME.get(todo[0][0], f"order {todo[0][0]}") if todo else ""
 
         def files(conn: Connection) -> None:
             units = first.get(conn.name, [])
@@ -574,22 +534,19 @@ class SystemdBackend:
                 push_files(conn, c, plan.host(conn.name), observed[conn.name], start=units)
 
         _raise_first(hosts.map([h.host for h in changed], files), "files")
-
-        for i, (order, todo) in enumerate(phases_todo):
+        gate = HealthGate(c.spec, c.desired)
+        for i, (order, units_of) in enumerate(todo):
             role = _ROLE_NAME.get(order, f"order {order}")
 
-            def start(conn: Connection, units: Mapping[str, list[str]] = todo, role: str = role) -> None:
+            def start(conn: Connection, units: Mapping[str, list[str]] = units_of, role: str = role) -> None:
                 with phases.step(conn.name, f"start {role}"):
                     start_units(conn, units[conn.name])
 
             if i > 0:
-                _raise_first(hosts.map(list(todo), start), f"start {role}")
-            procs = [
-                p
-                for p in c.desired.processes
-                if p.start_order == order and c.unit_of[p.name] in {u for us in todo.values() for u in us}
-            ]
-            self._wait(c, hosts, procs, phases, role)
+                _raise_first(hosts.map(list(units_of), start), f"start {role}")
+            started = {u for us in units_of.values() for u in us}
+            procs = [p for p in c.desired.processes if p.start_order == order and c.unit_of[p.name] in started]
+            self._wait(c, hosts, gate, procs, phases, role)
 
         def final(conn: Connection) -> None:
             with phases.step(conn.name, "manifest"):
@@ -599,115 +556,73 @@ class SystemdBackend:
 
         _raise_first(hosts.map([h.host for h in changed], final), "manifest")
 
-    def _wait(self, c: Context, hosts: Hosts, procs: list[Process], phases: Phases, role: str) -> None:
-        from disaggctl.health import HealthError, wait_healthy
+    def _wait(
+        self, c: Context, hosts: Hosts, gate: HealthGate, procs: list[Process], phases: Phases, role: str
+    ) -> None:
+        """The shared gate's wait for one start phase; a dead unit fails it at once (one SSH round
+        trip per check, at most once a second per unit, not once per probe)."""
+        from disaggctl.health import HealthError
 
-        targets = {p.name: p.health_url for p in procs if p.health_url}
-        if not targets:
+        names = [p.name for p in procs if p.health_url]
+        if not names:
             return
         by_name = {p.name: p for p in procs}
-        h = c.spec.health
-
-        # the first check after a second: a unit just started is alive, and 32 sequential SSH
-        # round trips before the first probe would only delay the wait
+        interval = max(1.0, c.spec.health.interval_s)
+        # the first check after a second: a unit just started is alive
         checked: dict[str, float] = dict.fromkeys(by_name, time.monotonic())
 
         def alive(name: str) -> bool:
-            # one SSH round trip per check: at most once a second per unit, not once per probe
             now = time.monotonic()
-            if now - checked.get(name, -1e9) < max(1.0, h.interval_s):
+            if now - checked.get(name, -1e9) < interval:
                 return True
             checked[name] = now
             p = by_name[name]
             return unit_alive(hosts.conns[p.host], c.unit_of[name])
 
-        with phases.step("all", f"health {role} ({len(targets)})"):
+        with phases.step("all", f"health {role} ({len(names)})"):
             try:
-                wait_healthy({k: v for k, v in targets.items() if v}, h.startup_timeout_s, h.interval_s, alive=alive)
+                gate.wait(names, alive=alive)
             except HealthError as e:
                 p = by_name.get(e.name)
                 if p is None:
                     raise ApplyError("?", None, str(e)) from None
-                conn = hosts.conns[p.host]
                 unit = c.unit_of[p.name]
-                raise ApplyError(p.host, unit, f"not healthy: {e.detail}", journal_tail(conn, unit)) from None
+                raise ApplyError(
+                    p.host, unit, f"not healthy: {e.detail}", journal_tail(hosts.conns[p.host], unit)
+                ) from None
 
-    def _health(self, ctx: OpsContext, c: Context, hosts: Hosts, plan: Plan, phases: Phases) -> None:
-        """The end-to-end canary through the router, after any restart."""
-        from disaggctl.health import HealthError, run_canary
+    def _health(self, c: Context, hosts: Hosts, plan: Plan, phases: Phases) -> None:
+        """After any (re)start: the router sees its upstreams, then the canary through it."""
+        from disaggctl.health import HealthError
+        from disaggctl.targets.gate import canary_summary
 
         if not any(h.units_with(Action.CREATE, Action.RESTART) for h in plan.hosts):
             return
-        if not any(p.role.value == "router" for p in c.desired.processes):
+        router = next((p for p in c.desired.processes if p.role.value == "router"), None)
+        if router is None:
             return  # nothing to send a request through (partial deployments, the fan-out bench)
-        h = c.spec.health
-        decode_metrics = [
-            p.health_url.rsplit("/", 1)[0] + "/metrics"
-            for p in c.desired.processes
-            if p.role.value == "decode" and p.health_url
-        ]
+        gate = HealthGate(c.spec, c.desired)
         if c.spec.router.kind == "builtin":
             with phases.step("router", "all instances back in the router"):
-                router_sees_all(c.desired.router_url, min(h.startup_timeout_s, 120.0), h.interval_s)
+                gate.router_sees_upstreams()
         with phases.step("router", "canary"):
             try:
-                res = run_canary(
-                    c.desired.router_url,
-                    c.desired.model_name,
-                    h.canary.prompt,
-                    h.canary.max_tokens,
-                    decode_metrics,
-                    h.request_timeout_s,
-                    h.canary.require_kv_transfer,
-                )
+                res = gate.canary()
             except HealthError as e:
-                router = next(p for p in c.desired.processes if p.role.value == "router")
                 unit = c.unit_of[router.name]
                 tail = journal_tail(hosts.conns[router.host], unit) if router.host in hosts.conns else ""
                 raise ApplyError(router.host, unit, f"canary failed: {e}", tail) from None
-        phases.note(
-            f"canary: {res.completion_tokens} tokens in {res.latency_s:.2f}s, "
-            f"{res.kv_tokens:g} prompt tokens received by decode from prefill"
-        )
+        phases.note(canary_summary(res))
 
     # ----- status
 
     def status(self, ctx: OpsContext) -> int:
-        from disaggctl.health import http_probe
-        from disaggctl.ui import StatusRow, print_status
-
         with self._hosts(ctx) as hosts:
             c = self._ctx(ctx)  # rendered while the connections come up
             observed = observe_all(hosts, c)
-        plan = compute_plan(c, observed, {})
-        rows: list[StatusRow] = []
-        notes: list[str] = []
-        problems = False
-        for p in c.desired.processes:
-            obs = observed[p.host]
-            unit = c.unit_of[p.name]
-            if obs.error:
-                rows.append(StatusRow(p.name, p.host, unit, "unreachable", "?", _gpus(p), _port(p), [obs.error]))
-                problems = True
-                continue
-            uf = obs.units.get(unit)
-            state = f"{uf.active_state}/{uf.sub_state}" if uf and uf.load_state != "not-found" else "not installed"
-            health = "-"
-            if p.health_url:
-                ok, detail = http_probe(p.health_url, 3.0)
-                health = "ok" if ok else detail
-            drift = _drift(c, obs, p, unit)
-            problems |= bool(drift) or health not in ("ok", "-") or not (uf and uf.running)
-            rows.append(StatusRow(p.name, p.host, unit, state, health, _gpus(p), _port(p), drift))
-        if plan.changed:
-            notes.append("The hosts differ from the spec: run `disaggctl plan` to see the changes.")
-        if ctx.output == "json":
-            import json
-
-            sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
-        else:
-            print_status(ctx.console, c.desired.name, rows, notes)
-        return 1 if problems or plan.changed else 0
+        report = status_report(c, observed, compute_plan(c, observed))
+        print_status(ctx, report)
+        return status_exit(report)
 
     # ----- destroy
 
@@ -723,26 +638,11 @@ class SystemdBackend:
             if not owned:
                 console.print(f"Nothing to destroy: no host holds a manifest of {c.desired.name}.")
                 return 1 if any(o.error for o in observed.values()) else 0
-            for h, o in owned.items():
-                assert o.manifest is not None
-                console.print(f"[bold]{h}[/bold]")
-                for u in [*(o.manifest.units), *([o.manifest.target_unit] if o.manifest.target_unit else [])]:
-                    console.print(f"  [red]- stop+remove[/red] {u}")
-                for path in o.manifest.owned_paths():
-                    console.print(f"  [red]- delete[/red]      {path}")
-            if not ctx.yes and not _confirm(console, "Destroy these?"):
+            _print_destroy(console, owned)
+            if not confirm(ctx, "Destroy these?"):
                 console.print("Destroy cancelled; nothing was changed.")
                 return 1
-
-            def remove(conn: Connection) -> None:
-                m = owned[conn.name].manifest
-                assert m is not None
-                units = [*m.units, *([m.target_unit] if m.target_unit else [])]
-                push(conn, [], stop=units, remove=m.owned_paths(), reload=True)
-                conn.run(["rm", "-rf", "--", c.state_dir], sudo=True)
-                conn.run(["rmdir", "--ignore-fail-on-non-empty", "--", c.desired.config_dir], sudo=True)
-
-            results = hosts.map(list(owned), remove)
+            results = hosts.map(list(owned), lambda conn: remove_owned(conn, c, owned[conn.name]))
         failed = {h: r for h, r in results.items() if isinstance(r, BaseException)}
         for h, r in failed.items():
             console.print(f"[red]{h}: destroy failed: {r}[/red]")
@@ -754,18 +654,9 @@ class SystemdBackend:
 
     def logs(self, ctx: OpsContext, role: str | None, instance: int | None, follow: bool, lines: int) -> int:
         c = self._ctx(ctx, need_secrets=False)
-        procs = [
-            p
-            for p in c.desired.processes
-            if (role is None or p.role.value == role)
-            and (instance is None or p.instance == f"{p.role.value}-{instance}")
-        ]
-        if not procs:
-            raise DisaggError(f"no process matches --role {role} --instance {instance}")
         by_host: dict[str, list[str]] = {}
-        for p in procs:
+        for p in select_processes(c.desired, role, instance):
             by_host.setdefault(p.host, []).append(c.unit_of[p.name])
-        out = sys.stdout
         lock = threading.Lock()
 
         def tail(conn: Connection) -> int:
@@ -777,8 +668,8 @@ class SystemdBackend:
 
             def emit(line: str) -> None:
                 with lock:
-                    out.write(f"{conn.name}: {line}\n")
-                    out.flush()
+                    sys.stdout.write(f"{conn.name}: {line}\n")
+                    sys.stdout.flush()
 
             return conn.stream(argv, emit, sudo=True)
 
@@ -793,29 +684,103 @@ class SystemdBackend:
 _ROLE_NAME = {0: "decode", 1: "prefill", 2: "router"}
 
 
-def router_sees_all(router_url: str, timeout_s: float, interval_s: float) -> bool:
-    """Wait until the builtin router's /health marks every upstream healthy.
+def saved_plan(ctx: OpsContext, c: Context, plan: Plan) -> SavedPlan:
+    """The shared plan document: per-process actions, the per-host file/unit plan as details."""
+    return SavedPlan(
+        meta=plan_meta(ctx, "systemd", c.digest),
+        changed=plan.changed,
+        actions=plan.process_actions(),
+        target=plan.model_dump(mode="json"),
+    )
 
-    The router health-checks its upstreams on its own interval: right after a restart it may
-    still route around an instance (a canary then prefills locally and shows no KV transfer).
-    Returns False at the timeout and lets the canary report what it sees.
-    """
-    import json
-    import urllib.request
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(router_url.rstrip("/") + "/health", timeout=5) as r:
-                body = json.loads(r.read())
-            pools = [*body.get("prefill", []), *body.get("decode", [])]
-            if pools and all(i.get("healthy") for i in pools):
-                return True
-        except (OSError, ValueError):
-            pass
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval_s)
+def _usable(console: Console, c: Context, plan: Plan) -> bool:
+    """Drop unreachable hosts this spec does not use (what an earlier apply left there is cleaned up
+    once they are back); False, after saying so, when a host that runs something is unreachable."""
+    for h in plan.hosts:
+        if h.error and not c.rendered.for_host(h.host):
+            console.print(f"[yellow]{h.error} (not used by this spec; skipped)[/yellow]")
+    plan.hosts = [h for h in plan.hosts if not (h.error and not c.rendered.for_host(h.host))]
+    bad = [h for h in plan.hosts if h.error]
+    for h in bad:
+        console.print(f"[red]{h.host}: {h.error}[/red]")
+    if bad:
+        console.print("[red]Nothing was changed.[/red] Fix the hosts above and run apply again.")
+    return not bad
+
+
+def start_phases(changed: list[HostPlan]) -> list[tuple[int, dict[str, list[str]]]]:
+    """Decode everywhere, then prefill, then the router: (start order, host -> units to start)."""
+    orders = sorted(
+        {u.start_order for h in changed for u in h.units_with(Action.CREATE, Action.RESTART) if u.start_order < 99}
+    )
+    out: list[tuple[int, dict[str, list[str]]]] = []
+    for order in orders:
+        per_host = {
+            h.host: [u.unit for u in h.units_with(Action.CREATE, Action.RESTART) if u.start_order == order]
+            for h in changed
+        }
+        out.append((order, {h: us for h, us in per_host.items() if us}))
+    return out
+
+
+def _report_failure(console: Console, e: ApplyError) -> None:
+    console.print(f"[red bold]apply failed:[/red bold] {e}")
+    if e.journal:
+        console.print(f"[dim]journalctl -u {e.unit} -n 50 on {e.host}:[/dim]")
+        console.print(e.journal, markup=False, highlight=False)
+    console.print("Fix the cause and run apply again: it continues from what is on the hosts.")
+
+
+def _print_destroy(console: Console, owned: Mapping[str, Observed]) -> None:
+    for h, o in owned.items():
+        assert o.manifest is not None
+        console.print(f"[bold]{h}[/bold]")
+        for u in [*(o.manifest.units), *([o.manifest.target_unit] if o.manifest.target_unit else [])]:
+            console.print(f"  [red]- stop+remove[/red] {u}")
+        for path in o.manifest.owned_paths():
+            console.print(f"  [red]- delete[/red]      {path}")
+
+
+def remove_owned(conn: Connection, c: Context, obs: Observed) -> None:
+    """Stop and remove exactly what the host's manifest names, then the state folder."""
+    m = obs.manifest
+    assert m is not None
+    units = [*m.units, *([m.target_unit] if m.target_unit else [])]
+    push(conn, [], stop=units, remove=m.owned_paths(), reload=True)
+    conn.run(["rm", "-rf", "--", c.state_dir], sudo=True)
+    conn.run(["rmdir", "--ignore-fail-on-non-empty", "--", c.desired.config_dir], sudo=True)
+
+
+def status_report(c: Context, observed: Mapping[str, Observed], plan: Plan) -> StatusReport:
+    from disaggctl.health import http_probe
+
+    rows: list[ProcessStatus] = []
+    for p in c.desired.processes:
+        obs = observed[p.host]
+        unit = c.unit_of[p.name]
+        base: dict[str, Any] = {"name": p.name, "role": p.role.value, "instance": p.instance, "host": p.host}
+        base |= {"unit": unit, "port": p.http_port, "gpus": list(p.gpus)}
+        if obs.error:
+            rows.append(ProcessStatus(state="unreachable", running=False, healthy=None, drift=[obs.error], **base))
+            continue
+        uf = obs.units.get(unit)
+        installed = uf is not None and uf.load_state != "not-found"
+        state = f"{uf.active_state}/{uf.sub_state}" if uf is not None and installed else "not installed"
+        healthy, health = None, "-"
+        if p.health_url:
+            healthy, detail = http_probe(p.health_url, 3.0)
+            health = "ok" if healthy else detail
+        pid = uf.main_pid if uf is not None and uf.main_pid > 0 else None
+        restarts = uf.n_restarts if uf is not None and installed else None
+        running = bool(uf and uf.running)
+        rows.append(ProcessStatus(state=state, running=running, healthy=healthy, health=health, pid=pid,
+                                  restarts=restarts, drift=_drift(c, obs, p, unit), **base))  # fmt: skip
+    notes = ["The hosts differ from the spec: run `disaggctl plan` to see the changes."] if plan.changed else []
+    ok = not plan.changed and all(r.running and r.healthy is not False and not r.drift for r in rows)
+    deployed = any(o.manifest is not None for o in observed.values())
+    return StatusReport(deployment=c.desired.name, target="systemd", deployed=deployed, healthy=ok,
+                        endpoint=c.desired.router_url or None, processes=rows, notes=notes)  # fmt: skip
 
 
 def _raise_first(results: Mapping[str, object], phase: str) -> None:
@@ -824,22 +789,6 @@ def _raise_first(results: Mapping[str, object], phase: str) -> None:
             raise r
         if isinstance(r, BaseException):
             raise ApplyError(host, None, f"{phase}: {r}") from r
-
-
-def _confirm(console: object, question: str = "Apply these changes?") -> bool:
-    if not sys.stdin.isatty():
-        raise DisaggError("refusing to change hosts without confirmation: stdin is not a terminal; pass -y")
-    from rich.prompt import Confirm
-
-    return bool(Confirm.ask(question, default=False))
-
-
-def _gpus(p: Process) -> str:
-    return ",".join(str(g) for g in p.gpus) or "-"
-
-
-def _port(p: Process) -> str:
-    return str(p.http_port) if p.http_port else "-"
 
 
 def _drift(c: Context, obs: Observed, p: Process, unit: str) -> list[str]:

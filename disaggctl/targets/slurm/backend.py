@@ -15,20 +15,32 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from disaggctl import slurm_cli as cli
 from disaggctl.errors import DisaggError
 from disaggctl.render.slurm import STOP_TIMEOUT_S, job_name, render_slurm, script_hash, script_of, slurm_target
+from disaggctl.targets.base import (
+    Action,
+    ProcessAction,
+    SavedPlan,
+    check_saved_plan,
+    confirm,
+    finish_plan,
+    plan_meta,
+    select_processes,
+)
+from disaggctl.targets.slurm import cli
+from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit
 
 if TYPE_CHECKING:
     from disaggctl.deployment import DesiredState
     from disaggctl.spec import ClusterSpec
     from disaggctl.targets import OpsContext
+    from disaggctl.targets.ui import Phases
 
 
 @dataclass(frozen=True)
@@ -76,10 +88,15 @@ class SshRunner:
         else:
             # known_hosts/strict_host_keys: read when the spec grows them (target.submit has neither yet)
             known = getattr(s, "known_hosts", None)
-            target = ssh.SshTarget(name=s.host, address=s.host, port=s.port, user=s.user or getpass.getuser(),
-                                   key=os.path.expanduser(s.key) if s.key else None,
-                                   known_hosts=str(known) if known else None,
-                                   strict=bool(getattr(s, "strict_host_keys", False)))
+            target = ssh.SshTarget(
+                name=s.host,
+                address=s.host,
+                port=s.port,
+                user=s.user or getpass.getuser(),
+                key=os.path.expanduser(s.key) if s.key else None,
+                known_hosts=str(known) if known else None,
+                strict=bool(getattr(s, "strict_host_keys", False)),
+            )
         self.where = f"{target.user}@{target.address}"
         self._conn = ssh.connect(target)
 
@@ -142,15 +159,23 @@ class PlanResult:
         return self.submit or bool(self.cancel)
 
     def to_json(self) -> dict[str, object]:
-        return {"target": "slurm", "hash": self.hash,
-                "observed": {j.job_id: (j.tag.hash if j.tag else None) for j in self.jobs},
-                "keep": self.keep, "cancel": self.cancel, "submit": self.submit}
+        return {
+            "target": "slurm",
+            "hash": self.hash,
+            "observed": {j.job_id: (j.tag.hash if j.tag else None) for j in self.jobs},
+            "keep": self.keep,
+            "cancel": self.cancel,
+            "submit": self.submit,
+        }
 
 
 def compute_plan(script_digest: str, jobs: list[cli.Job]) -> PlanResult:
     """Pure: which jobs to keep, cancel or submit so exactly one job runs the rendered script."""
-    same = [j.job_id for j in jobs
-            if j.tag and j.tag.hash == script_digest and j.tag.state not in ("failed", "stopping", "stopped")]
+    same = [
+        j.job_id
+        for j in jobs
+        if j.tag and j.tag.hash == script_digest and j.tag.state not in ("failed", "stopping", "stopped")
+    ]
     keep = same[-1] if same else None
     # While a successor takes over, two jobs with the same script overlap: keep both (the old one leaves itself).
     cancel = [j.job_id for j in jobs if j.job_id not in same]
@@ -161,9 +186,13 @@ def compute_plan(script_digest: str, jobs: list[cli.Job]) -> PlanResult:
 
 
 class SlurmBackend:
-    def __init__(self, runner_factory: Callable[[ClusterSpec], Runner] = runner_for,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
-                 poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        runner_factory: Callable[[ClusterSpec], Runner] = runner_for,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        poll_s: float = 1.0,
+    ) -> None:
         self._runner_factory = runner_factory
         self._sleep = sleep
         self._clock = clock
@@ -189,20 +218,16 @@ class SlurmBackend:
     def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
         run = self._runner_factory(ctx.spec)
         p = self.plan_for(ctx, run)
-        if out_file:
-            with open(out_file, "w") as f:
-                json.dump({**_meta(ctx), **p.to_json()}, f, indent=2)
-        if ctx.output == "json":
-            ctx.console.print_json(json.dumps(p.to_json()))
-        else:
-            self._show(ctx, p, run)
-        return 2 if detailed_exitcode and p.changes else 0
+        return finish_plan(ctx, saved_plan(ctx, p), lambda: self._show(ctx, p, run), out_file, detailed_exitcode)
 
     def _show(self, ctx: OpsContext, p: PlanResult, run: Runner) -> None:
         for j in p.jobs:
             tag = j.tag
-            what = "matches the spec" if tag and tag.hash == p.hash else \
-                f"runs another script (hash {tag.hash if tag else 'none'})"
+            what = (
+                "matches the spec"
+                if tag and tag.hash == p.hash
+                else f"runs another script (hash {tag.hash if tag else 'none'})"
+            )
             self._say(ctx, f"job {j.job_id} {j.state} on {','.join(j.nodes)}: {what}")
         if not p.changes:
             self._say(ctx, f"No changes: job {p.keep} runs the rendered script (hash {p.hash}).")
@@ -212,30 +237,30 @@ class SlurmBackend:
             self._say(ctx, f"+ submit job {job_name(ctx.spec)} (hash {p.hash}) via {run.where}")
 
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
+        from disaggctl.targets.ui import Phases
+
         run = self._runner_factory(ctx.spec)
         script, digest = self._script(ctx)
         p = compute_plan(digest, list_jobs(run, job_name(ctx.spec)))
-        if plan_file:
-            with open(plan_file) as f:
-                saved = json.load(f)
-            if saved.get("hash") != digest:
-                raise DisaggError(f"the saved plan {plan_file} was made for another script "
-                                  f"(hash {saved.get('hash')}, now {digest}); run `disaggctl plan` again")
-            if saved.get("observed") != p.to_json()["observed"]:
-                raise DisaggError(f"the jobs changed since {plan_file} was made; run `disaggctl plan` again")
-        if p.cancel and not ctx.yes and not plan_file:
-            self._show(ctx, p, run)
-            if not _confirm(f"Cancel job(s) {', '.join(p.cancel)} and submit the new script?"):
-                return 1
-        if p.cancel:
-            self._stop_jobs(ctx, run, p.cancel)
-        job_id = p.keep
-        if job_id is None:
-            job_id = self.submit(ctx, run, script)
-        else:
-            self._say(ctx, f"job {job_id} already runs this spec (hash {digest})")
-        endpoint, urls = self.wait_ready(ctx, run, job_id)
-        self.check_health(ctx, endpoint, urls)
+        observed = p.to_json()["observed"]
+        check_saved_plan(plan_file, saved_plan(ctx, p), lambda s: _stale(s, observed))
+        self._show(ctx, p, run)
+        if p.changes and not confirm(ctx, f"Cancel job(s) {', '.join(p.cancel) or '-'} and submit the new script?",
+                                     plan_file):  # fmt: skip
+            return 1
+        with Phases(ctx.console) as phases:
+            if p.cancel:
+                with phases.step("slurm", f"stop job(s) {', '.join(p.cancel)}"):
+                    self._stop_jobs(ctx, run, p.cancel)
+            job_id = p.keep
+            if job_id is None:
+                with phases.step("slurm", "submit"):
+                    job_id = self.submit(ctx, run, script)
+            else:
+                self._say(ctx, f"job {job_id} already runs this spec (hash {digest})")
+            with phases.step(f"job {job_id}", "ready"):
+                endpoint, urls = self.wait_ready(ctx, run, job_id)
+            self.check_health(ctx, endpoint, urls, phases)
         if ctx.output == "json":
             ctx.console.print_json(json.dumps({"job": job_id, "endpoint": endpoint, "urls": urls}))
         else:
@@ -243,34 +268,16 @@ class SlurmBackend:
         return 0
 
     def status(self, ctx: OpsContext) -> int:
-        from disaggctl.health import http_probe
-
         run = self._runner_factory(ctx.spec)
         jobs = list_jobs(run, job_name(ctx.spec))
         _, digest = self._script(ctx)
-        report = []
-        healthy = False
-        for j in jobs:
-            tag = j.tag
-            row: dict[str, object] = {"job": j.job_id, "state": j.state, "reason": j.reason, "nodes": j.nodes,
-                                      "time_left": j.time_left, "deployment": tag.state if tag else None,
-                                      "endpoint": tag.endpoint if tag else "", "matches_spec": bool(tag and
-                                                                                                   tag.hash == digest)}
-            if tag and tag.endpoint:
-                ok, detail = http_probe(tag.endpoint.rstrip("/") + "/health", 5)
-                row["health"] = detail
-                healthy = healthy or ok
-            report.append(row)
-        if ctx.output == "json":
-            ctx.console.print_json(json.dumps({"jobs": report, "healthy": healthy}))
-        elif not report:
-            self._say(ctx, f"No job named {job_name(ctx.spec)} is pending or running.")
-        else:
-            for row in report:
-                self._say(ctx, "job {job} {state} ({reason}) nodes {nodes} left {time_left}: deployment "
-                               "{deployment}, endpoint {endpoint}, health {health}, matches spec: {matches_spec}"
-                          .format(**{"health": "-", **row}))
-        return 0 if healthy else 1
+        current = next((j for j in reversed(jobs) if j.running), jobs[-1] if jobs else None)
+        fields: dict[str, str] = {}
+        if current is not None and current.running:
+            fields = cli.parse_state_file(read_file(run, f"{ctx.desired.config_dir}/state.{current.job_id}") or "")
+        report = status_report(ctx, jobs, current, fields, digest)
+        print_status(ctx, report)
+        return status_exit(report)
 
     def destroy(self, ctx: OpsContext) -> int:
         run = self._runner_factory(ctx.spec)
@@ -280,7 +287,7 @@ class SlurmBackend:
             return 0
         for j in jobs:
             self._say(ctx, f"- job {j.job_id} {j.state} on {','.join(j.nodes)}")
-        if not ctx.yes and not _confirm("Cancel these jobs?"):
+        if not confirm(ctx, "Cancel these jobs?"):
             return 1
         self._stop_jobs(ctx, run, [j.job_id for j in jobs])
         self._say(ctx, "Destroyed.")
@@ -292,9 +299,7 @@ class SlurmBackend:
         if not jobs:
             raise DisaggError(f"no running job named {job_name(ctx.spec)}")
         job = jobs[-1]
-        names = [p.name for p in ctx.desired.processes
-                 if (role is None or p.role.value == role)
-                 and (instance is None or p.instance == f"{p.role.value}-{instance}")]
+        names = [p.name for p in select_processes(ctx.desired, role, instance)]
         paths = [f"{ctx.desired.config_dir}/logs/{job.job_id}/{n}.log" for n in names]
         if role is None and instance is None:
             full = show_job(run, job.job_id)
@@ -320,8 +325,9 @@ class SlurmBackend:
         self._say(ctx, f"submitted job {job_id} ({job_name(ctx.spec)}) via {run.where}")
         return job_id
 
-    def wait_ready(self, ctx: OpsContext, run: Runner, job_id: str,
-                   timeout_s: float | None = None) -> tuple[str, dict[str, str]]:
+    def wait_ready(
+        self, ctx: OpsContext, run: Runner, job_id: str, timeout_s: float | None = None
+    ) -> tuple[str, dict[str, str]]:
         """Until the job reports `ready` in its comment; a job that ends or fails first is reported with the
         relevant lines of its output file."""
         # Pending time counts too: a busy partition may hold the job for a while before it starts.
@@ -345,18 +351,29 @@ class SlurmBackend:
                     state, endpoint = fields["state"], fields.get("endpoint", "")
             now = f"{job.state}/{state}"
             if now != last:
-                self._say(ctx, f"job {job_id}: {job.state}" + (f" ({job.reason})" if job.reason not in ("", "None")
-                                                               else "") + f", deployment {state}")
+                self._say(
+                    ctx,
+                    f"job {job_id}: {job.state}"
+                    + (f" ({job.reason})" if job.reason not in ("", "None") else "")
+                    + f", deployment {state}",
+                )
                 last = now
             if state == "ready" and job.running and endpoint:
                 urls = {k[4:]: v for k, v in fields.items() if k.startswith("url.")}
                 return endpoint, urls
             if job.finished or state == "failed":
-                self._fail(run, job, f"job {job_id} ended ({job.state}, exit {job.exit_code}) before it was ready"
-                           if job.finished else f"job {job_id} reported a failure")
+                self._fail(
+                    run,
+                    job,
+                    f"job {job_id} ended ({job.state}, exit {job.exit_code}) before it was ready"
+                    if job.finished
+                    else f"job {job_id} reported a failure",
+                )
             if self._clock() - start > limit:
-                raise DisaggError(f"job {job_id} not ready after {limit:g} s (Slurm state {job.state}, "
-                                  f"reason {job.reason}); it keeps running: `disaggctl destroy` cancels it")
+                raise DisaggError(
+                    f"job {job_id} not ready after {limit:g} s (Slurm state {job.state}, "
+                    f"reason {job.reason}); it keeps running: `disaggctl destroy` cancels it"
+                )
             self._sleep(self._poll_s)
 
     def _fail(self, run: Runner, job: cli.Job, message: str) -> None:
@@ -369,22 +386,19 @@ class SlurmBackend:
         detail = "\n".join(f"    {ln}" for ln in lines) or "    (the output file is empty)"
         raise DisaggError(f"{message}; from {job.stdout or 'its output file'}:\n{detail}")
 
-    def check_health(self, ctx: OpsContext, endpoint: str, urls: dict[str, str]) -> None:
-        """The same gate as the systemd target: every /health, then one canary through the router."""
-        from disaggctl.health import run_canary, wait_healthy
-        from disaggctl.spec import Role
+    def check_health(self, ctx: OpsContext, endpoint: str, urls: dict[str, str], phases: Phases | None = None) -> None:
+        """The shared gate: every /health (at the URLs the job reported), the router, the canary."""
+        from disaggctl.targets.gate import HealthGate, canary_summary
 
         if ctx.options.get("skip_canary"):
             return
-        h = ctx.spec.health
-        targets = {name: url.rstrip("/") + "/health" for name, url in urls.items()}
-        wait_healthy(targets or {"router": endpoint + "/health"}, h.startup_timeout_s, h.interval_s)
-        decode = [urls[p.name].rstrip("/") + "/metrics" for p in ctx.desired.processes
-                  if p.role is Role.DECODE and p.name in urls]
-        result = run_canary(endpoint, ctx.desired.model_name, h.canary.prompt, h.canary.max_tokens, decode,
-                            h.request_timeout_s, h.canary.require_kv_transfer)
-        self._say(ctx, f"canary: {result.completion_tokens} tokens in {result.latency_s:.2f} s, "
-                       f"{result.kv_tokens:g} prompt tokens received by decode from prefill")
+        gate = HealthGate(ctx.spec, ctx.desired, urls=urls or {"router": endpoint}, router_url=endpoint)
+        with phases.step("slurm", f"health ({len(gate.urls)})") if phases else nullcontext():
+            gate.wait()
+        with phases.step("slurm", "canary") if phases else nullcontext():
+            gate.router_sees_upstreams()
+            result = gate.canary()
+        self._say(ctx, canary_summary(result))
 
     def _stop_jobs(self, ctx: OpsContext, run: Runner, ids: list[str]) -> None:
         """Clean stop (SIGTERM to the batch shell: its trap stops router, prefill, decode), then scancel
@@ -416,19 +430,53 @@ class SlurmBackend:
             self._sleep(self._poll_s)
 
 
-def _meta(ctx: OpsContext) -> dict[str, object]:
-    """What `disaggctl apply plan.json` needs to rebuild the context (as the other targets write it)."""
-    topo = ctx.options.get("topology_file")
-    return {"spec_file": os.path.abspath(ctx.loaded.file), "profiles": list(ctx.loaded.spec.profiles),
-            "topology_file": str(topo) if topo else None}
+def saved_plan(ctx: OpsContext, p: PlanResult) -> SavedPlan:
+    """The shared plan document: every process follows the job (submitted, replaced or kept)."""
+    act = Action.UNCHANGED if not p.submit else (Action.UPDATE if p.jobs else Action.CREATE)
+    why = {Action.UNCHANGED: f"job {p.keep} runs it", Action.UPDATE: "the job runs another script",
+           Action.CREATE: "no job runs the deployment"}[act]  # fmt: skip
+    actions = [ProcessAction(process=q.name, action=act, reason=why, role=q.role.value, instance=q.instance,
+                             host=q.host, start_order=q.start_order) for q in ctx.desired.processes]  # fmt: skip
+    return SavedPlan(meta=plan_meta(ctx, "slurm", p.hash), changed=p.changes, actions=actions, target=p.to_json())
 
 
-def _confirm(question: str) -> bool:
-    if not sys.stdin.isatty():
-        raise DisaggError("refusing to cancel jobs without confirmation: stdin is not a terminal; pass -y")
-    from rich.prompt import Confirm
+def _stale(saved: SavedPlan, observed: object) -> list[str]:
+    if saved.target.get("observed") != observed:
+        return ["the jobs changed since the plan was made"]
+    return []
 
-    return bool(Confirm.ask(question, default=False))
+
+def status_report(
+    ctx: OpsContext, jobs: list[cli.Job], current: cli.Job | None, fields: dict[str, str], digest: str
+) -> StatusReport:
+    """One row per process of the newest running job (URLs from its state file), the jobs as detail."""
+    from disaggctl.health import http_probe
+
+    tag = current.tag if current else None
+    endpoint = (tag.endpoint if tag and tag.endpoint else fields.get("endpoint")) or None
+    matches = bool(tag and tag.hash == digest)
+    rows: list[ProcessStatus] = []
+    for q in ctx.desired.processes:
+        url = fields.get(f"url.{q.name}")
+        healthy, health = None, "-"
+        if url:
+            healthy, detail = http_probe(url.rstrip("/") + "/health", 5)
+            health = "ok" if healthy else detail
+        running = bool(current and current.running)
+        state = current.state if current else "not deployed"
+        rows.append(ProcessStatus(
+            name=q.name, role=q.role.value, instance=q.instance, host=",".join(current.nodes) if current else "",
+            state=state, running=running, healthy=healthy, health=health, port=q.http_port, gpus=list(q.gpus),
+            unit=current.job_id if current else None,
+            drift=[] if matches or not current else ["job runs another script"],
+        ))  # fmt: skip
+    job_rows = [{"job": j.job_id, "state": j.state, "reason": j.reason, "nodes": j.nodes, "time_left": j.time_left,
+                 "deployment": j.tag.state if j.tag else None, "endpoint": j.tag.endpoint if j.tag else "",
+                 "matches_spec": bool(j.tag and j.tag.hash == digest)} for j in jobs]  # fmt: skip
+    notes = [] if jobs else [f"No job named {job_name(ctx.spec)} is pending or running."]
+    ok = bool(rows) and matches and all(r.running and r.healthy is not False for r in rows)
+    return StatusReport(deployment=ctx.desired.name, target="slurm", deployed=bool(jobs), healthy=ok,
+                        endpoint=endpoint, processes=rows, notes=notes, detail={"jobs": job_rows})  # fmt: skip
 
 
 def sbatch_test_only(run: Runner, desired: DesiredState, spec: ClusterSpec, path: str) -> Result:

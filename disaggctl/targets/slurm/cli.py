@@ -12,10 +12,21 @@ import re
 from dataclasses import dataclass, field
 
 # Job states after which nothing of the job runs any more (scontrol/squeue long names).
-TERMINAL = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-    "PREEMPTED", "REVOKED", "SPECIAL_EXIT",
-})
+TERMINAL = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+    }
+)
 SEP = "\x1f"  # squeue field separator: a byte no job name or comment contains
 SQUEUE_FIELDS = ("%i", "%j", "%T", "%r", "%N", "%k", "%L", "%S", "%o")
 COMMENT_PREFIX = "disaggctl:"
@@ -146,9 +157,18 @@ def jobs_from_queue(rows: list[QueueRow]) -> list[Job]:
     for leader, comps in by.items():
         comps.sort(key=lambda r: r.component)
         c0 = comps[0]
-        jobs.append(Job(job_id=leader, name=c0.name, state=c0.state, reason=c0.reason,
-                        nodes=[c.nodes for c in comps], comment=c0.comment, time_left=c0.time_left,
-                        start=c0.start))
+        jobs.append(
+            Job(
+                job_id=leader,
+                name=c0.name,
+                state=c0.state,
+                reason=c0.reason,
+                nodes=[c.nodes for c in comps],
+                comment=c0.comment,
+                time_left=c0.time_left,
+                start=c0.start,
+            )
+        )
     return sorted(jobs, key=lambda j: int(j.job_id) if j.job_id.isdigit() else 0)
 
 
@@ -184,10 +204,20 @@ def parse_scontrol_jobs(out: str) -> list[Job]:
     for leader, comps in by.items():
         comps.sort(key=lambda r: int(r.get("HetJobOffset", "0")))
         c0 = comps[0]
-        jobs.append(Job(job_id=leader, name=c0.get("JobName", ""), state=c0.get("JobState", ""),
-                        reason=c0.get("Reason", ""), nodes=[c.get("NodeList", "") for c in comps],
-                        comment=c0.get("Comment", "").strip(), stdout=c0.get("StdOut", ""),
-                        exit_code=c0.get("ExitCode", ""), start=c0.get("StartTime", ""), fields=c0))
+        jobs.append(
+            Job(
+                job_id=leader,
+                name=c0.get("JobName", ""),
+                state=c0.get("JobState", ""),
+                reason=c0.get("Reason", ""),
+                nodes=[c.get("NodeList", "") for c in comps],
+                comment=c0.get("Comment", "").strip(),
+                stdout=c0.get("StdOut", ""),
+                exit_code=c0.get("ExitCode", ""),
+                start=c0.get("StartTime", ""),
+                fields=c0,
+            )
+        )
     return jobs
 
 
@@ -211,11 +241,12 @@ class Comment:
 def parse_comment(comment: str) -> Comment | None:
     if not comment.startswith(COMMENT_PREFIX):
         return None
-    parts = comment[len(COMMENT_PREFIX):].split(":", 2)
+    parts = comment[len(COMMENT_PREFIX) :].split(":", 2)
     if not parts[0]:
         return None
-    return Comment(parts[0], parts[1] if len(parts) > 1 and parts[1] else "submitted",
-                   parts[2] if len(parts) > 2 else "")
+    return Comment(
+        parts[0], parts[1] if len(parts) > 1 and parts[1] else "submitted", parts[2] if len(parts) > 2 else ""
+    )
 
 
 def parse_state_file(text: str) -> dict[str, str]:

@@ -1,0 +1,144 @@
+"""The one health gate of every target: wait until instances are healthy, until the router sees its
+upstreams, then one canary request end to end with the same inputs for every connector.
+
+A target says only where its processes answer (`urls`: process name -> base URL, from the spec
+for systemd and local, from the job's state file on Slurm) and, optionally, how to tell a process
+died (`alive`) and how an HTTP GET is made (`probe`/`fetch`: today from this machine; a target
+that must check through an SSH channel passes its own).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from disaggctl.health import CanaryResult, HealthProgress, Probe, http_probe, run_canary, wait_healthy
+
+if TYPE_CHECKING:
+    from disaggctl.deployment import DesiredState
+    from disaggctl.spec import ClusterSpec
+
+# fetch(url, timeout_s) -> body: an HTTP GET (raises OSError/ValueError when it fails)
+Fetch = Callable[[str, float], bytes]
+
+
+def http_fetch(url: str, timeout_s: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        body: bytes = r.read()
+        return body
+
+
+@dataclass(frozen=True)
+class CanaryInputs:
+    """Everything the canary gets, derived from the spec once for every target."""
+
+    prompt: str
+    max_tokens: int
+    timeout_s: float
+    require_kv_transfer: bool
+    block_size: int | None  # shared-storage: steer the prompt clear of the length it cannot find
+
+
+def canary_inputs(spec: ClusterSpec, desired: DesiredState) -> CanaryInputs:
+    h = spec.health
+    block = (spec.decode.block_size or 32) if desired.kv_kind == "shared-storage" else None
+    return CanaryInputs(h.canary.prompt, h.canary.max_tokens, h.request_timeout_s, h.canary.require_kv_transfer, block)
+
+
+@dataclass
+class HealthGate:
+    """wait(names) per start phase, then router_sees_upstreams() and canary(); run() does all three."""
+
+    spec: ClusterSpec
+    desired: DesiredState
+    urls: Mapping[str, str] = field(default_factory=dict)  # process -> base URL; default: the spec's
+    router_url: str = ""  # default: the deployment's
+    probe: Probe = http_probe
+    fetch: Fetch = http_fetch
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            self.urls = {p.name: p.health_url.rsplit("/", 1)[0] for p in self.desired.processes if p.health_url}
+        self.router_url = (self.router_url or self.desired.router_url).rstrip("/")
+
+    def health_urls(self, names: Iterable[str] | None = None) -> dict[str, str]:
+        wanted = set(self.urls) if names is None else set(names)
+        return {n: u.rstrip("/") + "/health" for n, u in self.urls.items() if n in wanted}
+
+    def wait(
+        self,
+        names: Iterable[str] | None = None,
+        alive: Callable[[str], bool] | None = None,
+        on_progress: Callable[[HealthProgress], None] | None = None,
+    ) -> dict[str, float]:
+        """Every named process (default: all) answers /health with 200; HealthError names the first not."""
+        h = self.spec.health
+        targets = self.health_urls(names)
+        if not targets:
+            return {}
+        return wait_healthy(
+            targets, h.startup_timeout_s, h.interval_s, alive=alive, on_progress=on_progress, probe=self.probe
+        )
+
+    def router_sees_upstreams(self, timeout_s: float | None = None) -> bool:
+        """The builtin router's /health marks every upstream healthy (other routers: True at once).
+
+        The router checks its upstreams on its own interval: right after a restart it may still route
+        around an instance (a canary then prefills locally and shows no KV transfer). False at the
+        timeout: the canary then reports what it sees.
+        """
+        if self.spec.router.kind != "builtin":
+            return True
+        h = self.spec.health
+        deadline = time.monotonic() + (min(h.startup_timeout_s, 120.0) if timeout_s is None else timeout_s)
+        while True:
+            try:
+                body = json.loads(self.fetch(self.router_url + "/health", 5.0))
+                pools = [*body.get("prefill", []), *body.get("decode", [])]
+                if pools and all(i.get("healthy") for i in pools):
+                    return True
+            except (OSError, ValueError, AttributeError):
+                pass
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(h.interval_s)
+
+    def decode_metrics(self) -> list[str]:
+        decode = {p.name for p in self.desired.processes if p.role.value == "decode"}
+        return [u.rstrip("/") + "/metrics" for n, u in self.urls.items() if n in decode]
+
+    def canary(self) -> CanaryResult:
+        """One completion through the router; decode's metrics must show the KV came from prefill."""
+        c = canary_inputs(self.spec, self.desired)
+        return run_canary(
+            self.router_url,
+            self.desired.model_name,
+            c.prompt,
+            c.max_tokens,
+            self.decode_metrics(),
+            c.timeout_s,
+            c.require_kv_transfer,
+            block_size=c.block_size,
+        )
+
+    def run(
+        self,
+        alive: Callable[[str], bool] | None = None,
+        on_progress: Callable[[HealthProgress], None] | None = None,
+    ) -> CanaryResult:
+        self.wait(None, alive, on_progress)
+        self.router_sees_upstreams()
+        return self.canary()
+
+
+def canary_summary(res: CanaryResult) -> str:
+    """The one line every target prints after a canary."""
+    kv = f"decode received the KV of {res.kv_tokens:g} prompt tokens" if res.kv_transferred else "no KV transfer"
+    return (
+        f"canary: {res.prompt_tokens} prompt tokens -> {res.completion_tokens} tokens {res.text!r} "
+        f"in {res.latency_s:.2f} s ({kv}; {res.kv_tokens:g} prompt tokens received by decode from prefill)"
+    )
