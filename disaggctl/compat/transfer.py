@@ -1,0 +1,174 @@
+"""The KV transfer plan and the compatibility report of a placed, compiled deployment.
+
+Transfer time of a typical prompt (workload.isl tokens) over a link is modelled as the bytes
+the busiest GPU moves divided by that GPU's link bandwidth (NVLink inside one NVLink domain,
+else its scale-out NIC). Decode GPUs each receive their share of the KV (MLA: the whole latent
+cache); prefill GPUs each send their share (several decode ranks may read one prefill rank).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from importlib import metadata
+
+from disaggctl.compat import fingerprint as fp
+from disaggctl.compat.nixl import KvModel, read_sources, tp_ratio
+from disaggctl.compat.report import CompatReport, InstanceFingerprint, LinkEstimate, TransferPlan
+from disaggctl.compat.spec_rules import kv_model
+from disaggctl.deployment import Instance, Placement, Process
+from disaggctl.spec import ClusterSpec, LocalTarget, Role
+
+
+def environment_versions(spec: ClusterSpec) -> dict[str, str]:
+    """NIXL's version where disaggctl can know it: a local target runs this environment's NIXL."""
+    if not isinstance(spec.target, LocalTarget):
+        return {}
+    try:
+        return {"nixl": metadata.version("nixl")}
+    except metadata.PackageNotFoundError:
+        return {}
+
+
+def fingerprints(spec: ClusterSpec, placement: Placement, processes: list[Process]) -> list[InstanceFingerprint]:
+    """One fingerprint per vLLM instance, from its head process's argv."""
+    model = kv_model(spec)
+    mla = bool(model and model.mla)
+    versions = environment_versions(spec)
+    heads = {p.instance: p for p in processes if p.role is not Role.ROUTER and p.node_rank == 0}
+    out = []
+    for inst in placement.instances:
+        proc = heads.get(inst.name)
+        if proc is None:
+            continue
+        vllm = fp.vllm_factors(proc.argv, inst.head.arch, mla)
+        extra = fp.extra_factors(proc.argv, versions)
+        out.append(
+            InstanceFingerprint(
+                instance=inst.name,
+                role=inst.role.value,
+                fingerprint=fp.digest(vllm, extra),
+                vllm_hash_factors=vllm,
+                extra_factors=extra,
+            )
+        )
+    return out
+
+
+def pinned_backend(spec: ClusterSpec, placement: Placement) -> tuple[str | None, str | None]:
+    """(`--attention-backend` for every instance, a note for the plan) when one must be pinned.
+
+    vLLM hashes the attention backend into the NIXL handshake and picks a different default per
+    architecture (FLASHINFER on Blackwell, FLASH_ATTN on Hopper), so a mixed pair needs a pin:
+    the spec's model.attention_backend, else one both architectures support.
+    """
+    if spec.model.attention_backend:
+        return spec.model.attention_backend, None
+    archs = {n.arch for i in placement.instances for n in i.nodes}
+    if len(archs) <= 1 or None in archs:
+        return None, None
+    model = kv_model(spec)
+    backend = fp.COMMON_BACKEND[bool(model and model.mla)]
+    note = (
+        f"prefill and decode run on different GPU architectures ({', '.join(sorted(a for a in archs if a))}): "
+        f"pinned --attention-backend {backend} on every instance so the NIXL handshake hashes alike "
+        "(set model.attention_backend to choose another)"
+    )
+    return backend, note
+
+
+def _domain(inst: Instance) -> str | None:
+    domains = {n.nvlink_domain for n in inst.nodes}
+    return domains.pop() if len(domains) == 1 else None
+
+
+def _link_gbs(spec: ClusterSpec, a: Instance, b: Instance, kind: str) -> float | None:
+    """GB/s per GPU per direction of the slower side's link (profiles per GPU type)."""
+    from disaggctl.sizing.hardware import PROFILE_OF, load_gpu
+
+    rates: list[float] = []
+    for inst in (a, b):
+        gpu = inst.head.gpu
+        if gpu in PROFILE_OF:
+            g = load_gpu(gpu)
+            rates.append(g.nvlink_gbps if kind == "nvlink" else g.nic_gbps / 8)
+            continue
+        hw = spec.hardware
+        rate = hw.nvlink_gbps if kind == "nvlink" else (hw.nic_gbps / 8 if hw.nic_gbps else None)
+        if rate is None:
+            return None
+        rates.append(rate)
+    return min(rates) if rates else None
+
+
+def _busiest_gpu_bytes(total: float, p: Instance, d: Instance, model: KvModel) -> float:
+    if model.mla:
+        sink = total
+        source = total * max(1, d.tensor_parallel // p.tensor_parallel) / p.pipeline_parallel
+    else:
+        sink = total / min(d.tensor_parallel, model.kv_heads)
+        source = total / (min(p.tensor_parallel, model.kv_heads) * p.pipeline_parallel)
+    return max(sink, source)
+
+
+def _kv_bytes(spec: ClusterSpec) -> float:
+    m = spec.model
+    if m.kv_cache_dtype.startswith("fp8"):
+        return 1.0
+    return 4.0 if m.dtype == "float32" else 2.0
+
+
+def transfer_plan(spec: ClusterSpec, placement: Placement) -> TransferPlan | None:
+    """TP ratio, ranks read, KV bytes and the links between every prefill and decode instance."""
+    pre, dec = placement.by_role(Role.PREFILL), placement.by_role(Role.DECODE)
+    p_tp, d_tp = spec.prefill.tensor_parallel, spec.decode.tensor_parallel
+    ratio = tp_ratio(d_tp, p_tp)
+    if not pre or not dec or ratio is None:
+        return None
+    arch = spec.model.resolved_architecture()
+    model = kv_model(spec) or KvModel(kv_heads=max(p_tp, d_tp))
+    per_token = arch.kv_bytes_per_token(_kv_bytes(spec)) if arch else None
+    isl = spec.workload.isl
+    total = per_token * isl if per_token else None
+    pairs: list[list[str]] = []
+    kinds: Counter[str] = Counter()
+    example: dict[str, tuple[Instance, Instance]] = {}
+    for p in pre:
+        for d in dec:
+            same = _domain(p) is not None and _domain(p) == _domain(d)
+            kind = "nvlink" if same else "nic"
+            pairs.append([p.name, d.name, kind])
+            kinds[kind] += 1
+            example.setdefault(kind, (p, d))
+    links = []
+    for kind, (p, d) in sorted(example.items()):
+        gbs = _link_gbs(spec, p, d, kind)
+        ms = _busiest_gpu_bytes(total, p, d, model) / (gbs * 1e9) * 1e3 if total and gbs else None
+        links.append(
+            LinkEstimate(
+                kind=kind,
+                gb_per_s=gbs,
+                pairs=kinds[kind],
+                example=[p.name, d.name],
+                transfer_ms=round(ms, 3) if ms is not None else None,
+            )
+        )
+    return TransferPlan(
+        prefill_tp=p_tp,
+        decode_tp=d_tp,
+        prefill_pp=spec.prefill.pipeline_parallel,
+        tp_ratio=ratio,
+        reads={str(r): read_sources(r, p_tp, d_tp, model) for r in range(d_tp)},
+        kv_bytes_per_token=per_token,
+        typical_prompt_tokens=isl,
+        typical_prompt_bytes=total,
+        links=links,
+        pairs=pairs,
+    )
+
+
+def build_report(spec: ClusterSpec, placement: Placement, processes: list[Process]) -> CompatReport:
+    return CompatReport(
+        kv_transfer=spec.kv_transfer.kind,
+        fingerprints=fingerprints(spec, placement, processes),
+        transfer=transfer_plan(spec, placement),
+    )
