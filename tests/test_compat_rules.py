@@ -56,13 +56,20 @@ def test_tp_heavy_prefill_small_decode_plans_with_reads_and_nic_time() -> None:
     assert link.transfer_ms == pytest.approx(t.typical_prompt_bytes / 2 / 50e9 * 1e3, rel=1e-3)
 
 
-def test_same_node_pairs_use_nvlink() -> None:
-    text = BASE.replace("  hosts: {names: [b]}\n", "  hosts: {names: [a]}\n").replace("replicas: 4", "replicas: 0")
-    text = text.replace("prefill:\n  tensor_parallel: 8", "prefill:\n  tensor_parallel: 4")
-    text = text.replace("replicas: 0", "replicas: 2")
+def test_pairs_in_one_nvlink_domain_use_nvlink_the_others_the_nic() -> None:
+    text = BASE.replace("prefill:\n  tensor_parallel: 8", "prefill:\n  tensor_parallel: 4")
+    text = text.replace(
+        "decode:\n  replicas: 4\n  tensor_parallel: 2\n  hosts: {names: [b]}",
+        "decode:\n  replicas: 3\n  tensor_parallel: 4",
+    )
     d = compile_spec(load_text(text, "spec.yaml"))
     assert d.compat and d.compat.transfer
-    assert [link.kind for link in d.compat.transfer.links] == ["nvlink"]
+    t = d.compat.transfer
+    assert t.domains == {"prefill-0": "host:a", "decode-0": "host:a", "decode-1": "host:b", "decode-2": "host:b"}
+    links = {link.kind: link for link in t.links}
+    assert (links["nvlink"].pairs, links["nic"].pairs) == (1, 2)
+    assert links["nvlink"].example == ["prefill-0", "decode-0"] and links["nic"].example == ["prefill-0", "decode-1"]
+    assert links["nvlink"].gb_per_s == 900 and links["nvlink"].transfer_ms < links["nic"].transfer_ms
 
 
 @pytest.mark.parametrize(

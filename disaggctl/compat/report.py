@@ -47,7 +47,9 @@ class TransferPlan(_Data):
     typical_prompt_tokens: int
     typical_prompt_bytes: float | None = None
     links: list[LinkEstimate] = Field(default_factory=list)
-    pairs: list[list[str]] = Field(default_factory=list)  # [prefill, decode, link kind]
+    # instance -> its NVLink domain: a prefill and a decode instance in the same domain move KV
+    # over NVLink, any other pair over the NIC ("mixed": the instance spans domains)
+    domains: dict[str, str] = Field(default_factory=dict)
 
 
 class CompatReport(_Data):

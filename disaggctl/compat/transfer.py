@@ -100,6 +100,34 @@ def _link_gbs(spec: ClusterSpec, a: Instance, b: Instance, kind: str) -> float |
     return min(rates) if rates else None
 
 
+def _link_classes(
+    pre: list[Instance], dec: list[Instance], domains: dict[str, str | None]
+) -> tuple[Counter[str], dict[str, tuple[Instance, Instance]]]:
+    """Pairs per link kind (same NVLink domain: nvlink, else nic) and one example pair of each.
+
+    Linear in the instances: counted per domain, not per pair (16 NVL72 racks have 20k pairs).
+    """
+    p_by: dict[str | None, list[Instance]] = {}
+    d_by: dict[str | None, list[Instance]] = {}
+    for i in pre:
+        p_by.setdefault(domains[i.name], []).append(i)
+    for i in dec:
+        d_by.setdefault(domains[i.name], []).append(i)
+    kinds: Counter[str] = Counter()
+    example: dict[str, tuple[Instance, Instance]] = {}
+    for dom, ps in p_by.items():
+        local = d_by.get(dom, []) if dom is not None else []
+        if local:
+            kinds["nvlink"] += len(ps) * len(local)
+            example.setdefault("nvlink", (ps[0], local[0]))
+        remote = len(dec) - len(local)
+        if remote:
+            kinds["nic"] += len(ps) * remote
+            other = next(d for d in dec if d not in local)
+            example.setdefault("nic", (ps[0], other))
+    return kinds, example
+
+
 def _busiest_gpu_bytes(total: float, p: Instance, d: Instance, model: KvModel) -> float:
     if model.mla:
         sink = total
@@ -129,16 +157,8 @@ def transfer_plan(spec: ClusterSpec, placement: Placement) -> TransferPlan | Non
     per_token = arch.kv_bytes_per_token(_kv_bytes(spec)) if arch else None
     isl = spec.workload.isl
     total = per_token * isl if per_token else None
-    pairs: list[list[str]] = []
-    kinds: Counter[str] = Counter()
-    example: dict[str, tuple[Instance, Instance]] = {}
-    for p in pre:
-        for d in dec:
-            same = _domain(p) is not None and _domain(p) == _domain(d)
-            kind = "nvlink" if same else "nic"
-            pairs.append([p.name, d.name, kind])
-            kinds[kind] += 1
-            example.setdefault(kind, (p, d))
+    domains = {i.name: _domain(i) for i in (*pre, *dec)}
+    kinds, example = _link_classes(pre, dec, domains)
     links = []
     for kind, (p, d) in sorted(example.items()):
         gbs = _link_gbs(spec, p, d, kind)
@@ -162,7 +182,7 @@ def transfer_plan(spec: ClusterSpec, placement: Placement) -> TransferPlan | Non
         typical_prompt_tokens=isl,
         typical_prompt_bytes=total,
         links=links,
-        pairs=pairs,
+        domains={k: v or "mixed" for k, v in domains.items()},
     )
 
 
