@@ -166,3 +166,17 @@ def test_what_vllm_hashes_in_this_grid(tiny_model: Path) -> None:
     """The flags vLLM 0.32's hash covers among the variants (the docs list these)."""
     differ = {name for name, extra in VARIANTS.items() if len(set(map(vllm_hash, pair(tiny_model, extra)))) > 1}
     assert differ == {"kv-cache-dtype", "dtype", "no-hma"}
+
+
+def test_vllm_cpu_ignores_a_pinned_backend() -> None:
+    from types import SimpleNamespace
+
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    config = SimpleNamespace(use_sparse=False, use_mla=False)
+    path = CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.FLASH_ATTN, config)
+    assert path == AttentionBackendEnum.CPU_ATTN.get_path()
+    argv = ["vllm", "serve", "m", "--attention-backend", "FLASH_ATTN"]
+    assert fp.attention_backend(argv, "cpu", False) == "CPU_ATTN"
+    assert fp.attention_backend(argv, "hopper", False) == "FLASH_ATTN"

