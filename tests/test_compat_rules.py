@@ -194,3 +194,24 @@ def test_plan_json_carries_fingerprints_and_transfer() -> None:
     text = CliRunner().invoke(app, ["plan", "--offline", str(EXAMPLES / "b200-hetero-tp.yaml")]).output
     assert "KV transfer: prefill TP 8 -> decode TP 2 (tp_ratio -4): D0<-P0,1,2,3; D1<-P4,5,6,7" in text
     assert "nic: 4 P/D pair(s), 50 GB/s per GPU" in text
+
+
+def test_hybrid_models_from_config_and_catalog() -> None:
+    from disaggctl.catalog import CATALOG, from_hf_config
+
+    base = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 4, "num_key_value_heads": 2}
+    assert not from_hf_config(base).hybrid
+    swa = from_hf_config({**base, "layer_types": ["sliding_attention", "full_attention"] * 2})
+    assert swa.hybrid and not swa.mamba
+    mamba = from_hf_config({**base, "layers_block_type": ["mamba", "attention", "mamba", "mamba"]})
+    assert mamba.hybrid and mamba.mamba
+    assert CATALOG["gpt-oss-120b"].architecture.hybrid
+
+
+def test_mamba_hybrids_may_read_replicated_heads_from_a_larger_prefill_tp() -> None:
+    from disaggctl.compat.nixl import KvModel, Side, check_pair
+
+    # plain attention: refused (replicated heads); Mamba hybrids use the 3-read transfer instead
+    assert [r.code for r in check_pair(Side(8), Side(2), KvModel(kv_heads=4))] == ["replicated_kv"]
+    assert check_pair(Side(8), Side(2), KvModel(kv_heads=4, hybrid=True, mamba=True)) == []
+    assert check_pair(Side(8), Side(2), KvModel(kv_heads=4, mla=True)) == []
