@@ -27,7 +27,7 @@ pytestmark = pytest.mark.vllm
 TPS = [1, 2, 3, 4, 6, 8, 16]
 KV_HEADS = [1, 2, 4, 8, 16]
 BLOCKS = [(16, 16), (16, 32), (32, 16), (16, 64), (32, 48)]
-HEAD_DIM, ELT, LAYERS, LATENT = 64, 2, 2, 576
+HEAD_DIM, ELT, LAYERS, LATENT = 64, 2, 4, 576
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +50,18 @@ class Case:
     p_block: int
     d_block: int
     host_buffer: bool
+    p_pp: int = 1  # prefill pipeline stages: each registers LAYERS / p_pp layers
 
 
-def _block_lens(block: int, tp: int, c: Case) -> list[int]:
-    """Bytes per block of each registered region: K and V per layer (MLA: one latent per layer)."""
+def _block_lens(block: int, tp: int, c: Case, pp: int = 1) -> list[int]:
+    """Bytes per block of each registered region: K and V per layer (MLA: one latent per layer).
+
+    A pipeline stage registers the caches of its own layers only.
+    """
+    layers = LAYERS // pp
     if c.mla:
-        return [block * LATENT * ELT] * LAYERS
-    return [block * max(1, c.kv_heads // tp) * HEAD_DIM * ELT] * (2 * LAYERS)
+        return [block * LATENT * ELT] * layers
+    return [block * max(1, c.kv_heads // tp) * HEAD_DIM * ELT] * (2 * layers)
 
 
 def _topology(v: SimpleNamespace, c: Case, rank: int) -> Any:
@@ -106,7 +111,7 @@ def vllm_verdict(v: SimpleNamespace, c: Case) -> str | None:
     """None when vLLM accepts the pair on every decode rank, else the text of what it raised."""
     for rank in range(c.d_tp):
         topo = _topology(v, c, rank)
-        lens = _block_lens(c.p_block, c.p_tp, c)
+        lens = _block_lens(c.p_block, c.p_tp, c, c.p_pp)  # what prefill PP rank 0 advertises
         meta = v.metadata.NixlAgentMetadata(
             engine_id="prefill",
             agent_metadata=b"",
@@ -147,6 +152,7 @@ REASONS = {
     "not divisible by remote block size": "block_divisibility",
     "host buffer": "block_host_buffer",
     "when P TP > D TP": "block_prefill_tp_larger",
+    "Number of KV layers must match": "prefill_pp",
 }
 
 
@@ -163,6 +169,8 @@ def cases() -> list[Case]:
         out.append(Case(p, d, kv, False, pb, db, hb))
     for p, d, (pb, db) in itertools.product(TPS, TPS, BLOCKS):
         out.append(Case(p, d, 1, True, pb, db, False))
+    for p, d, kv, mla, pp in itertools.product(TPS, TPS, KV_HEADS, (False, True), (2, 4)):
+        out.append(Case(p, d, kv, mla, 16, 16, False, pp))
     return out
 
 
@@ -172,7 +180,7 @@ def test_rules_accept_and_refuse_exactly_what_vllm_does(v: SimpleNamespace) -> N
     for c in cases():
         text = vllm_verdict(v, c)
         ours = nixl.check_pair(
-            Side(c.p_tp, block_size=c.p_block),
+            Side(c.p_tp, c.p_pp, block_size=c.p_block),
             Side(c.d_tp, block_size=c.d_block),
             KvModel(kv_heads=c.kv_heads, mla=c.mla),
             host_buffer=c.host_buffer,
@@ -234,5 +242,3 @@ def test_rules_outside_the_handshake_are_still_in_vllm(v: SimpleNamespace) -> No
 
     assert NixlConnector is NixlPullConnector
     assert nixl.check_pair(Side(2), Side(2, pp=2), KvModel(8))[0].code == "decode_pp"
-    assert nixl.check_pair(Side(2, pp=2), Side(2), KvModel(8, hybrid=True))[0].code == "prefill_pp_hybrid"
-    assert nixl.check_pair(Side(2, pp=2), Side(2), KvModel(8)) == []

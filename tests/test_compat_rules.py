@@ -104,15 +104,16 @@ def test_refusals_are_located(change: tuple[str, str], where: str, words: str) -
     assert any(where in e and words in e and "vLLM 0.32:" in e for e in errs), errs
 
 
-def test_prefill_pp_is_fine_and_hybrid_prefill_pp_is_not() -> None:
+def test_pipeline_parallel_prefill_is_refused_with_the_pull_connector() -> None:
     pp = BASE.replace("prefill:\n  tensor_parallel: 8\n", "prefill:\n  tensor_parallel: 4\n  pipeline_parallel: 2\n")
-    assert compile_spec(load_text(pp, "spec.yaml")).compat is not None
-    hybrid = pp.replace(
-        "  kv_cache_dtype: fp8\n",
-        "  kv_cache_dtype: fp8\n  architecture: {layers: 80, hidden_size: 8192, attention_heads: 64, kv_heads: 8,\n"
-        "                 head_dim: 128, params_b: 70, hybrid: true}\n",
+    errs = errors(pp)
+    assert any(
+        e.startswith("spec.yaml:") and "prefill.pipeline_parallel" in e and "NixlPushConnector" in e for e in errs
     )
-    assert any("prefill.pipeline_parallel" in e and "hybrid" in e for e in errors(hybrid))
+    lmcache = pp.replace("kind: nixl", "kind: lmcache").replace(
+        "replicas: 4\n  tensor_parallel: 2", "replicas: 2\n  tensor_parallel: 4"
+    )
+    assert compile_spec(load_text(lmcache, "spec.yaml")).compat is not None  # a NIXL rule only
 
 
 @pytest.mark.parametrize(

@@ -117,15 +117,17 @@ def _parallel(prefill: Side, decode: Side, model: KvModel) -> list[Refusal]:
                 SRC_INIT,
             )
         )
-    if prefill.pp > 1 and (model.hybrid or model.mamba):
+    if prefill.pp > 1:
         out.append(
             Refusal(
-                "prefill_pp_hybrid",
+                "prefill_pp",
                 "prefill",
                 "pipeline_parallel",
-                f"prefill pipeline_parallel {prefill.pp} with a hybrid (sliding-window or Mamba) model",
-                "the pull NixlConnector refuses pipeline parallelism with hybrid KV-cache layouts; use tensor_parallel",
-                SRC_INIT,
+                f"the NIXL pull connector cannot read from a pipeline-parallel prefill (prefill pipeline_parallel "
+                f"{prefill.pp}): each prefill PP rank registers only its own layers",
+                "use tensor_parallel for prefill; vLLM 0.32 supports PP prefill only with NixlPushConnector, "
+                "which disaggctl does not compile (hybrid models: refused in NixlBaseConnectorWorker.__init__ too)",
+                f"{SRC_VALIDATE} ('Number of KV layers must match between prefill and decode')",
             )
         )
     return out
