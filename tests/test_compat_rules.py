@@ -216,3 +216,15 @@ def test_mamba_hybrids_may_read_replicated_heads_from_a_larger_prefill_tp() -> N
     assert [r.code for r in check_pair(Side(8), Side(2), KvModel(kv_heads=4))] == ["replicated_kv"]
     assert check_pair(Side(8), Side(2), KvModel(kv_heads=4, hybrid=True, mamba=True)) == []
     assert check_pair(Side(8), Side(2), KvModel(kv_heads=4, mla=True)) == []
+
+
+def test_local_target_fingerprints_the_environments_nixl_and_ucx() -> None:
+    from importlib import metadata
+
+    d = compile_spec(load_spec(EXAMPLES / "local-cpu.yaml"))
+    assert d.compat
+    extra = d.compat.fingerprints[0].extra_factors
+    assert extra["nixl_version"] == metadata.version("nixl")
+    assert str(extra["ucx_version"]).count(".") == 2  # e.g. 1.23.0, from the wheel's libucp
+    remote = compile_spec(load_spec(EXAMPLES / "b200-1p1d-nixl.yaml"))
+    assert remote.compat and "nixl_version" not in remote.compat.fingerprints[0].extra_factors

@@ -8,8 +8,12 @@ cache); prefill GPUs each send their share (several decode ranks may read one pr
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 from collections import Counter
+from functools import lru_cache
 from importlib import metadata
+from pathlib import Path
 
 from disaggctl.compat import fingerprint as fp
 from disaggctl.compat.nixl import KvModel, read_sources, tp_ratio
@@ -20,13 +24,38 @@ from disaggctl.spec import ClusterSpec, LocalTarget, Role
 
 
 def environment_versions(spec: ClusterSpec) -> dict[str, str]:
-    """NIXL's version where disaggctl can know it: a local target runs this environment's NIXL."""
+    """NIXL's and UCX's versions where disaggctl can know them: a local target runs this environment's."""
     if not isinstance(spec.target, LocalTarget):
         return {}
+    out: dict[str, str] = {}
     try:
-        return {"nixl": metadata.version("nixl")}
+        out["nixl"] = metadata.version("nixl")
     except metadata.PackageNotFoundError:
-        return {}
+        return out
+    ucx = _bundled_ucx_version()
+    if ucx:
+        out["ucx"] = ucx
+    return out
+
+
+@lru_cache(maxsize=1)
+def _bundled_ucx_version() -> str | None:
+    """The UCX the NIXL wheel bundles (ucp_get_version_string of its libucp), if it loads."""
+    for dist in ("nixl_cu12", "nixl_cu13", "nixl"):
+        spec = importlib.util.find_spec(dist)
+        if spec is None or not spec.origin:
+            continue
+        libs = sorted(Path(spec.origin).parent.parent.glob(f"{dist}.libs/libucp-*.so*"))
+        if not libs:
+            continue
+        try:
+            fn = ctypes.CDLL(str(libs[0])).ucp_get_version_string
+        except (OSError, AttributeError):
+            return None
+        fn.restype = ctypes.c_char_p
+        value = fn()
+        return value.decode() if isinstance(value, bytes) else None
+    return None
 
 
 def fingerprints(spec: ClusterSpec, placement: Placement, processes: list[Process]) -> list[InstanceFingerprint]:
