@@ -39,6 +39,14 @@ class ModelArchitecture(BaseModel):
         "(kv_lora_rank + qk_rope_head_dim). Replaces 2 x kv_heads x head_dim when set.",
     )
     experts: int | None = Field(default=None, ge=1, description="Routed experts (MoE models).")
+    hybrid: bool = Field(
+        default=False,
+        description="Some layers are not full attention (sliding-window or Mamba/linear-attention layers): "
+        "vLLM's hybrid KV-cache manager, which the NIXL connector treats differently (see docs/compat.md).",
+    )
+    mamba: bool = Field(
+        default=False, description="Has Mamba/SSM state layers (implies hybrid); NIXL transfers their state too."
+    )
     weight_bits: float = Field(
         default=16, gt=0, description="Bits per weight of the checkpoint as published (16 for BF16, 4.25 for MXFP4)."
     )
@@ -137,6 +145,7 @@ CATALOG: dict[str, CatalogEntry] = {
                 vocab_size=201088,
                 experts=128,
                 weight_bits=4.25,
+                hybrid=True,  # alternating sliding-window (128 tokens) and full-attention layers
             ),
         ),
     )
@@ -178,6 +187,9 @@ def from_hf_config(config: dict[str, Any]) -> ModelArchitecture:
     vocab = int(cfg.get("vocab_size", 32000))
     inter = int(cfg.get("intermediate_size", 4 * hidden))
     experts = cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts")
+    kinds = {str(k).lower() for k in (cfg.get("layer_types") or cfg.get("layers_block_type") or [])}
+    mamba = bool(kinds & {"mamba", "linear_attention", "ssm"}) or "mamba" in str(cfg.get("model_type", ""))
+    hybrid = mamba or bool(kinds - {"full_attention", "attention"}) or bool(cfg.get("sliding_window_pattern"))
     latent = None
     if cfg.get("kv_lora_rank"):
         latent = int(cfg["kv_lora_rank"]) + int(cfg.get("qk_rope_head_dim", 0))
@@ -202,6 +214,8 @@ def from_hf_config(config: dict[str, Any]) -> ModelArchitecture:
         vocab_size=vocab,
         kv_latent_dim=latent,
         experts=int(experts) if experts else None,
+        hybrid=hybrid,
+        mamba=mamba,
     )
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from disaggctl.compat.spec_rules import check_compiled
+from disaggctl.compat.transfer import build_report, pinned_backend
 from disaggctl.deployment import ConfigFile, DesiredState, Instance, NodeSlot, Placement, Process
 from disaggctl.loader import LoadedSpec
 from disaggctl.placement import place
@@ -74,6 +76,8 @@ def kv_transfer_config(spec: ClusterSpec, inst: Instance) -> dict[str, Any]:
         extra: dict[str, Any] = {"backends": list(kv.backends)}
         if kv.num_threads:
             extra["num_threads"] = kv.num_threads
+        if kv.kv_lease_s:
+            extra["kv_lease_duration"] = kv.kv_lease_s
         cfg: dict[str, Any] = {
             "kv_connector": "NixlConnector",
             "kv_role": role,
@@ -153,8 +157,10 @@ def _flag(argv: list[str], name: str, value: object | None) -> None:
         argv += [name, str(value)]
 
 
-def serve_args(spec: ClusterSpec, inst: Instance, node: NodeSlot, vllm_bin: str) -> list[str]:
-    """The `vllm serve` argv of one node of an instance."""
+def serve_args(
+    spec: ClusterSpec, inst: Instance, node: NodeSlot, vllm_bin: str, attention_backend: str | None = None
+) -> list[str]:
+    """The `vllm serve` argv of one node of an instance (`attention_backend`: pinned for the pair)."""
     pool: Pool = spec.pool(inst.role)
     m = spec.model
     argv = [vllm_bin, "serve", m.path]
@@ -201,6 +207,8 @@ def serve_args(spec: ClusterSpec, inst: Instance, node: NodeSlot, vllm_bin: str)
         argv += ["--kv-cache-dtype", m.kv_cache_dtype]
     if m.trust_remote_code:
         argv.append("--trust-remote-code")
+    _flag(argv, "--revision", m.revision)
+    _flag(argv, "--attention-backend", attention_backend)
     _flag(argv, "--max-num-batched-tokens", pool.max_num_batched_tokens)
     _flag(argv, "--max-num-seqs", pool.max_num_seqs)
     _flag(argv, "--gpu-memory-utilization", pool.gpu_memory_utilization)
@@ -337,6 +345,9 @@ def compile_placement(spec: ClusterSpec, placement: Placement) -> DesiredState:
     cfg_dir = config_dir(spec)
     processes: list[Process] = []
     files: dict[str, list[ConfigFile]] = {}
+    backend, note = pinned_backend(spec, placement)
+    if note:
+        placement = placement.model_copy(update={"warnings": [*placement.warnings, note]})
     for inst in placement.instances:
         lm = lmcache_config(spec, placement, inst)
         for node in inst.nodes:
@@ -355,7 +366,7 @@ def compile_placement(spec: ClusterSpec, placement: Placement) -> DesiredState:
                     role=inst.role,
                     host=node.host,
                     address=node.address,
-                    argv=serve_args(spec, inst, node, vllm_bin),
+                    argv=serve_args(spec, inst, node, vllm_bin, backend),
                     env=serve_env(spec, inst, node, cfg_dir, lm is not None),
                     files=file_names,
                     gpus=list(node.gpus),
@@ -381,6 +392,7 @@ def compile_placement(spec: ClusterSpec, placement: Placement) -> DesiredState:
         files=files,
         router_url=placement.router_url,
         placement=placement,
+        compat=build_report(spec, placement, processes),
     )
 
 
@@ -389,4 +401,9 @@ def compile_spec(
 ) -> DesiredState:
     """spec -> placement -> processes. Raises SpecError with file:line:col on any problem."""
     placement = place(loaded, topology, allow_degraded=allow_degraded)
-    return compile_placement(loaded.spec, placement)
+    desired = compile_placement(loaded.spec, placement)
+    if desired.compat is not None:
+        issues = check_compiled(loaded.spec, desired.compat.fingerprints)
+        if issues:
+            raise loaded.error(issues)
+    return desired

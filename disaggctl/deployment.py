@@ -14,6 +14,7 @@ import hashlib
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from disaggctl.compat.report import CompatReport
 from disaggctl.spec import Role
 
 
@@ -34,6 +35,9 @@ class NodeSlot(Data):
     numa_node: int | None = None
     cpus: str | None = None  # cpulist of the GPUs' CPU affinity
     nics: list[str] = Field(default_factory=list)  # UCX device names, GPU-affine
+    gpu: str | None = None  # GPU type key (b200, h200, ...) when known
+    arch: str | None = None  # "blackwell", "hopper", "cpu" when known
+    nvlink_domain: str | None = None  # the host itself (HGX) or an NVL72 clique/domain name
 
 
 class Instance(Data):
@@ -137,6 +141,7 @@ class DesiredState(Data):
     files: dict[str, list[ConfigFile]] = Field(default_factory=dict)  # host -> files
     router_url: str
     placement: Placement
+    compat: CompatReport | None = None  # fingerprints per instance and the KV transfer plan
 
     def on_host(self, host: str) -> list[Process]:
         return [p for p in self.processes if p.host == host]

@@ -23,8 +23,10 @@ from disaggctl.loader import LoadedSpec
 from disaggctl.rules import is_blackwell
 from disaggctl.spec import (
     ClusterSpec,
+    GpuType,
     Host,
     LmcacheTransfer,
+    LocalTarget,
     NixlTransfer,
     Pool,
     Quantization,
@@ -123,10 +125,32 @@ def host_topologies(loaded: LoadedSpec, topology: TopologyFile | None) -> dict[s
             continue
         gpu_type = h.gpu or hw.gpu
         arch = "blackwell" if is_blackwell(gpu_type, hw.arch) else ("hopper" if gpu_type else None)
-        out[h.name] = from_count(count, name=gpu_type.value if gpu_type else None, memory_mib=memory, architecture=arch)
+        mem = _type_memory_mib(h.gpu) if h.gpu is not None and h.gpu != hw.gpu else memory
+        out[h.name] = from_count(count, name=gpu_type.value if gpu_type else None, memory_mib=mem, architecture=arch)
     if issues.issues:
         raise loaded.error(issues.issues)
     return out
+
+
+def _type_memory_mib(gpu: GpuType) -> int:
+    """GPU memory of a host whose GPU type differs from the spec's hardware (its hardware profile)."""
+    from disaggctl.sizing.hardware import load_gpu
+
+    return int(load_gpu(gpu.value).hbm_gb * 1e9 / MIB)
+
+
+def _gpu_identity(st: HostState, g: Gpu, cpu: bool) -> tuple[str | None, str | None]:
+    """(GPU type key, architecture) of a GPU: from the probe, the host's gpu, or the spec's hardware."""
+    from disaggctl.sizing.hardware import gpu_key_from_name
+
+    if cpu:
+        return None, "cpu"
+    key = gpu_key_from_name(g.name) or (st.spec.gpu.value if st.spec.gpu else None)
+    if g.is_blackwell is True:
+        return key, "blackwell"
+    if (g.architecture or "").lower() == "hopper" or (g.compute_capability or "").startswith("9."):
+        return key, "hopper"
+    return key, None
 
 
 def _domain(h: Host, topo: HostTopology) -> str:
@@ -404,6 +428,7 @@ def _make_instance(ctx: _Ctx, role: Role, pool: Pool, r: int, slots: list[tuple[
     for rank, (st, gpus) in enumerate(slots):
         g0 = st.gpu(gpus[0])
         numas = {st.gpu(g).numa_node for g in gpus}
+        gpu_type, arch = _gpu_identity(st, g0, isinstance(spec.target, LocalTarget) and spec.target.cpu)
         nodes.append(
             NodeSlot(
                 host=st.spec.name,
@@ -413,6 +438,9 @@ def _make_instance(ctx: _Ctx, role: Role, pool: Pool, r: int, slots: list[tuple[
                 numa_node=g0.numa_node if len(numas) == 1 else None,
                 cpus=g0.cpu_affinity if len({st.gpu(g).cpu_affinity for g in gpus}) == 1 else None,
                 nics=_nics_for(st, gpus),
+                gpu=gpu_type,
+                arch=arch,
+                nvlink_domain=st.domain,
             )
         )
     return Instance(

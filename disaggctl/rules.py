@@ -6,6 +6,7 @@ Each rule adds an issue at the spec path the user must change. Topology-dependen
 
 from __future__ import annotations
 
+from disaggctl.compat import spec_rules as compat_rules
 from disaggctl.errors import Issue, IssueList
 from disaggctl.spec import (
     Arch,
@@ -34,6 +35,7 @@ def check_spec(spec: ClusterSpec) -> list[Issue]:
     _hosts(spec, out)
     _parallelism(spec, out)
     _connector(spec, out)
+    out.issues.extend(compat_rules.check_spec(spec))  # P/D pairing: TP ratio, KV heads, PP, block sizes
     _quantization(spec, out)
     _router(spec, out)
     _gpu_pins(spec, out)
@@ -103,14 +105,8 @@ def _parallelism(spec: ClusterSpec, out: IssueList) -> None:
 
 def _connector(spec: ClusterSpec, out: IssueList) -> None:
     kv = spec.kv_transfer
-    p_tp, d_tp = spec.prefill.tensor_parallel, spec.decode.tensor_parallel
+    d_tp = spec.decode.tensor_parallel
     if isinstance(kv, LmcacheTransfer):
-        if p_tp != d_tp:
-            out.add(
-                ("prefill", "tensor_parallel"),
-                f"LMCache P/D needs equal tensor_parallel on both roles (prefill {p_tp}, decode {d_tp})",
-                "LMCache 0.5.6 pairs sender rank i with receiver port i; use the same TP, or kind: nixl",
-            )
         if spec.router.kind == "vllm-router":
             out.add(
                 ("router", "kind"),
@@ -129,12 +125,6 @@ def _connector(spec: ClusterSpec, out: IssueList) -> None:
                         f"{keys[b]} range {s2}-{e2 - 1} overlaps {keys[a]} range {s1}-{e1 - 1}",
                         "space the LMCache port bases apart (one port per TP rank and decode instance)",
                     )
-    if isinstance(kv, NixlTransfer) and p_tp > d_tp:
-        out.add(
-            ("prefill", "tensor_parallel"),
-            f"NIXL needs decode tensor_parallel >= prefill tensor_parallel (prefill {p_tp}, decode {d_tp})",
-            "vLLM refuses a decode TP smaller than the prefill TP; raise decode.tensor_parallel",
-        )
     if spec.kv_transfer.kind == "shared-storage" and spec.router.kind == "vllm-router":
         out.add(("router", "kind"), "vllm-router cannot drive the shared-storage connector", "use router kind builtin")
     if isinstance(kv, NixlTransfer) and kv.ucx_net_devices != "auto" and "all" in kv.ucx_net_devices:

@@ -129,6 +129,19 @@ class Model(Strict):
         description="Architecture numbers; enables divisibility and memory-fit checks. Overrides the catalog.",
     )
     trust_remote_code: bool = Field(default=False, description="Pass `--trust-remote-code`.")
+    revision: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._/-]+$",
+        description="Model revision (`--revision`: a branch, tag or commit of the hub repository). "
+        "vLLM's NIXL handshake does not compare it; disaggctl's compatibility fingerprint does.",
+    )
+    attention_backend: str | None = Field(
+        default=None,
+        pattern=r"^[A-Z0-9_]+$",
+        description="`--attention-backend` for every instance (e.g. FLASH_ATTN, FLASHINFER, FLASHMLA). The "
+        "NIXL handshake compares it, so prefill and decode must agree: when they run on different GPU "
+        "architectures and this is unset, disaggctl pins FLASH_ATTN (FLASHMLA for MLA models) on both.",
+    )
 
     @field_validator("path", "served_name")
     @classmethod
@@ -294,6 +307,12 @@ class NixlTransfer(Strict):
     )
     backends: list[str] = Field(default_factory=lambda: ["UCX"], description="NIXL backends.")
     num_threads: int | None = Field(default=None, ge=1, description="NIXL handshake threads.")
+    kv_lease_s: int | None = Field(
+        default=None,
+        ge=1,
+        description="How long prefill keeps a request's KV blocks for decode to read, seconds "
+        "(`kv_lease_duration`, vLLM default 30; decode renews it while waiting).",
+    )
 
 
 class LmcacheTransfer(Strict):

@@ -150,10 +150,20 @@ def test_lmcache_needs_equal_tp() -> None:
     assert "hint:" in err
 
 
-def test_nixl_refuses_prefill_tp_above_decode() -> None:
+def test_nixl_accepts_prefill_tp_above_decode() -> None:
     text = BASE.replace("prefill:\n  tensor_parallel: 2", "prefill:\n  tensor_parallel: 4")
+    desired = compile_spec(load_text(text, "spec.yaml"))  # vLLM 0.32: tp_ratio -2, heads not replicated
+    assert desired.compat is not None and desired.compat.transfer is not None
+    assert desired.compat.transfer.tp_ratio == -2
+
+
+def test_nixl_refuses_replicated_kv_from_a_larger_prefill_tp() -> None:
+    text = BASE.replace("prefill:\n  tensor_parallel: 2", "prefill:\n  tensor_parallel: 16").replace(
+        "    gpus: 8\n", "    gpus: 32\n"
+    )
     err = one_error(text)
-    assert err.startswith("spec.yaml:9:3 prefill.tensor_parallel: NIXL needs decode tensor_parallel >= prefill")
+    assert err.startswith("spec.yaml:9:3 prefill.tensor_parallel: prefill tensor_parallel 16 replicates the model's 8")
+    assert "_validate_remote_agent_handshake" in err
 
 
 def test_nvfp4_on_hopper() -> None:

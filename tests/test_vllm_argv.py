@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,8 +102,22 @@ def parse(parser: Any, argv: list[str]) -> Any:
     return args
 
 
+@pytest.fixture(scope="module")
+def wide_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's files with 64 attention / 8 KV heads in its config: stands in where TP > 4."""
+    out = tmp_path_factory.mktemp("wide") / "tiny-wide"
+    out.mkdir()
+    for f in tiny_model.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f)
+    config = json.loads((tiny_model / "config.json").read_text())
+    config.update(num_attention_heads=64, num_key_value_heads=8)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 @pytest.mark.parametrize("proc", [p for _, p in PROCESSES], ids=[i for i, _ in PROCESSES])
-def test_argv_accepted_by_vllm(proc: Process, vllm_parser: Any, tiny_model: Path) -> None:
+def test_argv_accepted_by_vllm(proc: Process, vllm_parser: Any, tiny_model: Path, wide_model: Path) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     assert proc.argv[1] == "serve"
@@ -110,7 +125,8 @@ def test_argv_accepted_by_vllm(proc: Process, vllm_parser: Any, tiny_model: Path
     assert args.model == proc.argv[2]
     # engine-config step: the tiny local model stands in for the hub id; quantization flags
     # need a quantized checkpoint, so they are checked by the parser above only
-    argv = [str(tiny_model), *proc.argv[3:]]
+    tp = int(proc.argv[proc.argv.index("--tensor-parallel-size") + 1])
+    argv = [str(tiny_model if tp <= 4 else wide_model), *proc.argv[3:]]
     for flag in ("--quantization",):
         if flag in argv:
             i = argv.index(flag)
@@ -122,7 +138,6 @@ def test_argv_accepted_by_vllm(proc: Process, vllm_parser: Any, tiny_model: Path
         return  # multi-node/DP config needs the other nodes' rendezvous; parse + from_cli_args above
     config = engine_args.create_engine_config()
     assert config.kv_transfer_config is not None
-    tp = int(proc.argv[proc.argv.index("--tensor-parallel-size") + 1])
     assert config.parallel_config.tensor_parallel_size == tp
 
 

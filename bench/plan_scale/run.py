@@ -35,8 +35,8 @@ model:
   kv_cache_dtype: fp8
 hosts:
 {chr(10).join(hosts)}
-prefill: {{replicas: {8 * racks}, tensor_parallel: 4}}
-decode: {{replicas: {5 * racks}, tensor_parallel: 4, pipeline_parallel: 2}}
+prefill: {{replicas: {4 * racks}, tensor_parallel: 8}}
+decode: {{replicas: {20 * racks}, tensor_parallel: 2}}
 kv_transfer: {{kind: nixl}}
 router: {{host: r01-t01}}
 target: {{kind: systemd}}

@@ -80,6 +80,8 @@ def _backend(ctx: OpsContext) -> Backend:
 
 def plan_json(desired: DesiredState) -> dict[str, Any]:
     """The machine-readable plan: every process with host, role, argv (a list) and env."""
+    from disaggctl.compat.plan_output import plan_fragment
+
     return {
         "name": desired.name,
         "vllm_version": desired.vllm_version,
@@ -107,6 +109,7 @@ def plan_json(desired: DesiredState) -> dict[str, Any]:
         "files": {h: [{"name": f.name, "sha256": f.sha256} for f in fs] for h, fs in desired.files.items()},
         "ports": {h: {str(k): v for k, v in ports.items()} for h, ports in desired.placement.ports.items()},
         "warnings": desired.placement.warnings,
+        "compat": plan_fragment(desired),
     }
 
 
@@ -132,6 +135,10 @@ def print_plan_table(desired: DesiredState, show_commands: bool = True) -> None:
     console.print(table)
     for w in desired.placement.warnings:
         console.print(f"[yellow]warning:[/] {w}")
+    from disaggctl.compat.plan_output import plan_rows
+
+    for row in plan_rows(desired):
+        console.print(row, highlight=False, markup=False, soft_wrap=True)
     if show_commands:
         for p in desired.processes:
             env = " ".join(f"{k}={v}" for k, v in p.env.items())
