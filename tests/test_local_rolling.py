@@ -94,6 +94,11 @@ def test_2p2d_change_rolls_decode_first_with_zero_failed_requests(tmp_path: Path
         assert r.returncode == 0, r.stdout + r.stderr
         assert "step 12/12" in r.stdout and "canary" in r.stdout
         assert load.ok > 20 and load.failed == [], load.failed[:5]
+        r = cli("status", str(spec), "--check", "--output", "json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+        assert checks["prefill_handles_requests"]["ok"] and checks["decode_receives_kv"]["ok"], checks
+        assert checks["fingerprints_match"]["ok"] and checks["kv_transfer_failures"]["ok"], checks
         # the fingerprint changes (model revision): two cohorts, still no failed request
         write_spec(tmp_path, standin_vllm, 2, env="{FOO: '1'}", revision="v2")
         r = cli("plan", str(spec))

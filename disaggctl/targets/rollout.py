@@ -154,15 +154,9 @@ def rotation_for(spec: ClusterSpec, desired: DesiredState) -> Rotation:
     return AdminRotation(url, token, fallback=fallback)
 
 
-def roll_instances(
-    spec: ClusterSpec,
-    desired: DesiredState,
-    old_argv: Mapping[str, list[str]],
-    new_argv: Mapping[str, list[str]],
-    restart: set[str],
-) -> list[RollInstance]:
-    """The planner's input: each vLLM instance of the spec, whether it restarts, and its
-    fingerprint before (from the running argv; None when it is not running) and after."""
+def fingerprinter(spec: ClusterSpec, desired: DesiredState) -> Callable[[str, list[str]], str]:
+    """fingerprint(instance, argv): the compatibility fingerprint of an instance run with `argv`
+    (compat/fingerprint.py, the same function compile uses, so two generations compare with ==)."""
     from disaggctl.compat import fingerprint as fp
     from disaggctl.compat.spec_rules import kv_model
     from disaggctl.compat.transfer import environment_versions
@@ -175,6 +169,28 @@ def roll_instances(
     def digest(name: str, argv: list[str]) -> str:
         return fp.digest(fp.vllm_factors(argv, arch.get(name), mla), fp.extra_factors(argv, versions))
 
+    return digest
+
+
+def running_fingerprints(
+    spec: ClusterSpec, desired: DesiredState, argv: Mapping[str, list[str]]
+) -> dict[str, tuple[str, str]]:
+    """instance -> (role, fingerprint) of what runs (`argv`: the running head process's argv)."""
+    digest = fingerprinter(spec, desired)
+    role = {i.name: i.role.value for i in desired.placement.instances}
+    return {n: (role.get(n, "?"), digest(n, a)) for n, a in argv.items()}
+
+
+def roll_instances(
+    spec: ClusterSpec,
+    desired: DesiredState,
+    old_argv: Mapping[str, list[str]],
+    new_argv: Mapping[str, list[str]],
+    restart: set[str],
+) -> list[RollInstance]:
+    """The planner's input: each vLLM instance of the spec, whether it restarts, and its
+    fingerprint before (from the running argv; None when it is not running) and after."""
+    digest = fingerprinter(spec, desired)
     out = []
     for inst in desired.placement.instances:
         if inst.name not in new_argv:

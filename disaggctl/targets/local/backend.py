@@ -46,6 +46,9 @@ from disaggctl.targets.rollout import RolloutRunner, Rotation, rotation_for
 from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit
 
 if TYPE_CHECKING:
+    from disaggctl.targets.invariants import InvariantCheck
+
+if TYPE_CHECKING:
     from disaggctl.targets.ui import Phases
 
 SUPERVISOR_START_S = 15.0
@@ -593,7 +596,25 @@ def status_report(ctx: OpsContext) -> StatusReport:
                                       drift=["in the spec, not deployed"]))  # fmt: skip
     ok = sup is not None and all(r.running and r.healthy is not False for r in rows)
     notes = [] if sup else ["the supervisor is not running: `disaggctl apply` starts it"]
-    return StatusReport(deployed=True, healthy=ok, processes=rows, notes=notes, **common)
+    checks = _checks(ctx, old, states) if ctx.options.get("check") else []
+    ok = ok and all(c.ok is not False for c in checks)
+    return StatusReport(deployed=True, healthy=ok, processes=rows, notes=notes, checks=checks, **common)
+
+
+def _checks(ctx: OpsContext, tbl: Table, states: Mapping[str, Mapping[str, Any]]) -> list[InvariantCheck]:
+    """`status --check`: the invariants over the running instances' and the router's metrics."""
+    from disaggctl.targets.gate import http_fetch
+    from disaggctl.targets.invariants import scrape_and_check
+    from disaggctl.targets.local.rolling import head_argv
+    from disaggctl.targets.rollout import running_fingerprints
+
+    down = {n for n, st in states.items() if st.get("state") != "running"}
+    urls = {p.name: (p.role, p.health_url.rsplit("/", 1)[0]) for p in tbl.processes
+            if p.health_url and p.role in ("prefill", "decode") and p.name not in down}  # fmt: skip
+    fps = running_fingerprints(ctx.spec, ctx.desired, head_argv(tbl, down))
+    router = next((p for p in tbl.processes if p.role == "router" and p.health_url), None)
+    router_metrics = router.health_url.rsplit("/", 1)[0] + "/metrics" if router and router.health_url else None
+    return scrape_and_check(urls, router_metrics, fps, http_fetch)
 
 
 def _remove_owned(state_dir: str) -> int:
