@@ -1,0 +1,125 @@
+"""HTTP through an SSH connection: http.client over a paramiko `direct-tcpip` channel.
+
+The SSH server opens the TCP connection to host:port, so a request reaches whatever the
+host (or, through a jump host, the bastion) can reach: no assumption that the operator's
+machine can reach host ports. One channel per request (`Connection: close`), stdlib only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import time
+import urllib.parse
+from collections.abc import Mapping
+
+import paramiko
+
+from disaggctl.ssh import HttpError, HttpResponse
+
+MAX_BODY = 64 * 1024 * 1024  # a health or canary answer is small; refuse to buffer more
+
+
+class _ChannelReader(io.RawIOBase):
+    """The channel's stdout as a raw stream (http.client wraps it in a BufferedReader)."""
+
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self._chan = chan
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._chan.recv(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
+
+
+class _ChannelSocket:
+    """The few socket methods http.client uses, on a channel."""
+
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self._chan = chan
+
+    def sendall(self, data: bytes) -> None:
+        self._chan.sendall(data)
+
+    def makefile(self, mode: str = "rb", *args: object, **kw: object) -> io.BufferedReader:
+        return io.BufferedReader(_ChannelReader(self._chan))
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._chan.settimeout(timeout)
+
+    def close(self) -> None:
+        self._chan.close()
+
+
+class _ChannelHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, chan: paramiko.Channel, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._chan = chan
+
+    def connect(self) -> None:
+        self.sock = _ChannelSocket(self._chan)
+
+
+def split_url(url: str) -> tuple[str, int, str]:
+    """`http://host:port/path?q` -> (host, port, "/path?q"); only plain http."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme != "http" or not u.hostname:
+        raise ValueError(f"not an http://host[:port]/path URL: {url!r}")
+    path = u.path or "/"
+    if u.query:
+        path += "?" + u.query
+    return u.hostname, u.port or 80, path
+
+
+def _open(
+    transport: paramiko.Transport, name: str, what: str, host: str, port: int, timeout: float
+) -> paramiko.Channel:
+    try:
+        chan = transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout)
+    except paramiko.ChannelException as e:
+        # the SSH server could not connect: refused, no route, or forwarding disabled
+        raise HttpError(name, f"{what}: cannot connect from {name} to {host}:{port} ({e.text})") from None
+    except (OSError, EOFError, paramiko.SSHException) as e:
+        raise HttpError(name, f"{what}: no forwarding channel to {host}:{port}: {e or type(e).__name__}") from None
+    chan.settimeout(timeout)
+    return chan
+
+
+def request(
+    transport: paramiko.Transport,
+    name: str,
+    method: str,
+    host: str,
+    port: int,
+    path: str = "/",
+    body: bytes | None = None,
+    timeout: float = 10.0,
+    headers: Mapping[str, str] | None = None,
+) -> HttpResponse:
+    """One request through `transport` (the SSH connection to host `name`); timeout per step."""
+    what = f"{method} http://{host}:{port}{path}"
+    start = time.monotonic()
+    chan = _open(transport, name, what, host, port, timeout)
+    conn = _ChannelHTTPConnection(host, port, chan, timeout)
+    try:
+        hdrs = {"Connection": "close", **(headers or {})}
+        if body is not None and not any(k.lower() == "content-type" for k in hdrs):
+            hdrs["Content-Type"] = "application/json"
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        data = resp.read(MAX_BODY + 1)
+        if len(data) > MAX_BODY:
+            raise HttpError(name, f"{what}: answer larger than {MAX_BODY} bytes")
+        return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+    except TimeoutError:
+        took = time.monotonic() - start
+        raise HttpError(name, f"{what}: timed out after {took:.1f} s (limit {timeout:g} s)") from None
+    except (OSError, EOFError, http.client.HTTPException, paramiko.SSHException) as e:
+        raise HttpError(name, f"{what}: {type(e).__name__}: {e}") from None
+    finally:
+        conn.close()
+        chan.close()
