@@ -52,7 +52,10 @@ class _ChannelSocket:
         self._chan.settimeout(timeout)
 
     def close(self) -> None:
-        self._chan.close()
+        # http.client closes its socket right after reading the headers of a `Connection: close`
+        # answer and keeps reading the body from makefile()'s reader (a real socket stays open
+        # while such a reader exists); the channel is closed by request() once the body is read
+        pass
 
 
 class _ChannelHTTPConnection(http.client.HTTPConnection):
@@ -111,10 +114,16 @@ def request(
             hdrs["Content-Type"] = "application/json"
         conn.request(method, path, body=body, headers=hdrs)
         resp = conn.getresponse()
-        data = resp.read(MAX_BODY + 1)
-        if len(data) > MAX_BODY:
-            raise HttpError(name, f"{what}: answer larger than {MAX_BODY} bytes")
-        return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := resp.read(65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise HttpError(name, f"{what}: answer larger than {MAX_BODY} bytes")
+        if resp.length:  # http.client returns a short body without complaint when the peer hangs up
+            raise HttpError(name, f"{what}: connection closed {resp.length} bytes before the end of the answer")
+        return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, b"".join(chunks))
     except TimeoutError:
         took = time.monotonic() - start
         raise HttpError(name, f"{what}: timed out after {took:.1f} s (limit {timeout:g} s)") from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 
 from disaggctl import hostlock
 from disaggctl.hostlock import LockHeld, LockOwner
-from disaggctl.ssh import Connection, HttpError, SshError, SshTarget, SudoError, connect
+from disaggctl.ssh import Connection, HttpError, SshError, SshTarget, SudoError, connect, run_on_hosts
 from tests.plugins.infra import TestHosts
 
 pytestmark = pytest.mark.infra
@@ -277,3 +278,29 @@ def test_lock_is_atomic_under_contention(ssh_hosts: TestHosts) -> None:
         for c in conns:
             c.close()
 
+
+
+def _ssh_sessions_to(ip: str) -> int:
+    r = subprocess.run(["ss", "-Htn", "state", "established", "dst", f"{ip}:22"], capture_output=True, text=True)
+    return len(r.stdout.splitlines())
+
+
+def test_hosts_behind_a_bastion_share_one_login_to_it(bastion_hosts: TestHosts) -> None:
+    """N hosts through one jump host: one SSH session to the jump host, not N (sshd's MaxStartups)."""
+    assert bastion_hosts.jump is not None
+    j1 = bastion_hosts.jump[1]
+    before = _ssh_sessions_to(j1)
+    res = run_on_hosts([_target(bastion_hosts, n, "deploy") for n in bastion_hosts.names()],
+                       lambda c: (c.run(["hostname"]).out.strip(), _ssh_sessions_to(j1)))
+    assert {h: r.value[0] for h, r in res.items() if r.value} == {n: n for n in bastion_hosts.names()}
+    assert all(r.value and r.value[1] == before + 1 for r in res.values())
+    conns = [connect(_target(bastion_hosts, n, "deploy")) for n in bastion_hosts.names()]
+    assert _ssh_sessions_to(j1) == before + 1
+    conns[0].close()
+    assert conns[1].run(["true"]).ok  # the shared jump connection outlives one user
+    for c in conns[1:]:
+        c.close()
+    deadline = time.monotonic() + 5
+    while _ssh_sessions_to(j1) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _ssh_sessions_to(j1) == before  # closed with its last user
