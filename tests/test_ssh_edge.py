@@ -304,3 +304,40 @@ def test_hosts_behind_a_bastion_share_one_login_to_it(bastion_hosts: TestHosts) 
     while _ssh_sessions_to(j1) != before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _ssh_sessions_to(j1) == before  # closed with its last user
+
+
+def test_systemd_hosts_behind_a_bastion(systemd_bastion_hosts: TestHosts) -> None:
+    """Real systemd hosts reachable only through j1, driven as the sudo user: the topology the
+    systemd target's apply runs on when hosts sit behind a bastion."""
+    hosts = systemd_bastion_hosts
+    t = _target(hosts, "s1", via_jump=False)
+    with pytest.raises(SshError, match="s1: cannot connect"):
+        connect(SshTarget(**{**t.__dict__, "connect_timeout": 1.0}), attempts=1)
+    for name in hosts.names():
+        with connect(_target(hosts, name, "deploy")) as c:
+            c.check_sudo()
+            assert c.run(["hostname"]).out.strip() == name
+            assert c.run(["systemctl", "is-system-running"], sudo=True).out.strip() in ("running", "degraded")
+            c.put("/etc/dctl-edge-probe", b"x\n")
+            assert c.get("/etc/dctl-edge-probe") == b"x\n"
+            c.check(["rm", "-f", "/etc/dctl-edge-probe"], sudo=True)
+        with connect(_target(hosts, name, "askpass")) as c, pytest.raises(SudoError, match="a password is required"):
+            c.check_sudo()
+    # a unit's port on s2 (a transient systemd service), from s1's connection (through j1)
+    s2 = hosts.ip("s2")
+    with connect(_target(hosts, "s2", "deploy")) as c2, connect(_target(hosts, "s1", "deploy")) as c1:
+        with pytest.raises(HttpError, match=rf"cannot connect from s1 to {s2}:18081"):
+            c1.http("GET", s2, 18081, "/", timeout=5)
+        c2.check(["systemd-run", "--unit=dctl-edge-http", "--", "python3", "-m", "http.server", "18081"], sudo=True)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    r = c1.http("GET", s2, 18081, "/", timeout=5)
+                    break
+                except HttpError:
+                    assert time.monotonic() < deadline, "the transient HTTP service did not come up"
+                    time.sleep(0.2)
+            assert r.status == 200 and b"Directory listing" in r.body
+        finally:
+            c2.run(["systemctl", "stop", "dctl-edge-http"], sudo=True)

@@ -118,6 +118,22 @@ def systemd_hosts() -> Iterator[TestHosts]:
     _sh(SCRIPTS / "systemd_hosts.sh", "down", env=env)
 
 
+@pytest.fixture(scope="session")
+def systemd_bastion_hosts() -> Iterator[TestHosts]:
+    """2 systemd-nspawn hosts s1, s2 at 10.205.0.11.. that only the jump host j1 (10.204.0.10, an
+    sshd like fakehosts') reaches: their bridge lives in j1's namespace. `jump` is j1."""
+    base = BASE / "syshosts-bastion"
+    env = {"SYSHOSTS_BASE": str(base), "SYSHOSTS_ROOTFS": os.environ.get("INFRA_ROOTFS", str(BASE / "rootfs")),
+           "SYSHOSTS_PREFIX": "tsb", "SYSHOSTS_NET": "10.205.0", "SYSHOSTS_JUMP_NET": "10.204.0"}
+    r = _sh(SCRIPTS / "systemd_hosts.sh", "up", os.environ.get("INFRA_SYSTEMD_BASTION_HOSTS", "2"), env=env)
+    if r.returncode:
+        _sh(SCRIPTS / "systemd_hosts.sh", "down", env=env)
+        pytest.fail(f"systemd_hosts.sh up (bastion) failed:\n{r.stdout}{r.stderr}")
+    inv = _inventory(base)
+    yield TestHosts(base, [h for h in inv if h[0] != "j1"], base / "client_key", base / "known_hosts", jump=inv[0])
+    _sh(SCRIPTS / "systemd_hosts.sh", "down", env=env)
+
+
 @dataclass
 class SlurmCluster:
     env: dict[str, str]  # os.environ plus SLURM_CONF
