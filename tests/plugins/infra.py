@@ -87,13 +87,13 @@ BASTION_ENV = {
     "FAKEHOSTS_BASE": str(BASE / "bastion"),
     "FAKEHOSTS_PREFIX": "tbst",
     "FAKEHOSTS_NET": "10.202.0",  # the jump host j1 = .10; the root namespace .1
-    "FAKEHOSTS_PRIVATE_NET": "10.203.0",  # h1.. behind j1: no interface, no route from here
+    "FAKEHOSTS_PRIVATE_NET": "10.206.0",  # h1.. behind j1: no interface, no route from here
 }
 
 
 @pytest.fixture(scope="session")
 def bastion_hosts() -> Iterator[TestHosts]:
-    """3 sshd hosts h1..h3 at 10.203.0.11.. that only the jump host j1 (10.202.0.10) reaches:
+    """3 sshd hosts h1..h3 at 10.206.0.11.. that only the jump host j1 (10.202.0.10) reaches:
     their network is a bridge inside j1's namespace. `hosts` lists h1..h3, `jump` is j1."""
     r = _sh(SCRIPTS / "fakehosts.sh", "bastion", os.environ.get("INFRA_BASTION_HOSTS", "3"), env=BASTION_ENV)
     if r.returncode:
