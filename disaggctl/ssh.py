@@ -552,10 +552,21 @@ class Connection:
         Raises HttpError (an SshError) when no answer comes: refused, unreachable, timed out."""
         from disaggctl.sshhttp import request  # http.client: only when a check really runs
 
+        what = f"{method} http://{host}:{port}{path}"
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
-            raise SshError(self.name, "connection is closed")
-        return request(transport, self.name, method, host, port, path, body, timeout, headers)
+            raise HttpError(self.name, f"{what}: connection is closed")
+        try:
+            chan = transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout)
+        except paramiko.ChannelException as e:
+            # the SSH server could not connect: refused, no route, or forwarding disabled
+            raise HttpError(self.name, f"{what}: cannot connect from {self.name} to {host}:{port} ({e.text})") from None
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise HttpError(self.name, f"{what}: no forwarding channel: {e or type(e).__name__}") from None
+        try:
+            return request(chan, self.name, method, host, port, path, body, timeout, headers)
+        except paramiko.SSHException as e:
+            raise HttpError(self.name, f"{what}: {e}") from None
 
     def http_url(
         self, method: str, url: str, body: bytes | None = None, timeout: float = 10.0,

@@ -1,8 +1,9 @@
-"""HTTP through an SSH connection: http.client over a paramiko `direct-tcpip` channel.
+"""HTTP through an SSH connection: http.client over a `direct-tcpip` channel.
 
 The SSH server opens the TCP connection to host:port, so a request reaches whatever the
 host (or, through a jump host, the bastion) can reach: no assumption that the operator's
-machine can reach host ports. One channel per request (`Connection: close`), stdlib only.
+machine can reach host ports. One channel per request (`Connection: close`), stdlib only:
+`Connection.http()` in ssh.py (paramiko's owner) opens the channel and hands it here.
 """
 
 from __future__ import annotations
@@ -12,18 +13,26 @@ import io
 import time
 import urllib.parse
 from collections.abc import Mapping
-
-import paramiko
+from typing import Protocol
 
 from disaggctl.ssh import HttpError, HttpResponse
 
 MAX_BODY = 64 * 1024 * 1024  # a health or canary answer is small; refuse to buffer more
 
 
+class Channel(Protocol):
+    """What is used of a paramiko Channel."""
+
+    def recv(self, nbytes: int) -> bytes: ...
+    def sendall(self, s: bytes) -> None: ...
+    def settimeout(self, timeout: float | None) -> None: ...
+    def close(self) -> None: ...
+
+
 class _ChannelReader(io.RawIOBase):
     """The channel's stdout as a raw stream (http.client wraps it in a BufferedReader)."""
 
-    def __init__(self, chan: paramiko.Channel) -> None:
+    def __init__(self, chan: Channel) -> None:
         self._chan = chan
 
     def readable(self) -> bool:
@@ -39,7 +48,7 @@ class _ChannelReader(io.RawIOBase):
 class _ChannelSocket:
     """The few socket methods http.client uses, on a channel."""
 
-    def __init__(self, chan: paramiko.Channel) -> None:
+    def __init__(self, chan: Channel) -> None:
         self._chan = chan
 
     def sendall(self, data: bytes) -> None:
@@ -59,7 +68,7 @@ class _ChannelSocket:
 
 
 class _ChannelHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int, chan: paramiko.Channel, timeout: float) -> None:
+    def __init__(self, host: str, port: int, chan: Channel, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self._chan = chan
 
@@ -78,22 +87,8 @@ def split_url(url: str) -> tuple[str, int, str]:
     return u.hostname, u.port or 80, path
 
 
-def _open(
-    transport: paramiko.Transport, name: str, what: str, host: str, port: int, timeout: float
-) -> paramiko.Channel:
-    try:
-        chan = transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout)
-    except paramiko.ChannelException as e:
-        # the SSH server could not connect: refused, no route, or forwarding disabled
-        raise HttpError(name, f"{what}: cannot connect from {name} to {host}:{port} ({e.text})") from None
-    except (OSError, EOFError, paramiko.SSHException) as e:
-        raise HttpError(name, f"{what}: no forwarding channel to {host}:{port}: {e or type(e).__name__}") from None
-    chan.settimeout(timeout)
-    return chan
-
-
 def request(
-    transport: paramiko.Transport,
+    chan: Channel,
     name: str,
     method: str,
     host: str,
@@ -103,10 +98,11 @@ def request(
     timeout: float = 10.0,
     headers: Mapping[str, str] | None = None,
 ) -> HttpResponse:
-    """One request through `transport` (the SSH connection to host `name`); timeout per step."""
+    """One request on an open channel to host:port (of the SSH connection to host `name`); the
+    timeout bounds each read. The channel is closed on return."""
     what = f"{method} http://{host}:{port}{path}"
     start = time.monotonic()
-    chan = _open(transport, name, what, host, port, timeout)
+    chan.settimeout(timeout)
     conn = _ChannelHTTPConnection(host, port, chan, timeout)
     try:
         hdrs = {"Connection": "close", **(headers or {})}
@@ -127,7 +123,7 @@ def request(
     except TimeoutError:
         took = time.monotonic() - start
         raise HttpError(name, f"{what}: timed out after {took:.1f} s (limit {timeout:g} s)") from None
-    except (OSError, EOFError, http.client.HTTPException, paramiko.SSHException) as e:
+    except (OSError, EOFError, http.client.HTTPException) as e:
         raise HttpError(name, f"{what}: {type(e).__name__}: {e}") from None
     finally:
         conn.close()
