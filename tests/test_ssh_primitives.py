@@ -95,3 +95,18 @@ def test_split_url() -> None:
         split_url("https://h/")
     with pytest.raises(ValueError):
         split_url("h:80/x")
+
+
+def test_probe_skips_pure_jump_hosts() -> None:
+    from disaggctl.probe.remote import probe_host_names
+    from disaggctl.spec import Host, Ssh
+
+    class _Spec:
+        hosts = [
+            Host(name="bastion", address="10.0.0.1", gpus=0, ssh=Ssh(user="ops")),
+            Host(name="gpu1", address="10.0.0.2", ssh=Ssh(jump="bastion")),
+            Host(name="gpu2", address="10.0.0.3", gpus=8, ssh=Ssh(jump="gpu1")),  # a GPU host as a jump: probed
+            Host(name="idle", address="10.0.0.4", gpus=0),  # no GPU but nobody's jump: probed (and reported)
+        ]
+
+    assert probe_host_names(_Spec()) == ["gpu1", "gpu2", "idle"]  # type: ignore[arg-type]
