@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from disaggctl.errors import DisaggError
+from disaggctl.errors import DisaggError, file_error
+from disaggctl.inputs import MAX_DATA_BYTES, read_bytes
 from disaggctl.probe import smi_text, smi_topo, smi_xml
 from disaggctl.probe.checks import detect_problems
 from disaggctl.probe.fields import finish_gpu, merge_host
@@ -56,11 +57,13 @@ def host_from_files(paths: Iterable[Path], expected_gpus: int | None = None) -> 
     host: dict[str, Any] = {"gpus": []}
     names = []
     for path in paths:
+        text = read_bytes(path, "capture", MAX_DATA_BYTES).decode(errors="replace")
         try:
-            text = path.read_text(errors="replace")
-        except OSError as e:
-            raise DisaggError(f"cannot read capture {path}: {e.strerror}") from None
-        merge_host(host, parse_capture_text(text, path.name))
+            merge_host(host, parse_capture_text(text, path.name))
+        except (ValueError, SyntaxError, KeyError, IndexError) as e:  # ET.ParseError is a SyntaxError
+            raise file_error(
+                str(path), "capture", f"cannot parse it: {e}", "give nvidia-smi -q -x, nvidia-smi -q or topo -m output"
+            ) from None
         names.append(path.name)
     if not host["gpus"]:
         raise DisaggError(
