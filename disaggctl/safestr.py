@@ -19,6 +19,7 @@ The types (docs/errors.md lists them with the fields that use them):
   UserName     a Unix user name
   EnvName      an environment variable name
   AbsPath      an absolute path on a host (one line, no control characters)
+  ExecPath     an absolute executable path for systemd's ExecStart= (no quotes or backslashes either)
   PathText     a path or command that may be relative (one line)
   SlurmWord    a value on an `#SBATCH` line (partition, account, qos, constraint)
   SlurmNodes   a Slurm node list (exclude)
@@ -117,6 +118,15 @@ def check_abs_path(value: str) -> str:
     return value
 
 
+def check_exec_path(value: str) -> str:
+    """An absolute executable path systemd's ExecStart= accepts (it refuses quotes and backslashes there)."""
+    check_abs_path(value)
+    bad = next((c for c in value if c in "'\"\\"), None)
+    if bad is not None:
+        raise ValueError(f"an executable path must not contain quotes or backslashes (found {bad!r}): {value!r}")
+    return value
+
+
 Name = Annotated[str, _pattern(NAME_RE, "use lowercase letters, digits and dashes (at most 48)")]
 HostName = Annotated[str, _pattern(HOST_NAME_RE, "use letters, digits, '.', '_' and '-' (at most 63)")]
 Address = Annotated[str, AfterValidator(check_address)]
@@ -124,6 +134,7 @@ BindAddress = Annotated[str, AfterValidator(check_bind)]
 UserName = Annotated[str, _pattern(USER_RE, "a Unix user name: lowercase letters, digits, '_', '.', '-'")]
 EnvName = Annotated[str, _pattern(ENV_NAME_RE, "an environment variable name: [A-Za-z_][A-Za-z0-9_]*")]
 AbsPath = Annotated[str, AfterValidator(check_abs_path)]
+ExecPath = Annotated[str, AfterValidator(check_exec_path)]
 PathText = Annotated[str, AfterValidator(_one_line)]
 SlurmWord = Annotated[str, _pattern(SLURM_WORD_RE, "has characters Slurm does not accept here")]
 SlurmNodes = Annotated[str, _pattern(SLURM_NODES_RE, "a Slurm node list: names, ranges [1-4] and commas")]

@@ -20,6 +20,7 @@ from disaggctl.safestr import (
     Address,
     BindAddress,
     EnvName,
+    ExecPath,
     HostName,
     ImageRef,
     Name,
@@ -364,9 +365,11 @@ class SystemdTarget(Strict):
         default="/etc/disaggctl", description="Where config files go on the hosts (a folder per deployment)."
     )
     state_dir: AbsPath = Field(default="/var/lib/disaggctl", description="Where the manifest and KV scratch live.")
-    vllm_bin: AbsPath = Field(default="/opt/vllm/bin/vllm", description="The `vllm` executable on the hosts.")
-    python_bin: AbsPath = Field(default="/opt/vllm/bin/python", description="Python with disaggctl's router installed.")
-    router_bin: AbsPath = Field(
+    vllm_bin: ExecPath = Field(default="/opt/vllm/bin/vllm", description="The `vllm` executable on the hosts.")
+    python_bin: ExecPath = Field(
+        default="/opt/vllm/bin/python", description="Python with disaggctl's router installed."
+    )
+    router_bin: ExecPath = Field(
         default="/opt/vllm/bin/vllm-router", description="`vllm-router` executable (kind vllm-router)."
     )
     run_as: UserName | None = Field(default=None, description="User= of the units.")
