@@ -8,15 +8,26 @@ the file, line and column of every path and formats them as
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 Path_ = tuple[str | int, ...]
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def dotted(path: Path_) -> str:
+    """`prefill.env.HF_HOME`, `hosts[0].name`; a key that is not a plain name is quoted (`env['A B']`),
+    so a newline in a user's key never splits the one-line message."""
     out = ""
     for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif not _PLAIN_KEY.fullmatch(str(p)):
+            out += f"[{str(p)!r}]"
+        else:
+            out += f".{p}" if out else str(p)
     return out or "(spec)"
 
 

@@ -133,12 +133,12 @@ def desired_checks(loaded: LoadedSpec, desired: DesiredState) -> None:
     """Raise a located SpecError for what the compiled deployment cannot run."""
     out = IssueList()
     if isinstance(loaded.spec.target, LocalTarget):
-        _local_ipc_sockets(desired, out)
+        _local_ipc_sockets(loaded.spec, desired, out)
     if out.issues:
         raise loaded.error(out.issues)
 
 
-def _local_ipc_sockets(desired: DesiredState, out: IssueList) -> None:
+def _local_ipc_sockets(spec: ClusterSpec, desired: DesiredState, out: IssueList) -> None:
     """vLLM's IPC sockets go under VLLM_RPC_BASE_PATH, else TMPDIR; render/local.py moves them to a short
     folder when <state>/work/<process>/tmp is too long, so only a user-set TMPDIR/VLLM_RPC_BASE_PATH can fail."""
     import tempfile
@@ -154,7 +154,7 @@ def _local_ipc_sockets(desired: DesiredState, out: IssueList) -> None:
         sock = ipc_socket_example(base)
         if len(sock.encode()) > UNIX_SOCKET_MAX:
             over = len(sock.encode()) - UNIX_SOCKET_MAX
-            where = ("engine", "env", key) if key in loaded_env_keys(desired, p.name) else ("target", "state_dir")
+            where = _env_field(spec, p.role, key)
             out.add(
                 where,
                 f"{key}={base} is {over} bytes too long for process {p.name}: vLLM's IPC sockets ({base}/<uuid4>) "
@@ -164,9 +164,13 @@ def _local_ipc_sockets(desired: DesiredState, out: IssueList) -> None:
             return
 
 
-def loaded_env_keys(desired: DesiredState, name: str) -> set[str]:
-    """Environment variables the spec itself set for a process (engine.env / <pool>.env)."""
-    return {k for p in desired.processes if p.name == name for k in p.env}
+def _env_field(spec: ClusterSpec, role: Role, key: str) -> tuple[str, ...]:
+    """Where the spec set `key` for a process of `role` (<pool>.env wins over engine.env), else the state folder."""
+    if key in spec.pool(role).env:
+        return (role.value, "env", key)
+    if key in spec.engine.env:
+        return ("engine", "env", key)
+    return ("target", "state_dir")
 
 
 def render_check(loaded: LoadedSpec, desired: DesiredState) -> None:

@@ -363,10 +363,11 @@ def _kinds_at(path: Path_, data: Any) -> list[str]:
 def issues_from_validation(err: ValidationError, data: Any) -> list[Issue]:
     issues: list[Issue] = []
     errors = err.errors(include_url=False)
-    for e in errors[:MAX_REPORTED]:
-        path = _data_path(tuple(e["loc"]), data)
+    shown = errors if len(errors) <= MAX_REPORTED else errors[: MAX_REPORTED - 1]
+    for e in shown:
+        path = _data_path(tuple(x for x in e["loc"] if x != "[key]"), data)
         typ = e["type"]
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         hint: str | None = None
         if typ == "extra_forbidden":
             key = str(path[-1])
@@ -391,7 +392,7 @@ def issues_from_validation(err: ValidationError, data: Any) -> list[Issue]:
             path = (*path, "kind")
             hint = "set `kind:` to one of the listed values"
         else:
-            if "input" in e and not isinstance(e["input"], (dict, list)):
+            if "input" in e and not isinstance(e["input"], (dict, list)) and "(got " not in msg:
                 msg = f"{msg} (got {_short(e['input'])})"
             if typ.endswith("_type") or typ.endswith("_parsing"):
                 hint = "check the value's type"
@@ -402,8 +403,8 @@ def issues_from_validation(err: ValidationError, data: Any) -> list[Issue]:
             elif typ == "string_pattern_mismatch":
                 hint = "use lowercase letters, digits and dashes" if path and path[-1] == "name" else None
         issues.append(Issue(path, msg, hint))
-    if len(errors) > MAX_REPORTED:
-        issues.append(Issue((), f"{len(errors) - MAX_REPORTED} more problems not listed", "fix the ones above first"))
+    if len(errors) > len(shown):
+        issues.append(Issue((), f"{len(errors) - len(shown)} more problems not listed", "fix the ones above first"))
     return issues
 
 

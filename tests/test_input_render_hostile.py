@@ -40,8 +40,45 @@ from tests.test_systemd_quoting import split_words
 REPO = Path(__file__).resolve().parents[1]
 VERIFY = REPO / "tests" / "infra" / "verify_unit.sh"
 
-TROUBLE = ["\n", "\r", "\0", "|", ";", "&", "$", "`", "'", '"', "%", "\\", "\u2028", "\u2029", "\x85", " ", "\t",
-           "#", "*", "(", ")", "{", "}", "<", ">", "!", "~", "=", ",", ":", "/", ".", "-", "_", "[", "]", "@"]
+TROUBLE = [
+    "\n",
+    "\r",
+    "\0",
+    "|",
+    ";",
+    "&",
+    "$",
+    "`",
+    "'",
+    '"',
+    "%",
+    "\\",
+    "\u2028",
+    "\u2029",
+    "\x85",
+    " ",
+    "\t",
+    "#",
+    "*",
+    "(",
+    ")",
+    "{",
+    "}",
+    "<",
+    ">",
+    "!",
+    "~",
+    "=",
+    ",",
+    ":",
+    "/",
+    ".",
+    "-",
+    "_",
+    "[",
+    "]",
+    "@",
+]
 CORE = st.text(alphabet=st.sampled_from([*TROUBLE, "a", "Z", "9", "é"]), min_size=1, max_size=12) | st.sampled_from(
     ["\n", "|touch pwned|", "$(touch pwned)", "`touch pwned`", "a\nb", "x\r", "\u2028", "%n", "a b", "'\"", ";rm -f x;"]
 )
@@ -55,8 +92,13 @@ SYSTEMD = {
     "kv_transfer": {"kind": "nixl", "ucx_tls": ["rc"], "ucx_net_devices": ["mlx5_0:1"], "backends": ["UCX"]},
     "engine": {"env": {"EV": "1"}},
     "router": {"host": "s1"},
-    "target": {"kind": "systemd", "vllm_bin": "/opt/v/bin/vllm", "python_bin": "/opt/v/bin/python",
-               "secrets": ["HF_TOKEN"], "run_as": "svc"},
+    "target": {
+        "kind": "systemd",
+        "vllm_bin": "/opt/v/bin/vllm",
+        "python_bin": "/opt/v/bin/python",
+        "secrets": ["HF_TOKEN"],
+        "run_as": "svc",
+    },
 }
 SLURM = {
     "name": "h",
@@ -67,9 +109,18 @@ SLURM = {
     "kv_transfer": {"kind": "nixl", "ucx_tls": ["rc"], "backends": ["UCX"]},
     "engine": {"env": {"EV": "1"}},
     "router": {"host": "s1"},
-    "target": {"kind": "slurm", "partition": "gpu", "account": "acct", "qos": "normal", "constraint": "h100",
-               "exclude": "n[1-2]", "container_image": "nvcr.io#nvidia/vllm:1", "container_mounts": ["/d:/d"],
-               "workdir": "/tmp/dj", "successor": {"enabled": True}},
+    "target": {
+        "kind": "slurm",
+        "partition": "gpu",
+        "account": "acct",
+        "qos": "normal",
+        "constraint": "h100",
+        "exclude": "n[1-2]",
+        "container_image": "nvcr.io#nvidia/vllm:1",
+        "container_mounts": ["/d:/d"],
+        "workdir": "/tmp/dj",
+        "successor": {"enabled": True},
+    },
 }
 LOCAL = {
     "name": "h",
@@ -260,7 +311,8 @@ def _skeleton(script: str, value: str) -> list[str]:
         assert r.returncode == 0, r.stderr
         r = subprocess.run(
             ["bash", "-c", 'eval "dctl_whole() {\n$(cat "$1")\n}" && declare -f dctl_whole', "_", f.name],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         assert r.returncode == 0, r.stderr
     finally:

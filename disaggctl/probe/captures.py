@@ -60,7 +60,7 @@ def host_from_files(paths: Iterable[Path], expected_gpus: int | None = None) -> 
         text = read_bytes(path, "capture", MAX_DATA_BYTES).decode(errors="replace")
         try:
             merge_host(host, parse_capture_text(text, path.name))
-        except (ValueError, SyntaxError, KeyError, IndexError) as e:  # ET.ParseError is a SyntaxError
+        except (DisaggError, ValueError, SyntaxError, KeyError, IndexError) as e:  # ET.ParseError is a SyntaxError
             raise file_error(
                 str(path), "capture", f"cannot parse it: {e}", "give nvidia-smi -q -x, nvidia-smi -q or topo -m output"
             ) from None
