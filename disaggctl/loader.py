@@ -173,7 +173,14 @@ def parse_yaml(text: str, file: str) -> tuple[Any, Positions]:
     pos: Positions = {}
     if len(text) > MAX_SPEC_BYTES:
         raise file_error(file, "spec", f"is larger than the limit of {MAX_SPEC_BYTES // (1024 * 1024)} MiB")
-    loader = _BoundedLoader(text, file)
+    try:
+        loader = _BoundedLoader(text, file)  # the reader refuses control characters here
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        col = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise file_error(
+            file, "spec", f"has a control character {chr(e.character)!r} YAML does not allow", "remove it", line, col
+        ) from None
     try:
         node = loader.get_single_node()
         if node is None:
