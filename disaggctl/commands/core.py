@@ -190,6 +190,8 @@ def register(app: typer.Typer) -> None:
         allow_degraded: bool = DEGRADED,
     ) -> None:
         """Write every artifact (units, batch scripts, LMCache YAML, router config) per host."""
+        from disaggctl.errors import DisaggError, SpecError
+        from disaggctl.input_checks import located_render_error
         from disaggctl.inputs import output_dir, writing
         from disaggctl.render import render as do_render
         from disaggctl.render.output import write_rendered
@@ -198,7 +200,12 @@ def register(app: typer.Typer) -> None:
         loaded = _load(spec, profile)
         desired = _compile(loaded, _topology(topology), allow_degraded)
         secrets = {k: os.environ.get(k, "") for k in getattr(loaded.spec.target, "secrets", [])}
-        rendered = do_render(desired, loaded.spec, secrets)
+        try:
+            rendered = do_render(desired, loaded.spec, secrets)
+        except SpecError:
+            raise
+        except DisaggError as e:
+            raise located_render_error(loaded, e) from None
         with writing(out, "render output folder"):
             written = write_rendered(rendered, out)
         typer.echo(f"wrote {len(written)} files under {out}")
