@@ -19,6 +19,7 @@ render-time refusal into a located issue, so `validate` exit 0 means `render` su
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from disaggctl.errors import DisaggError, Issue, IssueList, SpecError
@@ -182,9 +183,14 @@ def render_check(loaded: LoadedSpec, desired: DesiredState) -> None:
     except SpecError:
         raise
     except DisaggError as e:
-        text = str(e)
-        field = text.split(":", 1)[0] if text.startswith("target.") else "target"
-        path = tuple(field.split("."))
-        raise loaded.error(
-            [Issue(path, f"render would refuse this: {text}", "change the spec so render accepts it")]
-        ) from None
+        raise located_render_error(loaded, e) from None
+
+
+def located_render_error(loaded: LoadedSpec, e: DisaggError) -> SpecError:
+    """A renderer's refusal, located at the field it names (`target.workdir: ...`), else at `target`."""
+    text = str(e)
+    head = text.split(":", 1)[0]
+    path: tuple[str | int, ...] = ("target",)
+    if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", head):
+        path = tuple(head.split("."))
+    return loaded.error([Issue(path, f"render would refuse this: {text}", "change the spec so render accepts it")])
