@@ -23,7 +23,7 @@ import re
 from typing import TYPE_CHECKING
 
 from disaggctl.errors import DisaggError, Issue, IssueList, SpecError
-from disaggctl.spec import ClusterSpec, LmcacheTransfer, LocalTarget, Role, SlurmTarget
+from disaggctl.spec import ClusterSpec, Host, LmcacheTransfer, LocalTarget, Role, SlurmTarget
 
 if TYPE_CHECKING:
     from disaggctl.deployment import DesiredState
@@ -62,8 +62,7 @@ def _slurm_hosts(spec: ClusterSpec, out: IssueList) -> None:
             )
 
 
-def _gpu_count(spec: ClusterSpec, name: str) -> int | None:
-    h = spec.host(name)
+def _gpu_count(spec: ClusterSpec, h: Host) -> int | None:
     if h.gpus is not None:
         return h.gpus
     if h.topology is None:
@@ -72,11 +71,13 @@ def _gpu_count(spec: ClusterSpec, name: str) -> int | None:
 
 
 def _gpu_pins_exist(spec: ClusterSpec, out: IssueList) -> None:
-    declared = {h.name for h in spec.hosts}
+    declared = {h.name: h for h in spec.hosts}
     for role in (Role.PREFILL, Role.DECODE):
         sel = spec.pool(role).hosts
-        names = [n for n in sel.names if n in declared] or [h.name for h in spec.hosts]
-        counts = {n: _gpu_count(spec, n) for n in names}
+        if not sel.gpus:
+            continue
+        names = [n for n in sel.names if n in declared] or list(declared)
+        counts = {n: _gpu_count(spec, declared[n]) for n in names}
         known = {n: c for n, c in counts.items() if c is not None}
         if not known or len(known) != len(counts):
             continue
