@@ -396,7 +396,8 @@ def issues_from_validation(err: ValidationError, data: Any) -> list[Issue]:
             path = (*path, "kind")
             hint = "set `kind:` to one of the listed values"
         else:
-            if "input" in e and not isinstance(e["input"], (dict, list)) and "(got " not in msg:
+            already = "input" in e and ("(got " in msg or repr(e["input"]) in msg)
+            if "input" in e and not isinstance(e["input"], (dict, list)) and not already:
                 msg = f"{msg} (got {_short(e['input'])})"
             if typ.endswith("_type") or typ.endswith("_parsing"):
                 hint = "check the value's type"
