@@ -94,11 +94,17 @@ def _gpu_pins_exist(spec: ClusterSpec, out: IssueList) -> None:
 
 
 def lmcache_kv_bytes_per_token(spec: ClusterSpec) -> float | None:
-    """KV bytes per token that one prefill rank sends into one decode rank's P/D buffer."""
+    """KV bytes per token of one prefill rank: LMCache's kv_shape (lmcache.integration.vllm.utils):
+    (layers of the PP stage, 2 (1 with MLA), chunk, max(1, kv_heads // tp), head_size (the MLA latent))."""
     arch = spec.model.resolved_architecture()
     if arch is None:
         return None
-    kv_bytes = 1.0 if spec.model.kv_cache_dtype.startswith("fp8") else 2.0
+    if spec.model.kv_cache_dtype.startswith("fp8"):
+        kv_bytes = 1.0
+    elif spec.model.kv_cache_dtype == "auto" and spec.model.dtype == "float32":
+        kv_bytes = 4.0
+    else:
+        kv_bytes = 2.0
     pool = spec.prefill
     layers = -(-arch.layers // pool.pipeline_parallel)
     if arch.kv_latent_dim:
@@ -108,22 +114,31 @@ def lmcache_kv_bytes_per_token(spec: ClusterSpec) -> float | None:
     return layers * per_layer * kv_bytes
 
 
+def lmcache_buffer_need(spec: ClusterSpec, tokens: int) -> int | None:
+    """Bytes of `pd_buffer_size` that hold `tokens` of one rank's KV: LMCache allocates whole chunks."""
+    kv = spec.kv_transfer
+    per_token = lmcache_kv_bytes_per_token(spec)
+    if not isinstance(kv, LmcacheTransfer) or per_token is None:
+        return None
+    chunks = -(-tokens // kv.chunk_size)
+    return int(chunks * kv.chunk_size * per_token)
+
+
 def _lmcache_buffer(spec: ClusterSpec, out: IssueList) -> None:
     kv = spec.kv_transfer
     if not isinstance(kv, LmcacheTransfer):
         return
     tokens = spec.model.max_model_len or kv.max_prefill_len
-    per_token = lmcache_kv_bytes_per_token(spec)
-    if tokens is None or per_token is None:
+    need = lmcache_buffer_need(spec, tokens) if tokens else None
+    if tokens is None or need is None:
         return
-    need = tokens * per_token
-    have = kv.buffer_size_mb * MIB
-    if have < need:
-        need_mib = -(-int(need) // MIB)
+    if kv.buffer_size_mb * MIB < need:
+        need_mib = -(-need // MIB)
+        per_token = lmcache_kv_bytes_per_token(spec) or 0
         out.add(
             ("kv_transfer", "buffer_size_mb"),
             f"{kv.buffer_size_mb} MiB cannot hold one {tokens}-token prompt's KV: {per_token:g} bytes per token "
-            f"per rank need {need_mib} MiB",
+            f"per rank (in chunks of {kv.chunk_size} tokens) need {need_mib} MiB",
             f"set buffer_size_mb >= {need_mib} or lower model.max_model_len",
         )
 
