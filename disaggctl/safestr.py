@@ -25,6 +25,7 @@ The types (docs/errors.md lists them with the fields that use them):
   SlurmNodes   a Slurm node list (exclude)
   SlurmPath    the job folder: also on `#SBATCH --output=`, so no spaces or shell characters
   SlurmMount   a pyxis mount SRC:DST[:FLAGS] (joined with commas, so none inside)
+  CpuList      a Linux cpulist (topology files: it goes into CPUAffinity=)
   Text         free text (model ids, extra arguments, environment values, labels)
 """
 
@@ -49,6 +50,7 @@ SLURM_WORD_RE = re.compile(r"[A-Za-z0-9_.,:/@+=*&|\[\]-]+")
 SLURM_NODES_RE = re.compile(r"[A-Za-z0-9_.,\[\]-]+")
 SLURM_PATH_RE = re.compile(r"/[A-Za-z0-9_./+-]*")
 SLURM_MOUNT_RE = re.compile(r"[A-Za-z0-9_./:+@-]+")
+CPU_LIST_RE = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")
 IMAGE_RE = re.compile(r"[A-Za-z0-9_.:/@+#-]+")
 
 
@@ -146,4 +148,5 @@ SlurmPath = Annotated[
 ]
 SlurmMount = Annotated[str, _pattern(SLURM_MOUNT_RE, "a mount SRC:DST[:FLAGS] without spaces or commas")]
 ImageRef = Annotated[str, _pattern(IMAGE_RE, "a container image reference (registry#image:tag or a path)")]
+CpuList = Annotated[str, _pattern(CPU_LIST_RE, "a CPU list such as 0-15,32-47")]
 Text = Annotated[str, AfterValidator(lambda v: _one_line(v, allow_tab=True))]

@@ -61,6 +61,7 @@ def sub(base: str, old: str, new: str) -> str:
     return base.replace(old, new, 1)
 
 
+TOPO = '{"version": 1, "hosts": {"node1": {"gpus": [{"index": 0}]}}}'
 LAUGHS = "\n".join(
     ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     + [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
@@ -409,6 +410,40 @@ FILES: list[Case] = [
         ["render", "{d}/s.yaml", "-t", "{d}", "-o", "{d}/out"],
         r"^error: {d}:1:1 topology file: is a folder",
         {"s.yaml": BASE},
+    ),
+    Case(
+        "topology-cpu-affinity-injection",
+        ["validate", "{d}/s.yaml", "-t", "{d}/t.json"],
+        r"^error: {d}/t\.json:1:1 topology file hosts\.node1\.gpus\.0\.cpu_affinity: ",
+        {"s.yaml": BASE, "t.json": TOPO.replace('"index": 0', '"index": 0, "cpu_affinity": "0\\nExecStartPre=/bin/x"')},
+    ),
+    Case(
+        "topology-memory-negative",
+        ["validate", "{d}/s.yaml", "-t", "{d}/t.json"],
+        r"^error: {d}/t\.json:1:1 topology file hosts\.node1\.gpus\.0\.memory_total_mib: ",
+        {"s.yaml": BASE, "t.json": TOPO.replace('"index": 0', '"index": 0, "memory_total_mib": -5')},
+    ),
+    Case(
+        "topology-power-huge",
+        ["validate", "{d}/s.yaml", "-t", "{d}/t.json"],
+        r"^error: {d}/t\.json:1:1 topology file hosts\.node1\.gpus\.0\.power_limit_w: ",
+        {"s.yaml": BASE, "t.json": TOPO.replace('"index": 0', '"index": 0, "power_limit_w": 1e400')},
+    ),
+    Case(
+        "topology-gpu-index-negative",
+        ["validate", "{d}/s.yaml", "-t", "{d}/t.json"],
+        r"^error: {d}/t\.json:1:1 topology file hosts\.node1\.gpus\.0\.index: ",
+        {"s.yaml": BASE, "t.json": TOPO.replace('"index": 0', '"index": -1')},
+    ),
+    Case(
+        "capture-memory-negative",
+        ["topology", "{d}/x.xml"],
+        r"^error: {d}/x\.xml:1:1 capture: gpus\.0\.memory_total_mib: ",
+        {
+            "x.xml": (SMI / "nvidia-smi-q-x_b200.xml")
+            .read_text()
+            .replace("<total>183359 MiB</total>", "<total>-5 MiB</total>", 1)
+        },
     ),
     # captures (disaggctl topology)
     Case("capture-missing", ["topology", "{d}/x.xml"], r"^error: {d}/x\.xml:1:1 capture: cannot read"),

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from disaggctl.errors import DisaggError, file_error
 from disaggctl.inputs import MAX_DATA_BYTES, read_bytes
 from disaggctl.probe import smi_text, smi_topo, smi_xml
@@ -56,6 +58,7 @@ def host_from_files(paths: Iterable[Path], expected_gpus: int | None = None) -> 
     """Merge the captures of one host into a HostTopology with its problems detected."""
     host: dict[str, Any] = {"gpus": []}
     names = []
+    read: list[str] = []
     for path in paths:
         text = read_bytes(path, "capture", MAX_DATA_BYTES).decode(errors="replace")
         try:
@@ -65,6 +68,7 @@ def host_from_files(paths: Iterable[Path], expected_gpus: int | None = None) -> 
                 str(path), "capture", f"cannot parse it: {e}", "give nvidia-smi -q -x, nvidia-smi -q or topo -m output"
             ) from None
         names.append(path.name)
+        read.append(str(path))
     if not host["gpus"]:
         raise DisaggError(
             f"no GPU found in {', '.join(names)}",
@@ -72,7 +76,13 @@ def host_from_files(paths: Iterable[Path], expected_gpus: int | None = None) -> 
     for g in host["gpus"]:
         finish_gpu(g)
     host["source"] = "capture:" + ",".join(names)
-    topo = HostTopology.model_validate(host)
+    try:
+        topo = HostTopology.model_validate(host)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(str(x) for x in first["loc"])
+        hint = "is this an nvidia-smi capture?"
+        raise file_error(", ".join(read), "capture", f"{where}: {first['msg']}", hint) from None
     topo.problems = detect_problems(topo, expected_gpus)
     return topo
 
