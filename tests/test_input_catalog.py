@@ -138,6 +138,12 @@ SPECS: list[Case] = [
     spec_case("timeout-inf", BASE + "health: {startup_timeout_s: .inf}\n", r"16:\d+ health\.startup_timeout_s"),
     spec_case("timeout-nan", BASE + "health: {interval_s: .nan}\n", r"16:\d+ health\.interval_s"),
     spec_case("timeout-huge", BASE + "health: {request_timeout_s: 1e400}\n", r"16:\d+ health\.request_timeout_s"),
+    spec_case("timeout-1e300", BASE + "health: {startup_timeout_s: 1e300}\n", r"16:\d+ health\.startup_timeout_s"),
+    spec_case(
+        "unit-timeout-huge",
+        sub(BASE, "kind: systemd", "kind: systemd\n  start_timeout_s: 1000000000000000000000000000000"),
+        r"16:3 target\.start_timeout_s",
+    ),
     spec_case("hbm-inf", BASE + "hardware: {hbm_gb: .inf}\n", r"16:\d+ hardware\.hbm_gb"),
     spec_case("gpus-huge", sub(BASE, "gpus: 8", "gpus: 2000"), r"7:5 hosts\[0\]\.gpus"),
     spec_case(
