@@ -48,8 +48,8 @@ class LoadedSpec:
 
 
 MAX_DEPTH = 64  # nesting of mappings and lists; a real spec nests 5 deep
-MAX_EVENTS = 100_000  # YAML events (keys, values, starts/ends) before composing; the 128-rack GB200 spec has 18,500
-MAX_NODES = 100_000  # values after alias expansion ("billion laughs"); the 128-rack GB200 spec has ~9,300
+MAX_EVENTS = 50_000  # YAML events (keys, values, starts/ends) before composing; the 128-rack GB200 spec has 18,500
+MAX_NODES = 50_000  # values after alias expansion ("billion laughs"); the 128-rack GB200 spec has ~9,300
 MAX_PROFILES = 32
 
 
