@@ -183,6 +183,14 @@ class OutputFormat(StrEnum):
     json = "json"
 
 
+class RoleName(StrEnum):
+    """`--role` of `logs`."""
+
+    prefill = "prefill"
+    decode = "decode"
+    router = "router"
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -246,6 +254,7 @@ __all__ = [
     "MAX_DATA_BYTES",
     "MAX_SPEC_BYTES",
     "OutputFormat",
+    "RoleName",
     "SpecError",
     "decode_text",
     "output_dir",

@@ -613,6 +613,13 @@ FLAGS: list[Case] = [
         r"^Usage: ",
         anywhere=r"Invalid value for '--timeout'",
     ),
+    Case(
+        "logs-role-unknown",
+        ["logs", "{d}/s.yaml", "--role", "worker"],
+        r"^Usage: ",
+        {"s.yaml": BASE},
+        anywhere=r"Invalid value for '--role': .*'worker' is not one of 'prefill', 'decode', 'router'",
+    ),
     Case("validate-no-spec", ["validate"], r"^Usage: ", anywhere=r"Missing argument 'SPEC'"),
     Case("unknown-command", ["valdate"], r"^Usage: ", anywhere=r"No such command 'valdate'"),
     Case(

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from disaggctl.inputs import OutputFormat
+from disaggctl.inputs import OutputFormat, RoleName
 
 if TYPE_CHECKING:
     from disaggctl.deployment import DesiredState
@@ -294,7 +294,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def logs(
         spec: Path = SPEC,
-        role: str | None = typer.Option(None, "--role", help="prefill, decode or router."),
+        role: RoleName | None = typer.Option(None, "--role", help="prefill, decode or router."),
         instance: int | None = typer.Option(None, "--instance", min=0, help="Instance number within the role."),
         follow: bool = typer.Option(False, "--follow", "-f", help="Keep following."),
         lines: int = typer.Option(100, "--lines", "-n", min=0, help="Lines of history."),
@@ -304,4 +304,4 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show (or follow) the logs of the deployment's processes."""
         ctx = _context(spec, profile, topology, allow_degraded)
-        raise typer.Exit(_backend(ctx).logs(ctx, role, instance, follow, lines))
+        raise typer.Exit(_backend(ctx).logs(ctx, role.value if role else None, instance, follow, lines))
