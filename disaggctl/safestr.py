@@ -21,7 +21,8 @@ The types (docs/errors.md lists them with the fields that use them):
   AbsPath      an absolute path on a host (one line, no control characters)
   ExecPath     an absolute executable path for systemd's ExecStart= (no quotes or backslashes either)
   PathText     a path or command that may be relative (one line)
-  SlurmWord    a value on an `#SBATCH` line (partition, account, qos, constraint)
+  SlurmName    a partition, account or qos (a comma list of names)
+  SlurmWord    a feature expression on an `#SBATCH` line (constraint: `&`, `|`, `*`, `[]` allowed)
   SlurmNodes   a Slurm node list (exclude)
   SlurmPath    the job folder: also on `#SBATCH --output=`, so no spaces or shell characters
   SlurmMount   a pyxis mount SRC:DST[:FLAGS] (joined with commas, so none inside)
@@ -46,6 +47,7 @@ HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 DNS_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+SLURM_NAME_RE = re.compile(r"[A-Za-z0-9_.,:@+=-]+")
 SLURM_WORD_RE = re.compile(r"[A-Za-z0-9_.,:/@+=*&|\[\]-]+")
 SLURM_NODES_RE = re.compile(r"[A-Za-z0-9_.,\[\]-]+")
 SLURM_PATH_RE = re.compile(r"/[A-Za-z0-9_./+-]*")
@@ -138,6 +140,7 @@ EnvName = Annotated[str, _pattern(ENV_NAME_RE, "an environment variable name: [A
 AbsPath = Annotated[str, AfterValidator(check_abs_path)]
 ExecPath = Annotated[str, AfterValidator(check_exec_path)]
 PathText = Annotated[str, AfterValidator(_one_line)]
+SlurmName = Annotated[str, _pattern(SLURM_NAME_RE, "a Slurm name (list): letters, digits and _ . , : @ + = -")]
 SlurmWord = Annotated[str, _pattern(SLURM_WORD_RE, "has characters Slurm does not accept here")]
 SlurmNodes = Annotated[str, _pattern(SLURM_NODES_RE, "a Slurm node list: names, ranges [1-4] and commas")]
 SlurmPath = Annotated[

@@ -26,6 +26,7 @@ from disaggctl.safestr import (
     Name,
     PathText,
     SlurmMount,
+    SlurmName,
     SlurmNodes,
     SlurmPath,
     SlurmWord,
@@ -413,9 +414,9 @@ class SlurmTarget(Strict):
     """A Slurm cluster: one heterogeneous job per deployment."""
 
     kind: Literal["slurm"]
-    partition: SlurmWord | None = Field(default=None, description="`--partition`.")
-    account: SlurmWord | None = Field(default=None, description="`--account`.")
-    qos: SlurmWord | None = Field(default=None, description="`--qos`.")
+    partition: SlurmName | None = Field(default=None, description="`--partition`.")
+    account: SlurmName | None = Field(default=None, description="`--account`.")
+    qos: SlurmName | None = Field(default=None, description="`--qos`.")
     time_limit: str = Field(default="04:00:00", pattern=r"^(\d{1,4}-)?\d{1,4}(:\d{2}){0,2}\z", description="`--time`.")
     constraint: SlurmWord | None = Field(default=None, description="`--constraint`.")
     exclude: SlurmNodes | None = Field(default=None, description="`--exclude` node list.")
