@@ -84,6 +84,10 @@ class Pool:
     def pick(self, exclude: Sequence[Instance] = ()) -> Instance | None:
         """Choose among healthy instances not yet tried; if none is healthy, try the untried
         unhealthy ones too (health is polled, so it can be stale)."""
+        if not exclude:  # the common case, kept cheap
+            healthy = [i for i in self.instances if i.healthy and not i.draining]
+            if healthy:
+                return self.pick_from(healthy)
         untried = [i for i in self.instances if not i.draining and i not in exclude]
         if not untried:
             return None
