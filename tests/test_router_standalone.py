@@ -1,6 +1,7 @@
 """The router runs with only its own runtime dependencies: `python -m disaggctl.router` with the
-CLI's packages (typer, paramiko, jinja2, rich, pydantic, yaml) blocked from import serves a
-request through stand-in engines, and its config errors still come out as located lines."""
+CLI's packages (typer, paramiko, jinja2, rich, pydantic, yaml) and aiohttp blocked from import
+serves a request through stand-in engines, and its config errors still come out as located lines.
+(Its optional packages - uvloop, orjson, pyzmq, tokenizers - stay importable.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from tests.plugins.standin import REPO, Standin, _wait_port, free_port, http, post_json
 
-BLOCKED = ("typer", "paramiko", "jinja2", "rich", "pydantic", "pydantic_core", "yaml")
+BLOCKED = ("typer", "paramiko", "jinja2", "rich", "pydantic", "pydantic_core", "yaml", "aiohttp")
 
 BLOCKER = f"""
 import importlib.machinery

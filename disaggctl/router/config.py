@@ -1,6 +1,6 @@
 """The builtin router's configuration file (JSON), written by `compile` and read by the router.
 
-Standard library only: the router runs on hosts that have aiohttp but not disaggctl's CLI
+Standard library only: the router runs on hosts that have none of disaggctl's CLI
 dependencies (pydantic, typer, ...). The dataclasses validate themselves strictly on
 construction (types, ranges, cross-field rules); `parse_router_config` also rejects unknown
 and missing keys of a JSON document and reports every problem with its field path.

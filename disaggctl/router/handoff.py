@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
+from disaggctl.router import front
 from disaggctl.router.bodies import (
     JSON_CT,
     NIXL_PREFILL_PARAMS,
@@ -38,7 +37,7 @@ SSE_CT = "text/event-stream"
 class Ctx:
     """One client request as the paths need it."""
 
-    request: web.Request
+    request: front.Request
     chat: bool
     endpoint: str  # "chat" | "completions" (metrics label)
     raw: bytes  # the client's body
@@ -59,7 +58,7 @@ class Handoff:
         self.metrics = metrics
         self._warned_no_params = False
 
-    async def local(self, ctx: Ctx, reason: str, only: Instance | None = None) -> web.StreamResponse:
+    async def local(self, ctx: Ctx, reason: str, only: Instance | None = None) -> front.Reply:
         """Send the client's body unchanged to a decode instance (it prefills locally)."""
         self.metrics.request(ctx.endpoint, LOCAL, reason)
         up = await self.ups.call(self.ups.decode, ctx.path, ctx.raw, ctx.headers, only=only)
@@ -91,7 +90,7 @@ class Handoff:
                 raise UpstreamUnavailable("prefill", [(inst, err)])
         return inst, status, parsed, data
 
-    async def two_step(self, ctx: Ctx) -> web.StreamResponse:
+    async def two_step(self, ctx: Ctx) -> front.Reply:
         """NIXL and shared storage: prefill with max_tokens 1, then decode with the original body
         (plus the prefill's kv_transfer_params for NIXL), same X-Request-Id."""
         pbody = prefill_body(ctx.body)
@@ -106,7 +105,7 @@ class Handoff:
         if status != 200 or parsed is None:
             # the prefill refused the request (4xx): the client's request is at fault; pass it on
             self.metrics.error("prefill_rejected", status)
-            return web.Response(status=status, body=data, content_type=JSON_CT)
+            return front.Response(status=status, body=data, content_type=JSON_CT)
         self.metrics.request(ctx.endpoint, DISAGG, "long_prompt")
         dbody = self.nixl_decode_body(ctx, pinst, parsed) if nixl else ctx.raw
         up = await self.ups.call(self.ups.decode, ctx.path, dbody, ctx.headers)
@@ -129,7 +128,7 @@ class Handoff:
 
     # ------------------------------------------------------------------ answers
 
-    async def relay(self, ctx: Ctx, up: Upcall, path: str) -> web.StreamResponse:
+    async def relay(self, ctx: Ctx, up: Upcall, path: str) -> front.Reply:
         """Forward the decode answer: JSON as is, SSE chunk by chunk; a mid-stream failure ends
         the stream with an error event (the status line is already sent)."""
         resp = up.resp
@@ -144,10 +143,10 @@ class Handoff:
                 self.metrics.observe_ttft(path, time.perf_counter() - ctx.t0)
                 if resp.status >= 400:
                     self.metrics.error("decode_rejected", resp.status)
-                return web.Response(
+                return front.Response(
                     status=resp.status, body=data, headers={"Content-Type": ctype, "X-Request-Id": ctx.rid}
                 )
-            out = web.StreamResponse(
+            out = front.StreamResponse(
                 status=resp.status,
                 headers={"Content-Type": ctype, "Cache-Control": "no-cache", "X-Request-Id": ctx.rid},
             )
@@ -159,12 +158,12 @@ class Handoff:
     async def pump(
         self,
         ctx: Ctx,
-        out: web.StreamResponse,
+        out: front.StreamResponse,
         up: Upcall,
         parts: AsyncIterator[bytes],
         ttft_path: str | None,
         convert: Callable[[bytes], bytes] | None = None,
-    ) -> web.StreamResponse:
+    ) -> front.StreamResponse:
         """Copy an upstream SSE body to the client. An upstream failure ends the stream with an
         error event; a client that went away just ends it (the upstream is not to blame).
         `ttft_path`: observe the time to the first chunk under this path label."""
@@ -187,7 +186,7 @@ class Handoff:
             await out.write_eof()
         return out
 
-    async def stream_failed(self, out: web.StreamResponse, inst: Instance, e: BaseException) -> None:
+    async def stream_failed(self, out: front.StreamResponse, inst: Instance, e: BaseException) -> None:
         err = str(e) or type(e).__name__
         self.ups.fail(inst, err)
         self.metrics.error("stream_interrupted", 502)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from aiohttp import web
-
+from disaggctl.router import front
 from disaggctl.router.bodies import JSONError, dumps, loads
 from disaggctl.router.handoff import Ctx
 
@@ -55,8 +54,8 @@ class Completion:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return self.final(first_text + ch.get("text", ""), ch.get("finish_reason"), usage)
 
-    async def open_stream(self) -> web.StreamResponse:
-        out = web.StreamResponse(
+    async def open_stream(self) -> front.StreamResponse:
+        out = front.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": self.ctx.rid}
         )
         await out.prepare(self.ctx.request)

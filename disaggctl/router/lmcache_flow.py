@@ -16,8 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
+from disaggctl.router import front
 from disaggctl.router.bodies import CHAT_ONLY, JSON_CT, dumps, error_body, loads
 from disaggctl.router.calls import Upcall, UpstreamUnavailable
 from disaggctl.router.decide import DISAGG
@@ -48,7 +47,7 @@ class LMCacheFlow:
         self.cfg = handoff.cfg
         self.notifications = notifications
 
-    async def run(self, ctx: Ctx) -> web.StreamResponse:
+    async def run(self, ctx: Ctx) -> front.Reply:
         dinst = self.ups.decode.pick()
         if dinst is None:
             raise UpstreamUnavailable("decode", [])
@@ -56,7 +55,7 @@ class LMCacheFlow:
             log.warning("decode %s has no LMCache receiver ports; prefilling locally", dinst.name)
             return await self.h.local(ctx, "no_receiver")
         tokens = await self.tokens(ctx)
-        if isinstance(tokens, web.Response):
+        if isinstance(tokens, front.Response):
             return tokens
         body = ctx.body
         base = {k: v for k, v in body.items() if k not in CHAT_ONLY} if ctx.chat else dict(body)
@@ -81,7 +80,7 @@ class LMCacheFlow:
             return await self.h.relay(ctx, up, DISAGG)
         return await self.answer(ctx, up, got)
 
-    async def tokens(self, ctx: Ctx) -> list[int] | web.Response:
+    async def tokens(self, ctx: Ctx) -> list[int] | front.Response:
         """The prompt's token ids: given by the client, or from a prefill's /tokenize (vLLM's
         TokenizeCompletionRequest takes one string; the chat form applies the chat template)."""
         body = ctx.body
@@ -99,18 +98,18 @@ class LMCacheFlow:
             if not isinstance(prompt, str):
                 self.metrics.error("bad_request", 400)
                 msg = "prompt must be one string or one list of token ids (LMCache P/D)"
-                return web.json_response(error_body(400, msg, "BadRequestError"), status=400, dumps=_dumps_str)
+                return front.json_response(error_body(400, msg, "BadRequestError"), status=400)
             tok_req = {"prompt": prompt}
         _, tstatus, tdata = await self.h.prefill_call(ctx, "/tokenize", tok_req)
         if tstatus != 200:
             self.metrics.error("prefill_rejected", tstatus)
-            return web.Response(status=tstatus, body=tdata, content_type=JSON_CT)
+            return front.Response(status=tstatus, body=tdata, content_type=JSON_CT)
         tokens: list[int] = loads(tdata)["tokens"]
         return tokens
 
     async def prefill(
         self, ctx: Ctx, dinst: Instance, base: dict[str, Any], tokens: list[int]
-    ) -> Prefilled | web.StreamResponse:
+    ) -> Prefilled | front.Reply:
         """Prefill into `dinst` and wait until every TP rank's KV arrived there. Returns what the
         prefill produced, or the answer to give the client (a rejection, or local prefill)."""
         pbody = dict(base, prompt=tokens, max_tokens=1, stream=False)
@@ -133,7 +132,7 @@ class LMCacheFlow:
                 return await self.h.local(ctx, "prefill_failed")
             if status != 200 or parsed is None:
                 self.metrics.error("prefill_rejected", status)
-                return web.Response(status=status, body=data, content_type=JSON_CT)
+                return front.Response(status=status, body=data, content_type=JSON_CT)
             got = self._first_token(pinst, parsed)
             await self._wait_kv(ready, pinst, ctx.rid)
             return got
@@ -157,7 +156,7 @@ class LMCacheFlow:
             why = f"no LMCache notification for request {rid} within {wait_s} s"
             raise UpstreamUnavailable("prefill", [(pinst, why)]) from None
 
-    async def decode(self, ctx: Ctx, dinst: Instance, dbody: dict[str, Any]) -> Upcall | web.StreamResponse:
+    async def decode(self, ctx: Ctx, dinst: Instance, dbody: dict[str, Any]) -> Upcall | front.Reply:
         """Decode on the decoder that holds the KV; if it fails, another decoder prefills itself."""
         try:
             return await self.ups.call(self.ups.decode, "/v1/completions", dumps(dbody), ctx.headers, only=dinst)
@@ -167,20 +166,20 @@ class LMCacheFlow:
             log.warning("%s; retrying with local prefill on another decode instance", e)
             return await self.h.local(ctx, "decode_failed", only=self.ups.decode.pick(exclude=[dinst]))
 
-    async def prefill_only(self, ctx: Ctx, got: Prefilled, n_prompt: int) -> web.StreamResponse:
+    async def prefill_only(self, ctx: Ctx, got: Prefilled, n_prompt: int) -> front.Reply:
         """A request for one token: the prefill's answer is the whole answer."""
         one = Completion(ctx, got.parsed)
         finish = got.parsed["choices"][0].get("finish_reason")
         usage = {"prompt_tokens": n_prompt, "completion_tokens": 1, "total_tokens": n_prompt + 1}
         if not ctx.body.get("stream"):
-            return web.json_response(one.final(got.first_text, finish, usage), dumps=_dumps_str)
+            return front.json_response(one.final(got.first_text, finish, usage))
         out = await one.open_stream()
         await out.write(one.chunk(got.first_text, finish))
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out
 
-    async def answer(self, ctx: Ctx, up: Upcall, got: Prefilled) -> web.StreamResponse:
+    async def answer(self, ctx: Ctx, up: Upcall, got: Prefilled) -> front.Reply:
         """Join the prefill's first token and the decoder's continuation, in the client's format."""
         comp = Completion(ctx, got.parsed)
         try:
@@ -191,9 +190,7 @@ class LMCacheFlow:
                     self.ups.fail(up.inst, str(e))
                     raise UpstreamUnavailable("decode", [(up.inst, str(e))]) from None
                 self.metrics.observe_ttft(DISAGG, time.perf_counter() - ctx.t0)
-                return web.json_response(
-                    comp.joined(got.first_text, decoded), headers={"X-Request-Id": ctx.rid}, dumps=_dumps_str
-                )
+                return front.json_response(comp.joined(got.first_text, decoded), headers={"X-Request-Id": ctx.rid})
             out = await comp.open_stream()
             await out.write(comp.chunk(got.first_text, None))
             self.metrics.observe_ttft(DISAGG, time.perf_counter() - ctx.t0)
@@ -201,7 +198,3 @@ class LMCacheFlow:
             return await self.h.pump(ctx, out, up, up.resp.iter_lines(), None, convert)
         finally:
             up.close()
-
-
-def _dumps_str(obj: Any) -> str:
-    return dumps(obj).decode()

@@ -1,4 +1,4 @@
-"""The builtin P/D router: an aiohttp service in front of prefill and decode vLLM instances.
+"""The builtin P/D router: an HTTP service (`front.py`) in front of prefill and decode vLLM instances.
 
 Per request: decide the path (`decide.py`: disaggregated, or local prefill on a decode
 instance), run the connector's hand-off (`handoff.py`: NIXL, shared storage; `lmcache_flow.py`)
@@ -15,11 +15,9 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-
+from disaggctl.router import front
 from disaggctl.router.bodies import JSON_CT, NIXL_PREFILL_PARAMS, JSONError, dumps, error_body, loads, with_field
 from disaggctl.router.calls import Upstreams, UpstreamUnavailable
 from disaggctl.router.config import RouterConfig
@@ -30,16 +28,16 @@ from disaggctl.router.lmcache_flow import LMCacheFlow
 from disaggctl.router.metrics import RouterMetrics
 from disaggctl.router.policies import Instance, Pool
 
-__all__ = ["NIXL_PREFILL_PARAMS", "Router", "build_app", "serve", "with_field"]
+__all__ = ["NIXL_PREFILL_PARAMS", "Router", "routes", "serve", "with_field"]
 
 log = logging.getLogger("disaggctl.router")
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=dumps(body), headers={"Content-Type": JSON_CT, **(headers or {})})
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> front.Response:
+    return front.Response(status=status, body=dumps(body), headers={"Content-Type": JSON_CT, **(headers or {})})
 
 
-def error_response(status: int, message: str, kind: str) -> web.Response:
+def error_response(status: int, message: str, kind: str) -> front.Response:
     return json_response(error_body(status, message, kind), status=status)
 
 
@@ -62,7 +60,7 @@ class Router:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, app: web.Application | None = None) -> None:
+    async def start(self) -> None:
         if self.cfg.kv_kind == "lmcache":
             assert self.cfg.lmcache_proxy_port is not None  # the config requires it for lmcache
             self.notifications = Notifications(self.cfg.lmcache_proxy_bind or "0.0.0.0", self.cfg.lmcache_proxy_port)
@@ -74,7 +72,7 @@ class Router:
         gc.collect()
         gc.freeze()
 
-    async def stop(self, app: web.Application | None = None) -> None:
+    async def stop(self) -> None:
         await self.ups.close()
         if self.notifications:
             await self.notifications.close()
@@ -92,7 +90,7 @@ class Router:
 
     # ------------------------------------------------------------------ HTTP handlers
 
-    async def handle_health(self, request: web.Request) -> web.Response:
+    async def handle_health(self, request: front.Request) -> front.Response:
         def detail(pool: Pool) -> list[dict[str, Any]]:
             return [instance_detail(i) for i in pool.instances]
 
@@ -107,20 +105,20 @@ class Router:
             body["message"] = "no healthy decode instance"
         return json_response(body, status=200 if ok else 503)
 
-    async def handle_models(self, request: web.Request) -> web.Response:
+    async def handle_models(self, request: front.Request) -> front.Response:
         inst = self.decode.pick()
         if inst is not None:
             try:
                 r = await self.ups.client.request("GET", inst.url, "/v1/models", timeout=10)
                 raw = await r.read()
                 if r.status == 200:
-                    return web.Response(body=raw, content_type=JSON_CT)
+                    return front.Response(body=raw, content_type=JSON_CT)
             except OSError:
                 pass
         data = [{"id": self.cfg.model, "object": "model", "created": 0, "owned_by": "disaggctl"}]
         return json_response({"object": "list", "data": data})
 
-    async def handle_metrics(self, request: web.Request) -> web.Response:
+    async def handle_metrics(self, request: front.Request) -> front.Response:
         m = self.metrics
         m.gauges["upstream_healthy"] = {}
         m.gauges["upstream_in_flight"] = {}
@@ -130,15 +128,15 @@ class Router:
             m.gauges["upstream_in_flight"][key] = float(i.in_flight)
         if self.notifications is not None:
             m.gauges["lmcache_notifications_received"] = {(): float(self.notifications.received)}
-        return web.Response(text=m.render(), content_type="text/plain", charset="utf-8")
+        return front.Response(text=m.render(), content_type="text/plain", charset="utf-8")
 
-    async def handle_completions(self, request: web.Request) -> web.StreamResponse:
+    async def handle_completions(self, request: front.Request) -> front.Reply:
         return await self.generate(request, chat=False)
 
-    async def handle_chat(self, request: web.Request) -> web.StreamResponse:
+    async def handle_chat(self, request: front.Request) -> front.Reply:
         return await self.generate(request, chat=True)
 
-    async def generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def generate(self, request: front.Request, chat: bool) -> front.Reply:
         t0 = time.perf_counter()
         raw = await request.read()
         try:
@@ -148,10 +146,10 @@ class Router:
         if not isinstance(body, dict):
             self.metrics.error("bad_request", 400)
             return error_response(400, "request body must be a JSON object", "BadRequestError")
-        hdrs = request.headers
-        rid = hdrs.get("X-Request-Id") or f"{self._rid_prefix}{next(self._rid_counter):010x}"
+        hdrs = request.headers  # lower-case names
+        rid = hdrs.get("x-request-id") or f"{self._rid_prefix}{next(self._rid_counter):010x}"
         headers = {"Content-Type": JSON_CT, "X-Request-Id": rid}
-        auth = hdrs.get("Authorization")
+        auth = hdrs.get("authorization")
         if auth:
             headers["Authorization"] = auth
         ctx = Ctx(request, chat, "chat" if chat else "completions", raw, body, rid, headers, t0)
@@ -164,7 +162,7 @@ class Router:
             self.metrics.error("timeout", 504)
             return error_response(504, f"upstream timed out after {self.cfg.request_timeout_s} s", "UpstreamTimeout")
 
-    async def route(self, ctx: Ctx) -> web.StreamResponse:
+    async def route(self, ctx: Ctx) -> front.Reply:
         path, reason = self.decider.decide(ctx.body, ctx.chat)
         if path == LOCAL:
             return await self.handoff.local(ctx, reason)
@@ -177,33 +175,25 @@ def instance_detail(i: Instance) -> dict[str, Any]:
     return {"name": i.name, "url": i.url, "healthy": i.healthy, "in_flight": i.in_flight, "last_error": i.last_error}
 
 
-def build_app(cfg: RouterConfig) -> web.Application:
-    router = Router(cfg)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app["router"] = router
-    app.on_startup.append(router.start)
-    app.on_cleanup.append(router.stop)
-    routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
-        ("GET", "/health", router.handle_health),
-        ("GET", "/v1/models", router.handle_models),
-        ("GET", "/metrics", router.handle_metrics),
-        ("POST", "/v1/completions", router.handle_completions),
-        ("POST", "/v1/chat/completions", router.handle_chat),
-    ]
-    for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
-    return app
+def routes(router: Router) -> dict[str, dict[str, front.Handler]]:
+    return {
+        "/health": {"GET": router.handle_health},
+        "/v1/models": {"GET": router.handle_models},
+        "/metrics": {"GET": router.handle_metrics},
+        "/v1/completions": {"POST": router.handle_completions},
+        "/v1/chat/completions": {"POST": router.handle_chat},
+    }
 
 
 def serve(cfg: RouterConfig) -> None:
-    loop: asyncio.AbstractEventLoop | None = None
+    loop: asyncio.AbstractEventLoop
     try:
         import uvloop  # faster event loop where installed
 
         loop = uvloop.new_event_loop()
     except ImportError:
-        pass
-    app = build_app(cfg)
+        loop = asyncio.new_event_loop()
+    router = Router(cfg)
     log.info(
         "router %s on %s:%d (%s; %d prefill, %d decode)",
         cfg.name,
@@ -213,5 +203,8 @@ def serve(cfg: RouterConfig) -> None:
         len(cfg.prefill),
         len(cfg.decode),
     )
-    # on SIGTERM, open requests get 10 s to finish (aiohttp's default is 60 s; supervisors kill sooner)
-    web.run_app(app, host=cfg.bind, port=cfg.port, access_log=None, print=None, loop=loop, shutdown_timeout=10)
+    # on SIGTERM, open requests get 10 s to finish (supervisors kill sooner than aiohttp's 60 s default)
+    try:
+        loop.run_until_complete(front.run(routes(router), cfg.bind, cfg.port, router.start, router.stop, 10.0))
+    finally:
+        loop.close()
