@@ -26,6 +26,7 @@ log = logging.getLogger("disaggctl.router.front")
 
 MAX_HEAD = 64 * 1024  # request line + headers
 MAX_BODY = 64 * 1024 * 1024
+KEEPALIVE_S = 75.0  # idle keep-alive connections are closed after this (aiohttp's default)
 REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
@@ -136,6 +137,7 @@ class HttpProtocol(asyncio.Protocol):
         self._head: Request | None = None  # parsed head whose body is still arriving
         self._continued = False
         self.streaming = False  # the current answer is a prepared stream (its head is out)
+        self.idle_since = server.loop.time()
 
     # ---- asyncio callbacks
 
@@ -158,6 +160,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.idle_since = self.server.loop.time()
         self.buf += data
         if not self.busy:
             self._next()
@@ -243,6 +246,7 @@ class HttpProtocol(asyncio.Protocol):
             self.close()
             return
         self.busy = False
+        self.idle_since = self.server.loop.time()
         if self.buf:
             self._next()
 
@@ -321,6 +325,7 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def dispatch(self, req: Request) -> Reply:
         by_method = self.routes.get(req.path)
@@ -333,10 +338,21 @@ class Server:
 
     async def listen(self, host: str, port: int) -> None:
         self._server = await self.loop.create_server(lambda: HttpProtocol(self), host, port, backlog=1024)
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close keep-alive connections idle for KEEPALIVE_S (one timer for all, not one per request)."""
+        while True:
+            await asyncio.sleep(KEEPALIVE_S / 5)
+            cutoff = self.loop.time() - KEEPALIVE_S
+            for c in [c for c in self.conns if not c.busy and c.idle_since < cutoff]:
+                c.close()
 
     async def shutdown(self, timeout: float) -> None:
         """Stop listening, give open requests `timeout` seconds, then close every connection."""
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         for c in list(self.conns):
