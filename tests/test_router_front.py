@@ -143,3 +143,14 @@ def test_sigterm_lets_an_open_request_finish(standin: Standin) -> None:
     assert r.proc.wait(15) == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", r.port), timeout=1).close()
+
+
+def test_a_half_closed_client_still_gets_its_answer(pd: StandinPD) -> None:
+    body = body_bytes()
+    with socket.create_connection(("127.0.0.1", pd.router.port)) as s:
+        s.sendall(post_head(len(body)) + body)
+        s.shutdown(socket.SHUT_WR)
+        status, _, data = recv_response(s, buf := bytearray())
+        assert status == 200 and json.loads(data)["choices"]
+        s.settimeout(5)
+        assert s.recv(10) == b"" and not buf

@@ -138,6 +138,7 @@ class HttpProtocol(asyncio.Protocol):
         self._continued = False
         self.streaming = False  # the current answer is a prepared stream (its head is out)
         self.idle_since = server.loop.time()
+        self.eof = False  # the client sent FIN
 
     # ---- asyncio callbacks
 
@@ -149,6 +150,13 @@ class HttpProtocol(asyncio.Protocol):
         self.closed = True
         self.server.conns.discard(self)
         self._wake_drain()
+
+    def eof_received(self) -> bool:
+        """The client half-closed: answer what it sent, then close (True keeps writing open)."""
+        self.eof = True
+        if not self.busy and self._head is None and not self.buf:
+            self.close()
+        return True
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -242,7 +250,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
         else:
             self.send(reply.encode(req.keep_alive))
-        if not req.keep_alive or self.server.closing:
+        if not req.keep_alive or self.server.closing or (self.eof and not self.buf):
             self.close()
             return
         self.busy = False
