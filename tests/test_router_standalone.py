@@ -138,3 +138,47 @@ def test_config_errors_without_pydantic(tmp_path: Path) -> None:
         "decode[0].lmcache_alloc_ports: needs one port per lmcache_init_ports entry",
     ):
         assert line in r.stderr, r.stderr
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def test_router_on_a_bare_system_python(tmp_path: Path, standin: Standin) -> None:
+    """No third-party package at all (no uvloop, no orjson): the standard-library fallbacks serve."""
+    import os
+
+    import pytest
+
+    check = "import sys; assert sys.version_info >= (3, 11); import importlib.util as u; "
+    check += "assert not any(u.find_spec(m) for m in ('uvloop', 'orjson', 'aiohttp', 'pydantic'))"
+    if not os.path.exists(SYSTEM_PYTHON) or subprocess.run([SYSTEM_PYTHON, "-c", check]).returncode:
+        pytest.skip(f"{SYSTEM_PYTHON} is not a bare Python >= 3.11")
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer")
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer")
+    port = free_port()
+    cfg = {"bind": "127.0.0.1", "port": port, "model": "tiny", "kv_kind": "nixl", "local_prefill_threshold": 8}
+    cfg.update(prefill=[p.upstream()], decode=[d.upstream()], health_interval_s=0.5)
+    (tmp_path / "router.json").write_text(json.dumps(cfg))
+    log = tmp_path / "router.log"
+    with open(log, "wb") as out:
+        argv = [SYSTEM_PYTHON, "-m", "disaggctl.router", "--config", str(tmp_path / "router.json")]
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)  # -m: finds ./disaggctl
+    try:
+        _wait_port(port, proc, log)
+        deadline = time.monotonic() + 30
+        while http("GET", f"http://127.0.0.1:{port}/health")[0] != 200:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        prompt = "one two three four five six seven eight nine ten " * 4
+        req = {"model": "tiny", "prompt": prompt, "max_tokens": 4}
+        status, got = post_json(f"http://127.0.0.1:{port}/v1/completions", req)
+        assert (
+            status == 200
+            and got["choices"][0]["text"] == post_json(d.url + "/v1/completions", req)[1]["choices"][0]["text"]
+        )
+        status, _, data = http("POST", f"http://127.0.0.1:{port}/v1/completions", dict(req, stream=True))
+        assert status == 200 and data.endswith(b"data: [DONE]\n\n")
+        assert len(p.requests("/v1/completions")) == 2  # both disaggregated
+    finally:
+        proc.terminate()
+        proc.wait(10)
