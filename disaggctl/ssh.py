@@ -19,11 +19,11 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, NamedTuple, TypeVar
 
 import paramiko
 
@@ -52,6 +52,48 @@ class HostKeyError(SshError):
 
 class CommandTimeout(SshError):
     pass
+
+
+class SudoError(SshError):
+    """sudo refused to run a command (a password is required, not in sudoers, sudo missing).
+
+    Distinct from the command failing: the command never ran, nothing changed."""
+
+    def __init__(self, host: str, user: str, command: str, message: str) -> None:
+        self.user, self.command, self.sudo_message = user, command, message
+        super().__init__(
+            host,
+            f"sudo as {user} refused `{command}`: {message} (disaggctl runs sudo non-interactively: "
+            f"give {user} passwordless sudo (NOPASSWD) on this host, or connect as root)",
+        )
+
+
+# what sudo prints (exit 1) when it refuses; the command itself never ran
+_SUDO_REFUSALS = (
+    "a password is required",
+    "a terminal is required",
+    "no tty present",
+    "you must have a tty",
+    "is not in the sudoers file",
+    "is not allowed to execute",
+    "is not allowed to run sudo",
+    "account validation failure",
+    "unable to initialize policy plugin",
+    "must be owned by uid 0",
+)
+
+
+def sudo_refusal(rc: int, stderr: str) -> str | None:
+    """sudo's own refusal message when `sudo -n -- CMD` did not run CMD, else None."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if rc == 127 and any("sudo" in line and "not found" in line for line in lines):
+        return "sudo is not installed"
+    if rc != 1:
+        return None
+    for line in lines:
+        if line.startswith("sudo:") and any(m in line for m in _SUDO_REFUSALS):
+            return line.removeprefix("sudo:").strip()
+    return None
 
 
 @dataclass(frozen=True)
@@ -173,6 +215,23 @@ class _PinPolicy(paramiko.MissingHostKeyPolicy):
         client.get_host_keys().add(hostname, key.get_name(), key)
 
 
+_MISSING_RC = 66  # _GET_SCRIPT: the file does not exist
+_GET_SCRIPT = '[ -e "$1" ] || [ -L "$1" ] || exit 66; exec cat -- "$1"'
+
+
+class HttpResponse(NamedTuple):
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+class HttpError(SshError):
+    """An HTTP request through an SSH connection got no answer (refused, unreachable, timeout)."""
+
+
 _RETRYABLE = (socket.timeout, TimeoutError, ConnectionError, OSError, EOFError, paramiko.SSHException)
 
 
@@ -210,9 +269,51 @@ def _client(target: SshTarget, sock: paramiko.Channel | None) -> paramiko.SSHCli
     return client
 
 
+class _SharedJumps:
+    """One SSH connection per jump host, shared by every connection through it (refcounted).
+
+    A bastion sees one login for N hosts, not N (sshd's MaxStartups drops the excess of
+    concurrent logins); paramiko opens channels on one transport from many threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conns: dict[SshTarget, tuple[Connection, int]] = {}
+        self._connecting: dict[SshTarget, threading.Lock] = {}
+
+    def get(self, target: SshTarget, attempts: int, backoff: float) -> Connection:
+        with self._lock:
+            key_lock = self._connecting.setdefault(target, threading.Lock())
+        with key_lock:  # one connect per jump host; the others wait for it
+            with self._lock:
+                held = self._conns.get(target)
+                if held is not None and held[0].alive:
+                    self._conns[target] = (held[0], held[1] + 1)
+                    return held[0]
+            conn = connect(target, attempts, backoff)
+            conn._shared = True
+            with self._lock:
+                self._conns[target] = (conn, 1)
+            return conn
+
+    def release(self, conn: Connection) -> None:
+        with self._lock:
+            held = self._conns.get(conn.target)
+            if held is not None and held[0] is conn:
+                if held[1] > 1:
+                    self._conns[conn.target] = (conn, held[1] - 1)
+                    return
+                del self._conns[conn.target]
+        conn._close_now()
+
+
+_JUMPS = _SharedJumps()
+
+
 def connect(target: SshTarget, attempts: int = 3, backoff: float = 0.5) -> Connection:
-    """Connect with retries of connection setup (not of auth or host key failures)."""
-    jump_conn = connect(target.jump, attempts, backoff) if target.jump else None
+    """Connect with retries of connection setup (not of auth or host key failures).
+
+    Through a jump host: one shared connection to it per jump target (see _SharedJumps)."""
+    jump_conn = _JUMPS.get(target.jump, attempts, backoff) if target.jump else None
     last: BaseException | None = None
     for i in range(attempts):
         sock = None
@@ -220,7 +321,9 @@ def connect(target: SshTarget, attempts: int = 3, backoff: float = 0.5) -> Conne
             if jump_conn is not None:
                 transport = jump_conn.client.get_transport()
                 assert transport is not None
-                sock = transport.open_channel("direct-tcpip", (target.address, target.port), ("127.0.0.1", 0))
+                sock = transport.open_channel(
+                    "direct-tcpip", (target.address, target.port), ("127.0.0.1", 0), timeout=target.connect_timeout
+                )
             return Connection(target, _client(target, sock), jump_conn)
         except (HostKeyError, paramiko.AuthenticationException) as e:
             if jump_conn:
@@ -250,6 +353,13 @@ class Connection:
         self.client = client
         self._jump = jump
         self._sftp: paramiko.SFTPClient | None = None
+        self._shared = False  # a jump connection shared through _JUMPS: closed by its last user
+        self._close_lock = threading.Lock()  # close() may race with run_on_hosts' timeout
+
+    @property
+    def alive(self) -> bool:
+        transport = self.client.get_transport()
+        return transport is not None and transport.is_active()
 
     @property
     def name(self) -> str:
@@ -304,7 +414,22 @@ class Connection:
             raise SshError(self.name, f"connection lost running {argv[0]}: {e}") from None
         finally:
             chan.close()
-        return CommandResult(rc, b"".join(out), b"".join(err))
+        result = CommandResult(rc, b"".join(out), b"".join(err))
+        if sudo and not self.is_root:
+            refused = sudo_refusal(rc, result.err)
+            if refused is not None:
+                raise SudoError(self.name, self.target.user, shlex.join(argv), refused)
+        return result
+
+    def check_sudo(self) -> None:
+        """Preflight: raise SudoError (host, user, sudo's message) unless `sudo -n` works here.
+
+        Run it before changing anything on a host; a root login needs no sudo."""
+        if self.is_root:
+            return
+        r = self.run(["true"], sudo=True, timeout=30)  # raises SudoError on a refusal
+        if r.rc != 0:
+            raise SudoError(self.name, self.target.user, "true", r.err.strip() or f"exit {r.rc}")
 
     def stream(self, argv: list[str], on_line: Callable[[str], None], sudo: bool = False) -> int:
         """Run argv and hand each output line (stdout and stderr merged) to on_line as it arrives."""
@@ -342,38 +467,67 @@ class Connection:
         return self._sftp
 
     def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        """Write a file atomically: a temp file in the same folder, chmod, then rename over."""
+        """Write a file atomically: a temp file in the same folder, chmod, then rename over.
+
+        Whatever step fails, no staged or temporary file is left behind (best effort when the
+        connection itself is gone)."""
         d, base = posixpath.split(path)
         tmp = posixpath.join(d, f".{base}.dctl-{_secrets.token_hex(4)}")
         try:
             if self.is_root:
-                sftp = self.sftp()
-                # create with the final mode before any byte is written (secrets never world-readable)
-                with sftp.open(tmp, "wb") as f:
-                    f.chmod(mode)
-                    f.set_pipelined(True)
-                    f.write(data)
-                sftp.posix_rename(tmp, path)
+                self._put_root(path, tmp, data, mode)
             else:
-                # SFTP runs as the login user; stage in its home, then install with sudo into place
-                staged = f".dctl-upload-{_secrets.token_hex(6)}"
-                sftp = self.sftp()
-                with sftp.open(staged, "wb") as f:
-                    f.chmod(0o600)
-                    f.write(data)
-                self.check(["install", "-m", format(mode, "o"), "-o", "root", "-g", "root", staged, tmp], sudo=True)
-                self.run(["rm", "-f", staged])
-                self.check(["mv", "-f", tmp, path], sudo=True)
+                self._put_sudo(path, tmp, data, mode)
         except (OSError, paramiko.SSHException) as e:
-            with contextlib.suppress(OSError, paramiko.SSHException, SshError):
-                self.sftp().remove(tmp)
             raise SshError(self.name, f"cannot write {path}: {e}") from None
 
+    def _put_root(self, path: str, tmp: str, data: bytes, mode: int) -> None:
+        sftp = self.sftp()
+        try:
+            # create with the final mode before any byte is written (secrets never world-readable)
+            with sftp.open(tmp, "wb") as f:
+                f.chmod(mode)
+                f.set_pipelined(True)
+                f.write(data)
+            sftp.posix_rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError, paramiko.SSHException):
+                sftp.remove(tmp)
+            raise
+
+    def _put_sudo(self, path: str, tmp: str, data: bytes, mode: int) -> None:
+        # SFTP runs as the login user: stage in its home (0600), install with sudo next to the
+        # destination, rename over it; the staged file and the temp file go whatever fails
+        staged = f".dctl-upload-{_secrets.token_hex(6)}"
+        sftp = self.sftp()
+        installed = False
+        try:
+            with sftp.open(staged, "wb") as f:
+                f.chmod(0o600)
+                f.write(data)
+            installed = True
+            self.check(["install", "-m", format(mode, "o"), "-o", "root", "-g", "root", staged, tmp], sudo=True)
+            self.check(["mv", "-fT", tmp, path], sudo=True)
+            installed = False
+        finally:
+            with contextlib.suppress(OSError, paramiko.SSHException, SshError):
+                sftp.remove(staged)
+            if installed:
+                with contextlib.suppress(OSError, paramiko.SSHException, SshError):
+                    self.run(["rm", "-f", "--", tmp], sudo=True, timeout=30)
+
     def get(self, path: str) -> bytes | None:
-        """A file's content, or None when it does not exist."""
+        """A file's content, or None when it does not exist.
+
+        Not a root login: read with sudo; a sudo refusal raises SudoError (never read as
+        "missing"), any other failure to read raises SshError."""
         if not self.is_root:
-            r = self.run(["cat", "--", path], sudo=True)
-            return r.stdout if r.rc == 0 else None
+            r = self.run(["sh", "-c", _GET_SCRIPT, "get", path], sudo=True, timeout=120)
+            if r.rc == _MISSING_RC:
+                return None
+            if r.rc != 0:
+                raise SshError(self.name, f"cannot read {path}: {r.err.strip() or f'exit {r.rc}'}")
+            return r.stdout
         try:
             with self.sftp().open(path, "rb") as f:
                 return f.read()
@@ -382,14 +536,64 @@ class Connection:
         except (OSError, paramiko.SSHException) as e:
             raise SshError(self.name, f"cannot read {path}: {e}") from None
 
+    def http(
+        self,
+        method: str,
+        host: str,
+        port: int,
+        path: str = "/",
+        body: bytes | None = None,
+        timeout: float = 10.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> HttpResponse:
+        """One HTTP request to host:port as seen FROM this host (a direct-tcpip channel of this
+        SSH connection, so through its jump host too): (status, headers, body).
+
+        Raises HttpError (an SshError) when no answer comes: refused, unreachable, timed out."""
+        from disaggctl.sshhttp import request  # http.client: only when a check really runs
+
+        what = f"{method} http://{host}:{port}{path}"
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise HttpError(self.name, f"{what}: connection is closed")
+        try:
+            chan = transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout)
+        except paramiko.ChannelException as e:
+            # the SSH server could not connect: refused, no route, or forwarding disabled
+            raise HttpError(self.name, f"{what}: cannot connect from {self.name} to {host}:{port} ({e.text})") from None
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise HttpError(self.name, f"{what}: no forwarding channel: {e or type(e).__name__}") from None
+        try:
+            return request(chan, self.name, method, host, port, path, body, timeout, headers)
+        except paramiko.SSHException as e:
+            raise HttpError(self.name, f"{what}: {e}") from None
+
+    def http_url(
+        self, method: str, url: str, body: bytes | None = None, timeout: float = 10.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> HttpResponse:
+        """http() for an `http://host:port/path` URL (health and canary URLs)."""
+        from disaggctl.sshhttp import split_url
+
+        host, port, path = split_url(url)
+        return self.http(method, host, port, path, body, timeout, headers)
+
     def close(self) -> None:
-        if self._sftp is not None:
+        if self._shared:
+            _JUMPS.release(self)
+        else:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        with self._close_lock:
+            sftp, self._sftp = self._sftp, None
+            jump, self._jump = self._jump, None
+        if sftp is not None:
             with contextlib.suppress(OSError, paramiko.SSHException):
-                self._sftp.close()
-            self._sftp = None
+                sftp.close()
         self.client.close()
-        if self._jump is not None:
-            self._jump.close()
+        if jump is not None:
+            jump.close()
 
     def __enter__(self) -> Connection:
         return self

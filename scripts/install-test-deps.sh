@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Install what the test suite's real components need on a Debian 12 machine (run as root):
-# OpenSSH, Slurm (slurmctld + slurmd + munge), systemd-nspawn + debootstrap for the systemd
+# OpenSSH, sudo (the test hosts' non-root operators), Slurm (slurmctld + slurmd + munge), systemd-nspawn + debootstrap for the systemd
 # test hosts, shellcheck, and the Debian rootfs the nspawn hosts boot. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 INFRA_BASE=${INFRA_BASE:-/tmp/dctl-infra}
 need=()
-for cmd in sshd slurmctld slurmd munged systemd-nspawn debootstrap shellcheck ip nsenter unshare; do
+for cmd in sshd sudo openssl slurmctld slurmd munged systemd-nspawn debootstrap shellcheck ip nsenter unshare; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$cmd")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -17,7 +17,7 @@ if [ ${#need[@]} -gt 0 ]; then
   [ -x /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
-    openssh-server openssh-client iproute2 procps util-linux psmisc \
+    openssh-server openssh-client sudo openssl iproute2 procps util-linux psmisc \
     slurmctld slurmd slurm-client munge \
     systemd systemd-container debootstrap shellcheck python3 >/dev/null
 fi

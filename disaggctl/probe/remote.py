@@ -126,13 +126,20 @@ def expected_gpus(spec: ClusterSpec, host: str) -> int | None:
     return h.gpus if h.gpus is not None else spec.hardware.gpus_per_host
 
 
+def probe_host_names(spec: ClusterSpec) -> list[str]:
+    """The hosts `probe` visits by default: every declared host but a pure jump host (another
+    host's `ssh.jump`, declared with `gpus: 0`: a bastion has no GPU to probe)."""
+    jumps = {h.ssh.jump for h in spec.hosts if h.ssh.jump}
+    return [h.name for h in spec.hosts if not (h.name in jumps and h.gpus == 0)]
+
+
 def probe_hosts(spec: ClusterSpec, hosts: list[str] | None = None, *, python: str = "python3",
                 env: dict[str, str] | None = None, mode: str = "auto",
                 timeout: float = AGENT_TIMEOUT_S, max_workers: int = 32) -> list[HostProbe]:
     """Probe the spec's hosts (or the named ones) in parallel over SSH, in spec order."""
     from disaggctl import ssh  # paramiko: imported only when hosts are really probed
 
-    names = hosts or [h.name for h in spec.hosts]
+    names = hosts or probe_host_names(spec)
     targets = ssh.targets_for(spec, names)
 
     def one(conn: ssh.Connection) -> HostTopology:

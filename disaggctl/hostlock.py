@@ -1,0 +1,230 @@
+"""A per-deployment lock on a host: one apply/destroy at a time, across operators' machines.
+
+The lock is a directory (`mkdir` is atomic) holding `owner.json`: who (user, operator host,
+pid, command), since when, and a random token. Acquiring runs one remote script with sudo:
+`mkdir` wins or it prints the holder. A lock is *stale* when its holder process is gone on
+this same operator machine, or when it is older than a bound; a stale lock is never broken
+silently: `acquire(force=True)` (a `--force-unlock`) breaks it, stale or not.
+
+    owner = LockOwner.here("apply spec.yaml", deployment="llama70b")
+    with held(conn, lock_path("llama70b"), owner):   # raises LockHeld naming the holder
+        ...                                          # released on exit, also on errors
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from disaggctl.errors import DisaggError
+
+if TYPE_CHECKING:
+    from disaggctl.ssh import Connection
+
+LOCK_ROOT = "/var/lib/disaggctl/locks"
+DEFAULT_STALE_AFTER_S = 6 * 3600.0  # no apply holds a lock this long
+
+# $1 lock dir; stdin: owner JSON. Prints "acquired" or "held <age_s>\n<owner json>".
+_ACQUIRE = r"""set -eu
+d=$1
+mkdir -p -m 0755 "${d%/*}"
+if mkdir -m 0755 "$d" 2>/dev/null; then
+  cat > "$d/owner.json.tmp"; mv -f "$d/owner.json.tmp" "$d/owner.json"; echo acquired
+else
+  echo "held $(( $(date +%s) - $(stat -c %Y "$d") ))"; cat "$d/owner.json" 2>/dev/null || true
+fi
+"""
+# $1 lock dir; $2 token: removes the lock only when the token is ours. Prints released|not-ours|absent.
+_RELEASE = r"""set -eu
+d=$1
+[ -d "$d" ] || { echo absent; exit 0; }
+if grep -qF "\"token\": \"$2\"" "$d/owner.json" 2>/dev/null; then rm -rf -- "$d"; echo released; else echo not-ours; fi
+"""
+# $1 lock dir. Prints "absent" or "held <age_s>\n<owner json>".
+_READ = r"""d=$1
+[ -d "$d" ] || { echo absent; exit 0; }
+echo "held $(( $(date +%s) - $(stat -c %Y "$d") ))"; cat "$d/owner.json" 2>/dev/null || true
+"""
+
+
+def lock_path(deployment: str, root: str = LOCK_ROOT) -> str:
+    """The lock directory of a deployment on a host."""
+    if not deployment or "/" in deployment or deployment.startswith("."):
+        raise ValueError(f"bad deployment name for a lock: {deployment!r}")
+    return f"{root}/{deployment}.lock"
+
+
+@dataclass(frozen=True)
+class LockOwner:
+    """Who holds a lock. `token` tells our own lock from anyone else's."""
+
+    user: str
+    operator_host: str
+    pid: int
+    since: float  # epoch seconds, the operator's clock
+    command: str
+    deployment: str = ""
+    token: str = ""
+
+    @classmethod
+    def here(cls, command: str, deployment: str = "") -> LockOwner:
+        """This process on this machine, now."""
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = str(os.getuid())
+        return cls(user, socket.gethostname(), os.getpid(), time.time(), command, deployment, secrets.token_hex(8))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LockOwner | None:
+        """None when the text is no owner record (a lock being written, or damaged)."""
+        try:
+            d = json.loads(text)
+            return cls(str(d["user"]), str(d["operator_host"]), int(d["pid"]), float(d["since"]),
+                       str(d["command"]), str(d.get("deployment", "")), str(d.get("token", "")))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def describe(self, now: float | None = None) -> str:
+        """`alice@laptop (pid 4242) since 2026-12-03 07:40:00 UTC (12 min ago): disaggctl apply x.yaml`"""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.since))
+        ago = "" if now is None else f" ({_ago(now - self.since)})"
+        return f"{self.user}@{self.operator_host} (pid {self.pid}) since {stamp}{ago}: {self.command}"
+
+
+@dataclass(frozen=True)
+class LockState:
+    """A lock seen on a host: its owner record (None if unreadable) and its age by the host's clock."""
+
+    path: str
+    owner: LockOwner | None
+    age_s: float
+
+
+def _span(s: float) -> str:
+    s = max(0.0, s)
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _ago(s: float) -> str:
+    return _span(s) + " ago"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_reason(
+    state: LockState,
+    this_host: str | None = None,
+    alive: Callable[[int], bool] = pid_alive,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+) -> str | None:
+    """Why a lock is stale, or None when its holder may still be working."""
+    if state.age_s > stale_after_s:
+        return f"older than {_span(stale_after_s)}"
+    o = state.owner
+    if o is None:
+        # mkdir and the owner record are two steps: give a writer a moment before calling it damaged
+        return "no owner record" if state.age_s > 60 else None
+    if o.operator_host == (this_host if this_host is not None else socket.gethostname()) and not alive(o.pid):
+        return f"its process {o.pid} is gone on {o.operator_host}"
+    return None
+
+
+class LockHeld(DisaggError):
+    """Someone else holds the deployment's lock on a host."""
+
+    def __init__(self, host: str, state: LockState, stale: str | None) -> None:
+        self.host, self.state, self.stale = host, state, stale
+        who = state.owner.describe(time.time()) if state.owner else f"unknown holder ({state.age_s:.0f} s old)"
+        hint = (
+            f"it looks stale ({stale}): break it with --force-unlock if that apply is really gone"
+            if stale
+            else "wait for it to finish, or break it with --force-unlock if that apply is really gone"
+        )
+        super().__init__(f"{host}: deployment is locked by {who} ({state.path}); {hint}")
+
+
+def _parse(path: str, out: str) -> LockState | None:
+    head, _, rest = out.partition("\n")
+    if not head.startswith("held "):
+        return None
+    return LockState(path, LockOwner.from_json(rest.strip()) if rest.strip() else None, float(head.split()[1]))
+
+
+def read(conn: Connection, path: str) -> LockState | None:
+    """The lock at `path` on the host, or None when nobody holds it."""
+    r = conn.check(["sh", "-c", _READ, "lock-read", path], sudo=True, timeout=30)
+    return _parse(path, r.out)
+
+
+def acquire(
+    conn: Connection,
+    path: str,
+    owner: LockOwner,
+    force: bool = False,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+) -> LockState | None:
+    """Take the lock or raise LockHeld (naming holder, since, from where, and whether it is stale).
+
+    force=True breaks a lock held by anyone (like `terraform force-unlock`) and takes it; it
+    returns the broken lock's state (None when there was none)."""
+    broken: LockState | None = None
+    for _ in range(2):
+        r = conn.check(["sh", "-c", _ACQUIRE, "lock", path], input=owner.to_json().encode(), sudo=True, timeout=30)
+        if r.out.startswith("acquired"):
+            return broken
+        state = _parse(path, r.out)
+        if state is None:
+            raise DisaggError(f"{conn.name}: unexpected answer taking the lock {path}: {r.out.strip()[:200]}")
+        if not force or broken is not None:
+            raise LockHeld(conn.name, state, stale_reason(state, stale_after_s=stale_after_s))
+        conn.check(["rm", "-rf", "--", path], sudo=True, timeout=30)
+        broken = state
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def release(conn: Connection, path: str, owner: LockOwner) -> bool:
+    """Remove our lock; False (and nothing removed) when the lock is absent or someone else's."""
+    if not owner.token:
+        raise ValueError("a lock owner without a token cannot release")
+    r = conn.check(["sh", "-c", _RELEASE, "unlock", path, owner.token], sudo=True, timeout=30)
+    return r.out.strip() == "released"
+
+
+@contextmanager
+def held(conn: Connection, path: str, owner: LockOwner, force: bool = False) -> Iterator[LockState | None]:
+    """acquire() ... release(), also when the body raises."""
+    broken = acquire(conn, path, owner, force=force)
+    try:
+        yield broken
+    except BaseException:
+        with suppress(Exception):  # the body's error matters more than a failed release
+            release(conn, path, owner)
+        raise
+    release(conn, path, owner)
