@@ -1,0 +1,90 @@
+"""The systemd target's side of a rolling change (targets/rolling.py plans it, targets/rollout.py
+runs it): which running instances roll, their fingerprints before (from the running MainPID's
+command line that observe reads) and after (the compiled argv), and how one instance restarts
+(`systemctl restart` of its unit on its host, after the new unit files were pushed).
+
+An instance whose running command line is unknown gets an unknown fingerprint: the planner then
+treats the change as a fingerprint change (the safe side).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from disaggctl.targets.base import Action
+from disaggctl.targets.rolling import RollInstance, RollPlan, plan_rollout
+from disaggctl.targets.rollout import fingerprinter
+
+if TYPE_CHECKING:
+    from disaggctl.deployment import DesiredState
+    from disaggctl.spec import ClusterSpec
+    from disaggctl.targets.systemd.changes import Observed, Plan
+
+UNKNOWN = "unknown: the running command line was not observed"
+
+
+def served_argv(cmdline: list[str] | None) -> list[str] | None:
+    """A running `vllm serve` command line as compile writes it (`vllm serve MODEL ...`): an
+    interpreter or wrapper in front (`python3 /opt/vllm/bin/vllm serve ...`) is dropped."""
+    if not cmdline or "serve" not in cmdline:
+        return None
+    i = cmdline.index("serve")
+    return cmdline[i - 1 :] if i >= 1 else ["vllm", *cmdline]
+
+
+@dataclass
+class SystemdRoll:
+    """The rolling plan of a systemd change and where each rolled instance's unit is."""
+
+    plan: RollPlan
+    units: dict[str, tuple[str, str]] = field(default_factory=dict)  # instance -> (host, unit)
+
+    @property
+    def rolled_units(self) -> set[str]:
+        return {self.units[n][1] for n in self.plan.rolled if n in self.units}
+
+    def by_host(self, instances: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for n in instances:
+            host, unit = self.units[n]
+            out.setdefault(host, []).append(unit)
+        return out
+
+
+def systemd_roll(
+    spec: ClusterSpec,
+    desired: DesiredState,
+    plan: Plan,
+    observed: Mapping[str, Observed],
+    unit_of: Mapping[str, str],
+) -> SystemdRoll | None:
+    """None when the change restarts no running vLLM instance."""
+    digest = fingerprinter(spec, desired)
+    restart_units = {u.unit for h in plan.hosts for u in h.units_with(Action.RESTART)}
+    instances: list[RollInstance] = []
+    units: dict[str, tuple[str, str]] = {}
+    for p in desired.processes:
+        if p.role.value not in ("prefill", "decode") or p.name != p.instance:
+            continue
+        unit = unit_of[p.name]
+        obs = observed.get(p.host)
+        fact = obs.units.get(unit) if obs is not None else None
+        running = fact is not None and fact.running
+        old = served_argv(fact.cmdline) if fact is not None else None
+        old_fp = (digest(p.name, old) if old is not None else UNKNOWN) if running else None
+        instances.append(RollInstance(p.name, p.role.value, unit in restart_units, old_fp, digest(p.name, p.argv)))
+        units[p.name] = (p.host, unit)
+    roll = plan_rollout(instances)
+    return None if roll.strategy == "none" else SystemdRoll(roll, units)
+
+
+def restarter(roll: SystemdRoll, restart_on: Callable[[str, list[str]], None]) -> Callable[[list[str]], None]:
+    """restart(instances) for the RolloutRunner; `restart_on(host, units)` restarts units on a host."""
+
+    def restart(instances: list[str]) -> None:
+        for host, units in roll.by_host(instances).items():
+            restart_on(host, units)
+
+    return restart
