@@ -45,7 +45,9 @@ def _kill_and_recover(tmp: Path, name: str, load: Load) -> tuple[int, int]:
 
 
 def test_killed_decode_then_prefill_under_load(
-    tmp_path: Path, standin_vllm: str, capsys: pytest.CaptureFixture[str]  # noqa: F811
+    tmp_path: Path,
+    standin_vllm: str,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     spec = write_spec(tmp_path, standin_vllm, 2)
     try:
