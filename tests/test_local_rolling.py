@@ -103,6 +103,7 @@ def test_2p2d_change_rolls_decode_first_with_zero_failed_requests(tmp_path: Path
         write_spec(tmp_path, standin_vllm, 2, env="{FOO: '1'}", revision="v2")
         r = cli("plan", str(spec))
         assert "rolling order (cohorts)" in r.stdout, r.stdout
+        assert "the router cannot drain" in r.stdout  # no admin API yet: the generations would mix
     finally:
         cli("destroy", str(spec), "-y")
 

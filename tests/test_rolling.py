@@ -141,3 +141,14 @@ def test_plan_serializes_and_renders() -> None:
     lines = render_text(plan, router_fallback=False)
     assert lines[0].startswith("rolling order (cohorts)")
     assert any("cannot roll safely" in line for line in lines)
+
+
+def test_a_router_without_drain_makes_a_fingerprint_change_a_problem() -> None:
+    from disaggctl.targets.rollout import AdminRotation, NoRotation, roll_text, rollout_problems
+
+    cohorts = plan_rollout(fleet(2, 2, fp_change=True))
+    assert any("cannot drain" in p for p in rollout_problems(cohorts, NoRotation(fallback=True)))
+    assert rollout_problems(cohorts, AdminRotation("http://127.0.0.1:1", "t", fallback=True)) == []
+    same = plan_rollout(fleet(2, 2))
+    assert rollout_problems(same, NoRotation()) == []
+    assert roll_text(same, NoRotation())[-1].startswith("  rotation: the router has no admin API")

@@ -260,12 +260,14 @@ def _restart_out_of_rotation(
             rot.add(Op.RESTART, chunk, note, partners=partners)
 
 
-def render_text(plan: RollPlan, router_fallback: bool) -> list[str]:
-    """The lines `plan` prints for a rollout (empty when nothing running restarts)."""
+def render_text(plan: RollPlan, router_fallback: bool, problems: list[str] | None = None) -> list[str]:
+    """The lines `plan` prints for a rollout (empty when nothing running restarts); `problems`:
+    instead of the plan's own (rollout.rollout_problems adds the router's)."""
     if plan.strategy == "none":
         return []
     out = [f"rolling order ({plan.strategy}):"]
     out += [f"  {n}. {s.describe()}" for n, s in enumerate(plan.steps, 1)]
     out += [f"  note: {n}" for n in plan.notes]
-    out += [f"  cannot roll safely: {p}" for p in plan.problems(router_fallback)]
+    probs = plan.problems(router_fallback) if problems is None else problems
+    out += [f"  cannot roll safely: {p}" for p in probs]
     return out

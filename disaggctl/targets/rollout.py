@@ -128,6 +128,26 @@ class AdminRotation:
             self._call("POST", "/admin/undrain", {"instance": n})
 
 
+def rollout_problems(plan: RollPlan, rotation: Rotation) -> list[str]:
+    """What fails requests with this plan and this router: the plan's own problems and, for a
+    fingerprint change, a router that cannot take instances out of rotation (the generations mix)."""
+    out = plan.problems(rotation.fallback)
+    if plan.fingerprint_change and isinstance(rotation, NoRotation):
+        out.append(
+            "the fingerprint changes and the router cannot drain: restarted instances rejoin the router "
+            "while old ones of the other role still serve, and their pairs fail the KV handshake"
+        )
+    return out
+
+
+def roll_text(plan: RollPlan, rotation: Rotation) -> list[str]:
+    """What `plan` and `apply` print about a rollout with this router."""
+    from disaggctl.targets.rolling import render_text
+
+    lines = render_text(plan, rotation.fallback, rollout_problems(plan, rotation))
+    return [*lines, f"  rotation: {rotation.description}"] if lines else []
+
+
 def router_has_fallback(metrics_url: str, timeout_s: float = 2.0) -> bool:
     """The router exports the aggregated-fallback counter (so it has the fallback)."""
     try:

@@ -41,8 +41,8 @@ from disaggctl.targets.base import (
 )
 from disaggctl.targets.local.rolling import LocalRestarter, local_rollplan
 from disaggctl.targets.local.supervisor import kill_group, pid_alive, read_state, supervisor_pid, write_atomic
-from disaggctl.targets.rolling import RollPlan, render_text
-from disaggctl.targets.rollout import RolloutRunner, Rotation, rotation_for
+from disaggctl.targets.rolling import RollPlan
+from disaggctl.targets.rollout import RolloutRunner, Rotation, roll_text, rollout_problems, rotation_for
 from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit
 
 if TYPE_CHECKING:
@@ -296,7 +296,7 @@ class _Observed:
     def roll_lines(self) -> list[str]:
         if self.roll is None or self.rotation is None:
             return []
-        return [*render_text(self.roll, self.rotation.fallback), f"  rotation: {self.rotation.description}"]
+        return roll_text(self.roll, self.rotation)
 
 
 class LocalBackend:
@@ -321,7 +321,7 @@ class LocalBackend:
         base = o.old.to_json() if o.old else None
         details: dict[str, Any] = {"state_dir": o.state_dir, "base": base, "table": o.new.to_json(), "files": o.files}
         if o.roll is not None and o.rotation is not None:
-            details["rollout"] = dict(o.roll.to_dict(), problems=o.roll.problems(o.rotation.fallback),
+            details["rollout"] = dict(o.roll.to_dict(), problems=rollout_problems(o.roll, o.rotation),
                                       rotation=o.rotation.description)  # fmt: skip
         digest = hashlib.sha256(o.new.to_json().encode()).hexdigest()
         return SavedPlan(meta=plan_meta(ctx, "local", digest), changed=o.changed, actions=o.actions, target=details)
@@ -360,7 +360,7 @@ class LocalBackend:
 
     def _confirm_roll(self, ctx: OpsContext, o: _Observed, plan_file: str | None) -> bool:
         """A rollout that breaks pairs or leaves a role without an instance asks first (-y: go on)."""
-        if o.roll is None or o.rotation is None or not o.roll.problems(o.rotation.fallback):
+        if o.roll is None or o.rotation is None or not rollout_problems(o.roll, o.rotation):
             return True
         return confirm(ctx, "This change cannot be rolled without failing requests (see above). Roll it anyway?")
 

@@ -775,15 +775,17 @@ def _rolling(
 
 
 def _print_roll(console: Console, roll: tuple[SystemdRoll, Rotation] | None) -> None:
-    from disaggctl.targets.rolling import render_text
+    from disaggctl.targets.rollout import roll_text
 
     if roll:
-        for line in [*render_text(roll[0].plan, roll[1].fallback), f"  rotation: {roll[1].description}"]:
+        for line in roll_text(roll[0].plan, roll[1]):
             console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _confirm_roll(ctx: OpsContext, roll: tuple[SystemdRoll, Rotation] | None) -> bool:
-    if roll is None or not roll[0].plan.problems(roll[1].fallback):
+    from disaggctl.targets.rollout import rollout_problems
+
+    if roll is None or not rollout_problems(roll[0].plan, roll[1]):
         return True
     return confirm(ctx, "This change cannot be rolled without failing requests (see above). Roll it anyway?")
 
