@@ -91,6 +91,7 @@ def host_topologies(loaded: LoadedSpec, topology: TopologyFile | None) -> dict[s
     issues = IssueList()
     hw = spec.hardware
     memory = int(hw.hbm_gb * 1e9 / MIB) if hw.hbm_gb else None
+    made: dict[tuple[int, str | None, str | None], HostTopology] = {}
     for i, h in enumerate(spec.hosts):
         if topology is not None and h.name in topology.hosts:
             out[h.name] = topology.hosts[h.name]
@@ -127,7 +128,10 @@ def host_topologies(loaded: LoadedSpec, topology: TopologyFile | None) -> dict[s
             continue
         gpu_type = h.gpu or hw.gpu
         arch = "blackwell" if is_blackwell(gpu_type, hw.arch) else ("hopper" if gpu_type else None)
-        out[h.name] = from_count(count, name=gpu_type.value if gpu_type else None, memory_mib=memory, architecture=arch)
+        key = (count, gpu_type.value if gpu_type else None, arch)
+        if key not in made:  # hosts alike share one (read-only) topology: 2304 hosts, a handful of shapes
+            made[key] = from_count(count, name=key[1], memory_mib=memory, architecture=arch)
+        out[h.name] = made[key]
     if issues.issues:
         raise loaded.error(issues.issues)
     return out
@@ -206,6 +210,7 @@ class _Ctx:
     hosts: list[HostState]
     issues: IssueList
     warnings: list[str]
+    problems: dict[tuple[int, int | None], list[Problem]] = field(default_factory=dict)  # by (id(topo), GPUs)
 
 
 def _candidates(ctx: _Ctx, pool: Pool) -> list[HostState]:
@@ -365,7 +370,10 @@ def _host_state(ctx: _Ctx, i: int, h: Host, topo: HostTopology, selected: bool, 
     """A host's free GPUs: the probe's problems skip GPUs (or the whole host) unless allow_degraded."""
     bad: set[int] = set()
     host_bad = False
-    for p in _problems(topo, h.gpus):
+    key = (id(topo), h.gpus)
+    if key not in ctx.problems:
+        ctx.problems[key] = _problems(topo, h.gpus)
+    for p in ctx.problems[key]:
         text = f"host {h.name}: {p.message}"
         if p.severity != "error" or allow_degraded:
             ctx.warnings.append(text)
