@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from disaggctl.compile import compile_spec
 from disaggctl.loader import load_spec
 from disaggctl.render import render
+from disaggctl.render.output import write_rendered
 
 TARGET_S = 1.0  # 128 racks, plan or render, as a CLI process
 
@@ -92,16 +92,29 @@ def measure(path: Path, repeat: int) -> InProcess:
     return InProcess(Times(plan_t), Times(render_t), Times(total_t), procs, files)
 
 
-def process_times(argv: list[str], repeat: int, fresh: Path | None = None) -> Times:
-    """Wall times of a new process running ARGV, as a user runs it (`fresh`: emptied before each run)."""
+def process_times(argv: list[str], repeat: int) -> Times:
+    """Wall times of a new process running ARGV, as a user runs it. An `{out}` in ARGV becomes a new
+    folder each run (removing the last run's 9000 folders right before a run would time the disk's
+    clean-up, not disaggctl)."""
     times = []
-    for _ in range(repeat):
-        if fresh is not None:
-            shutil.rmtree(fresh, ignore_errors=True)
+    for i in range(repeat):
+        run_argv = [a.replace("{out}", f"-{i}") for a in argv]
         t0 = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(run_argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.perf_counter() - t0)
     return Times(times)
+
+
+def write_times(path: Path, repeat: int, tmp: Path) -> tuple[Times, int, int]:
+    """`render --out`'s disk part alone: write_rendered into a new folder each time."""
+    loaded = load_spec(path)
+    rendered = render(compile_spec(loaded), loaded.spec, {})
+    times = []
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        written = write_rendered(rendered, tmp / f"w{i}")
+        times.append(time.perf_counter() - t0)
+    return Times(times), len(written), len({p.parent for p in written})
 
 
 def in_process_report(results: dict[int, InProcess]) -> None:
@@ -130,12 +143,11 @@ def cli_report(specs: dict[int, Path], repeat: int, tmp: Path) -> None:
     print(f"python -c 'import typer' (the floor): {floor.show()}; disaggctl --help: {help_t.show()}")
     base: dict[str, Times] = {}
     for racks, path in specs.items():
-        out = tmp / f"out-{racks}"
-        for what, argv, fresh in (
-            ("plan --offline --output json", [exe, "plan", "--offline", "--output", "json", str(path)], None),
-            ("render --out DIR", [exe, "render", str(path), "--out", str(out)], out),
+        for what, argv in (
+            ("plan --offline --output json", [exe, "plan", "--offline", "--output", "json", str(path)]),
+            ("render --out DIR", [exe, "render", str(path), "--out", str(tmp / f"r{racks}") + "{out}"]),
         ):
-            t = process_times(argv, repeat, fresh)
+            t = process_times(argv, repeat)
             base.setdefault(what, t)
             verdict = ""
             if racks >= 128:
@@ -161,6 +173,10 @@ def main() -> int:
             specs[racks].write_text(rack_spec(racks))
         measure(specs[sizes[0]], 1)  # warm-up: imports, template compilation
         in_process_report({racks: measure(path, args.repeat) for racks, path in specs.items()})
+        w, files, folders = write_times(specs[sizes[-1]], args.repeat, tmp)
+        print(
+            f"{sizes[-1]} racks: writing {files} files in {folders} folders (render --out, the disk): {w.show()}"
+        )
         if not args.no_cli:
             cli_report(specs, args.repeat, tmp)
     return 0
