@@ -16,6 +16,8 @@ import time
 
 T_MAIN = time.time()
 
+import atexit  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -30,6 +32,8 @@ from disaggctl.loader import load_text  # noqa: E402
 from disaggctl.spec import Role  # noqa: E402
 from disaggctl.targets import OpsContext  # noqa: E402
 from disaggctl.targets.systemd.backend import SystemdBackend  # noqa: E402
+
+atexit.register(gc.freeze)  # as disaggctl.cli does: no collector walk over every object at exit
 
 T_IMPORTED = time.time()
 hosts = [tuple(h) for h in json.loads(Path(sys.argv[1]).read_text())]

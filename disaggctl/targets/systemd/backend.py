@@ -40,8 +40,6 @@ from disaggctl.targets.base import (
     plan_meta,
     select_processes,
 )
-from disaggctl.targets.gate import HealthGate
-from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit
 from disaggctl.targets.systemd.changes import (
     HostPlan,
     Observed,
@@ -70,6 +68,8 @@ if TYPE_CHECKING:
 
     from disaggctl.spec import ClusterSpec
     from disaggctl.targets import OpsContext
+    from disaggctl.targets.gate import HealthGate
+    from disaggctl.targets.status import StatusReport
     from disaggctl.targets.ui import Phases
 
 T = TypeVar("T")
@@ -608,6 +608,8 @@ class SystemdBackend:
                 push_files(conn, c, plan.host(conn.name), observed[conn.name], start=units)
 
         _raise_first(hosts.map([h.host for h in changed], files), "files")
+        from disaggctl.targets.gate import HealthGate  # a no-op apply never gets here
+
         gate = HealthGate(c.spec, c.desired)
         for i, (order, units_of) in enumerate(todo):
             role = _ROLE_NAME.get(order, f"order {order}")
@@ -668,7 +670,7 @@ class SystemdBackend:
     def _health(self, c: Context, hosts: Hosts, plan: Plan, phases: Phases) -> None:
         """After any (re)start: the router sees its upstreams, then the canary through it."""
         from disaggctl.health import HealthError
-        from disaggctl.targets.gate import canary_summary
+        from disaggctl.targets.gate import HealthGate, canary_summary
 
         if not any(h.units_with(Action.CREATE, Action.RESTART) for h in plan.hosts):
             return
@@ -691,6 +693,8 @@ class SystemdBackend:
     # ----- status
 
     def status(self, ctx: OpsContext) -> int:
+        from disaggctl.targets.status import print_status, status_exit
+
         with self._hosts(ctx) as hosts:
             c = self._ctx(ctx)  # rendered while the connections come up
             observed = observe_all(hosts, c, full=True)  # restarts, load state: systemctl show
@@ -828,6 +832,7 @@ def remove_owned(conn: Connection, c: Context, obs: Observed) -> None:
 
 def status_report(c: Context, observed: Mapping[str, Observed], plan: Plan) -> StatusReport:
     from disaggctl.health import http_probe
+    from disaggctl.targets.status import ProcessStatus, StatusReport
 
     rows: list[ProcessStatus] = []
     for p in c.desired.processes:
