@@ -55,7 +55,8 @@ def once(argv: list[str]) -> tuple[float, float]:
 
 def importtime(argv: list[str], top: int = 8) -> list[str]:
     """The costliest top-level imports of one run (cumulative us)."""
-    r = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True, cwd=REPO)
+    cmd = [PY, "-X", "importtime", *argv[1:]] if argv[0] == PY else [PY, "-X", "importtime", *argv]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     rows = []
     for line in r.stderr.splitlines():
         parts = line.split("|")
