@@ -25,8 +25,7 @@ import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
@@ -34,6 +33,9 @@ from disaggctl.quoting import shell_word
 from disaggctl.render.templates import environment
 from disaggctl.spec import ClusterSpec, Role, SlurmTarget
 from disaggctl.versions import VLLM_VERSION
+
+if TYPE_CHECKING:
+    import jinja2  # only the annotations; templates.environment imports it when rendering
 
 SCRIPT_NAME = "job.sbatch"
 STOP_TIMEOUT_S = 30  # per step: SIGTERM, then SIGKILL after this long
