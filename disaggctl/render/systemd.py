@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
 from disaggctl.quoting import QuotingError, env_file_line, systemd_env, systemd_exec, systemd_value
 from disaggctl.render.templates import environment
 from disaggctl.spec import ClusterSpec, Role, SystemdTarget
+
+if TYPE_CHECKING:
+    import jinja2  # only the annotations; templates.environment imports it when rendering
 
 UNIT_DIR = "/etc/systemd/system"
 SECRETS_FILE = "secrets.env"

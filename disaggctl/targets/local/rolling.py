@@ -48,6 +48,8 @@ def local_rollplan(
 ) -> RollPlan:
     """The rolling plan of a local change: fingerprints from the running and the new table's argv."""
     restart = rolled_instances(old, actions, failed)
+    if not restart:
+        return plan_rollout([])
     return plan_rollout(roll_instances(spec, desired, head_argv(old, failed), head_argv(new), restart))
 
 

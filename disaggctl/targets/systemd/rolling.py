@@ -60,9 +60,13 @@ def systemd_roll(
     observed: Mapping[str, Observed],
     unit_of: Mapping[str, str],
 ) -> SystemdRoll | None:
-    """None when the change restarts no running vLLM instance."""
-    digest = fingerprinter(spec, desired)
+    """None when the change restarts no running vLLM instance (then nothing is fingerprinted:
+    a no-op plan of a large deployment stays cheap)."""
     restart_units = {u.unit for h in plan.hosts for u in h.units_with(Action.RESTART)}
+    if not any(_running(observed, p.host, unit_of[p.name]) for p in desired.processes
+               if p.name == p.instance and unit_of.get(p.name) in restart_units):  # fmt: skip
+        return None
+    digest = fingerprinter(spec, desired)
     instances: list[RollInstance] = []
     units: dict[str, tuple[str, str]] = {}
     for p in desired.processes:
@@ -78,6 +82,12 @@ def systemd_roll(
         units[p.name] = (p.host, unit)
     roll = plan_rollout(instances)
     return None if roll.strategy == "none" else SystemdRoll(roll, units)
+
+
+def _running(observed: Mapping[str, Observed], host: str, unit: str) -> bool:
+    obs = observed.get(host)
+    fact = obs.units.get(unit) if obs is not None else None
+    return fact is not None and fact.running
 
 
 def restarter(roll: SystemdRoll, restart_on: Callable[[str, list[str]], None]) -> Callable[[list[str]], None]:
