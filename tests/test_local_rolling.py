@@ -117,5 +117,8 @@ def test_1p1d_fingerprint_change_says_it_cannot_roll_and_apply_asks(tmp_path: Pa
         assert "cannot roll safely" in r.stdout and "single running instance" in r.stdout, r.stdout
         r = cli("apply", str(spec))  # no -y, no terminal: refused before anything changes
         assert r.returncode != 0 and "confirmation" in (r.stdout + r.stderr)
+        r = cli("apply", str(spec), "-y")  # accepted: not rolled (every order fails), all at once
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "restarting every changed instance at once" in r.stdout and "step 1/" not in r.stdout
     finally:
         cli("destroy", str(spec), "-y")

@@ -152,3 +152,22 @@ def test_a_router_without_drain_makes_a_fingerprint_change_a_problem() -> None:
     same = plan_rollout(fleet(2, 2))
     assert rollout_problems(same, NoRotation()) == []
     assert roll_text(same, NoRotation())[-1].startswith("  rotation: the router has no admin API")
+
+
+def test_the_rolling_key_covers_the_connector_not_the_role() -> None:
+    from disaggctl.compile import compile_spec
+    from disaggctl.loader import load_spec
+    from disaggctl.targets.rollout import fingerprinter
+    from tests.plugins.paths import EXAMPLES
+
+    def keys(example: str) -> dict[str, str]:
+        loaded = load_spec(EXAMPLES / example)
+        desired = compile_spec(loaded)
+        digest = fingerprinter(loaded.spec, desired)
+        return {p.name: digest(p.name, p.argv) for p in desired.processes if p.role.value != "router"}
+
+    nixl, shared = keys("local-cpu.yaml"), keys("local-cpu-shared-storage.yaml")
+    assert len(set(nixl.values())) == 1 and len(set(shared.values())) == 1  # prefill and decode pair
+    assert set(nixl.values()) != set(shared.values())  # the NIXL hash alone would not tell them apart
+    lmcache = keys("b200-xpyd-lmcache.yaml")  # per-instance rpc ports and decode's skip_last_n_tokens
+    assert len(set(lmcache.values())) == 1

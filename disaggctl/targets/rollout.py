@@ -19,6 +19,7 @@ runner says so before it starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import urllib.error
@@ -140,6 +141,15 @@ def rollout_problems(plan: RollPlan, rotation: Rotation) -> list[str]:
     return out
 
 
+def rollable(plan: RollPlan, rotation: Rotation) -> bool:
+    """Whether rolling beats restarting everything at once: not when every order pairs the old
+    generation with the new one (one instance of a role, or a router that cannot drain)."""
+    return not plan.unsafe and not (plan.fingerprint_change and isinstance(rotation, NoRotation))
+
+
+ALL_AT_ONCE = "the change cannot be rolled: restarting every changed instance at once (requests fail until it is back)"
+
+
 def roll_text(plan: RollPlan, rotation: Rotation) -> list[str]:
     """What `plan` and `apply` print about a rollout with this router."""
     from disaggctl.targets.rolling import render_text
@@ -175,8 +185,11 @@ def rotation_for(spec: ClusterSpec, desired: DesiredState) -> Rotation:
 
 
 def fingerprinter(spec: ClusterSpec, desired: DesiredState) -> Callable[[str, list[str]], str]:
-    """fingerprint(instance, argv): the compatibility fingerprint of an instance run with `argv`
-    (compat/fingerprint.py, the same function compile uses, so two generations compare with ==)."""
+    """fingerprint(instance, argv): what must match for an instance run with `argv` to pair with a
+    partner: the compatibility fingerprint (compat/fingerprint.py, the function compile uses) plus
+    the KV connector and its extra config (`--kv-transfer-config` minus the role), which the NIXL
+    hash does not cover: a NIXL prefill and a shared-storage decode have the same fingerprint and
+    never exchange KV."""
     from disaggctl.compat import fingerprint as fp
     from disaggctl.compat.spec_rules import kv_model
     from disaggctl.compat.transfer import environment_versions
@@ -187,9 +200,31 @@ def fingerprinter(spec: ClusterSpec, desired: DesiredState) -> Callable[[str, li
     arch = {i.name: i.head.arch for i in desired.placement.instances}
 
     def digest(name: str, argv: list[str]) -> str:
-        return fp.digest(fp.vllm_factors(argv, arch.get(name), mla), fp.extra_factors(argv, versions))
+        base = fp.digest(fp.vllm_factors(argv, arch.get(name), mla), fp.extra_factors(argv, versions))
+        cfg = fp.option(argv, "--kv-transfer-config") or ""
+        try:
+            kv = json.loads(cfg) if cfg else {}
+        except ValueError:
+            kv = {"unparsed": cfg}
+        return hashlib.sha256((base + json.dumps(_connector_identity(kv), sort_keys=True)).encode()).hexdigest()
 
     return digest
+
+
+def _connector_identity(cfg: object) -> object:
+    """What of a `--kv-transfer-config` both sides of a pair share: the connector class and where
+    shared storage lives, also of nested connectors (MultiConnector); not the role, nor per-instance
+    ports (LMCache's rpc port, decode's skip_last_n_tokens)."""
+    if not isinstance(cfg, dict):
+        return None
+    extra = cfg.get("kv_connector_extra_config")
+    extra = extra if isinstance(extra, dict) else {}
+    nested = extra.get("connectors")
+    return {
+        "kv_connector": cfg.get("kv_connector"),
+        "shared_storage_path": extra.get("shared_storage_path"),
+        "connectors": [_connector_identity(c) for c in nested] if isinstance(nested, list) else None,
+    }
 
 
 def running_fingerprints(

@@ -42,7 +42,15 @@ from disaggctl.targets.base import (
 from disaggctl.targets.local.rolling import LocalRestarter, local_rollplan
 from disaggctl.targets.local.supervisor import kill_group, pid_alive, read_state, supervisor_pid, write_atomic
 from disaggctl.targets.rolling import RollPlan
-from disaggctl.targets.rollout import RolloutRunner, Rotation, roll_text, rollout_problems, rotation_for
+from disaggctl.targets.rollout import (
+    ALL_AT_ONCE,
+    RolloutRunner,
+    Rotation,
+    roll_text,
+    rollable,
+    rollout_problems,
+    rotation_for,
+)
 from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit
 
 if TYPE_CHECKING:
@@ -347,6 +355,9 @@ class LocalBackend:
         if not self._confirm_roll(ctx, o, plan_file):
             ctx.console.print("Apply cancelled.")
             return 1
+        if o.roll is not None and o.rotation is not None and not rollable(o.roll, o.rotation):
+            ctx.console.print(ALL_AT_ONCE)
+            o.roll = None
         preflight(ctx.desired, o.new, o.old, supervisor_pid(o.state_dir) is not None)
         with Phases(ctx.console) as phases:
             with phases.step("local", "files"):

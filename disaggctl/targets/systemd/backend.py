@@ -591,6 +591,7 @@ class SystemdBackend:
             if not confirm(ctx, "Apply these changes?", plan_file) or not _confirm_roll(ctx, roll):
                 console.print("Apply cancelled; nothing was changed.")
                 return 1
+            roll = _rollable(console, roll)
             try:
                 with Phases(console) as phases:
                     self._execute(c, hosts, plan, observed, phases, roll)
@@ -858,6 +859,16 @@ def _print_roll(console: Console, roll: tuple[SystemdRoll, Rotation] | None) -> 
     if roll:
         for line in roll_text(roll[0].plan, roll[1]):
             console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _rollable(console: Console, roll: tuple[SystemdRoll, Rotation] | None) -> tuple[SystemdRoll, Rotation] | None:
+    """None (the start phases restart everything at once) when the change cannot be rolled."""
+    from disaggctl.targets.rollout import ALL_AT_ONCE, rollable
+
+    if roll is None or rollable(roll[0].plan, roll[1]):
+        return roll
+    console.print(ALL_AT_ONCE)
+    return None
 
 
 def _confirm_roll(ctx: OpsContext, roll: tuple[SystemdRoll, Rotation] | None) -> bool:
