@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prefill", type=int, default=2)
     ap.add_argument("--decode", type=int, default=2)
-    ap.add_argument("--rate", type=float, default=20.0, help="requests per second (open loop)")
+    ap.add_argument("--rate", type=float, default=30.0, help="requests per second (open loop)")
     ap.add_argument("--steady-s", type=float, default=5.0)
     ap.add_argument("--engines", choices=["standin", "vllm"], default="standin")
     ap.add_argument("--latency-ms", type=float, default=30.0, help="stand-in engines' time per request")
