@@ -70,3 +70,24 @@ def test_nothing_running_restarts_is_no_rollout() -> None:
     desired, r, unit_of, obs = _observed(lambda p: list(p.argv))
     _, spec = _state()
     assert systemd_roll(spec, desired, _plan(desired, r, unit_of, obs), obs, unit_of) is None  # type: ignore[arg-type]
+
+
+def test_status_check_reads_running_fingerprints_and_metrics() -> None:
+    from disaggctl.targets.systemd.rolling import systemd_checks
+
+    desired, _r, unit_of, obs = _observed(
+        lambda p: [*p.argv, "--kv-cache-dtype", "fp8"] if p.name == "decode-1" else list(p.argv)
+    )
+    _, spec = _state()
+    seen: list[str] = []
+
+    def fetch(url: str, timeout_s: float) -> bytes:
+        seen.append(url)
+        if url.endswith(":8000/metrics"):  # the router
+            return b'disaggctl_router_requests_total{path="disaggregated"} 3\n'
+        raise OSError("connection refused")
+
+    checks = {c.name: c for c in systemd_checks(spec, desired, obs, unit_of, fetch)}  # type: ignore[arg-type]
+    assert checks["fingerprints_match"].ok is False and checks["fingerprints_match"].instances == ["decode-1"]
+    assert checks["prefill_handles_requests"].ok is None  # engine metrics unreadable: unknown, not ok
+    assert len(seen) == 4  # three engines and the router

@@ -102,6 +102,12 @@ def print_status(ctx: OpsContext, report: StatusReport) -> None:
         c.print(f"  check {escape(chk.name):<25} {verdict}  {escape(chk.detail)}", highlight=False, soft_wrap=True)
 
 
+def with_checks(report: StatusReport, checks: list[InvariantCheck]) -> StatusReport:
+    """The report with `status --check`'s invariants; a violated one makes it unhealthy."""
+    healthy = report.healthy and all(c.ok is not False for c in checks)
+    return report.model_copy(update={"checks": checks, "healthy": healthy})
+
+
 def status_exit(report: StatusReport) -> int:
     return 0 if report.healthy else 1
 

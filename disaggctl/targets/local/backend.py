@@ -51,7 +51,7 @@ from disaggctl.targets.rollout import (
     rollout_problems,
     rotation_for,
 )
-from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit
+from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit, with_checks
 
 if TYPE_CHECKING:
     from disaggctl.targets.invariants import InvariantCheck
@@ -607,9 +607,8 @@ def status_report(ctx: OpsContext) -> StatusReport:
                                       drift=["in the spec, not deployed"]))  # fmt: skip
     ok = sup is not None and all(r.running and r.healthy is not False for r in rows)
     notes = [] if sup else ["the supervisor is not running: `disaggctl apply` starts it"]
-    checks = _checks(ctx, old, states) if ctx.options.get("check") else []
-    ok = ok and all(c.ok is not False for c in checks)
-    return StatusReport(deployed=True, healthy=ok, processes=rows, notes=notes, checks=checks, **common)
+    report = StatusReport(deployed=True, healthy=ok, processes=rows, notes=notes, **common)
+    return with_checks(report, _checks(ctx, old, states)) if ctx.options.get("check") else report
 
 
 def _checks(ctx: OpsContext, tbl: Table, states: Mapping[str, Mapping[str, Any]]) -> list[InvariantCheck]:

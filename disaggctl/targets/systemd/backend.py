@@ -737,6 +737,11 @@ class SystemdBackend:
             c = self._ctx(ctx)  # rendered while the connections come up
             observed = observe_all(hosts, c, full=True)  # restarts, load state: systemctl show
         report = status_report(c, observed, compute_plan(c, observed))
+        if ctx.options.get("check"):
+            from disaggctl.targets.status import with_checks
+            from disaggctl.targets.systemd.rolling import systemd_checks
+
+            report = with_checks(report, systemd_checks(c.spec, c.desired, observed, c.unit_of))
         print_status(ctx, report)
         return status_exit(report)
 

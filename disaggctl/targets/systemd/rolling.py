@@ -20,6 +20,7 @@ from disaggctl.targets.rollout import fingerprinter
 if TYPE_CHECKING:
     from disaggctl.deployment import DesiredState
     from disaggctl.spec import ClusterSpec
+    from disaggctl.targets.invariants import InvariantCheck
     from disaggctl.targets.systemd.changes import Observed, Plan
 
 UNKNOWN = "unknown: the running command line was not observed"
@@ -82,6 +83,35 @@ def systemd_roll(
         units[p.name] = (p.host, unit)
     roll = plan_rollout(instances)
     return None if roll.strategy == "none" else SystemdRoll(roll, units)
+
+
+def systemd_checks(
+    spec: ClusterSpec,
+    desired: DesiredState,
+    observed: Mapping[str, Observed],
+    unit_of: Mapping[str, str],
+    fetch: Callable[[str, float], bytes] | None = None,
+) -> list[InvariantCheck]:
+    """`status --check` on systemd hosts: the running instances' metrics (read from this machine,
+    like /health) and fingerprints (from the running command lines), and the router's metrics."""
+    from disaggctl.targets.gate import http_fetch
+    from disaggctl.targets.invariants import scrape_and_check
+    from disaggctl.targets.rollout import running_fingerprints
+
+    urls: dict[str, tuple[str, str]] = {}
+    argv: dict[str, list[str]] = {}
+    for p in desired.processes:
+        if p.role.value not in ("prefill", "decode") or p.name != p.instance or not p.health_url:
+            continue
+        if not _running(observed, p.host, unit_of[p.name]):
+            continue
+        urls[p.name] = (p.role.value, p.health_url.rsplit("/", 1)[0])
+        fact = observed[p.host].units[unit_of[p.name]]
+        served = served_argv(fact.cmdline)
+        if served is not None:
+            argv[p.name] = served
+    router = desired.router_url.rstrip("/") + "/metrics" if spec.router.kind == "builtin" else None
+    return scrape_and_check(urls, router, running_fingerprints(spec, desired, argv), fetch or http_fetch)
 
 
 def _running(observed: Mapping[str, Observed], host: str, unit: str) -> bool:
