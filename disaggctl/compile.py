@@ -167,6 +167,8 @@ def serve_args(
     headless = node.node_rank > 0
     if not headless:
         argv += ["--host", spec.engine.host_bind, "--port", str(inst.http_port)]
+        # per-request KV evidence for the canary (health.run_pair_canary): usage.prompt_tokens_details
+        argv.append("--enable-prompt-tokens-details")
     argv += ["--served-model-name", m.name]
     argv += ["--tensor-parallel-size", str(inst.tensor_parallel)]
     if inst.pipeline_parallel > 1:

@@ -3,6 +3,8 @@
     wait_healthy   poll each instance's /health until all answer 200 (or a process dies, or time runs out)
     run_canary     one /v1/completions through the router; decode's metrics must show that the KV came
                    from prefill (external KV transfer) and that decode did not recompute the prompt
+    run_pair_canary  one request through a named prefill and a named decode instance, proven by decode's
+                   own answer for that request (see below): holds with live traffic running
     kv_received    the KV-transfer counter from a vLLM Prometheus text
 
 Stdlib HTTP only (urllib): this runs in the CLI and must stay light. Clocks and sleeps are
@@ -13,6 +15,17 @@ Metric names, from vLLM 0.32 (`vllm/v1/metrics/loggers.py`, `stats.py`):
   vllm:external_prefix_cache_hits_total   tokens a KV connector supplied
 Both count the same tokens (the connector's external hits); `kv_received` takes the larger so it
 works whichever one a build exports, without counting a token twice.
+
+Per-request evidence (the pair canary), from vLLM 0.32's own code: decode's answer carries
+`usage.prompt_tokens_details.cached_tokens` when it runs with `--enable-prompt-tokens-details`
+(`entrypoints/openai/completion/serving.py`); it is the request's `PrefillStats.num_cached_tokens`
+= local prefix-cache hits + tokens the connector loaded, set when the request is first scheduled
+(`v1/core/sched/scheduler.py`, `v1/metrics/stats.py PrefillStats.set`). A KV load that fails
+and is recomputed goes through that first lookup again with no external tokens, so it shows 0.
+The canary's prompt starts with its own request id, so no local prefix-cache block can match:
+cached tokens on decode are this request's KV from prefill. One catch: for NIXL, decode replaces
+that count by `kv_transfer_params["remote_prefill_cached_tokens"]` (prefill's own hits,
+`v1/engine/output_processor.py`), which the canary therefore leaves out of what it hands decode.
 """
 
 from __future__ import annotations
@@ -173,6 +186,10 @@ class CanaryResult:
     kv_tokens: float  # prompt tokens decode received from prefill
     computed_tokens: float  # prompt tokens decode prefilled itself
     request_id: str
+    # "metrics": deltas of decode's global counters (live traffic blurs them); "request": decode's
+    # answer for this very request (the pair canary)
+    evidence: str = "metrics"
+    through: PairTarget | None = None  # the pair canary's instances
 
     @property
     def kv_transferred(self) -> bool:
@@ -296,16 +313,7 @@ def run_canary(
     t0 = clock()
     data = _post_json(url, body, timeout_s, request_id)
     latency = clock() - t0
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise HealthError("canary", f"router answered without choices: {json.dumps(data)[:300]}")
-    text = str(choices[0].get("text") or "")
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    assert isinstance(usage, dict)
-    prompt_tokens = int(usage.get("prompt_tokens") or 0)
-    completion_tokens = int(usage.get("completion_tokens") or 0)
-    if completion_tokens <= 0 and not text:
-        raise HealthError("canary", f"router answered with no tokens: {json.dumps(data)[:300]}")
+    text, prompt_tokens, completion_tokens = _answer(data, "canary")
 
     kv, comp = _settled(decode_metrics_urls, timeout_s, (kv0, comp0, cache0), prompt_tokens, clock() + settle_s,
                         clock, sleep)  # fmt: skip
@@ -347,3 +355,125 @@ def _require_transfer(result: CanaryResult) -> None:
         )
     if result.recomputed:
         raise HealthError("canary", f"decode recomputed the prompt: {comp:g} tokens computed locally, {kv:g} received")
+
+
+# --------------------------------------------------------------------------- the pair canary
+
+# What a router sends prefill for the pull NixlConnector (vLLM 0.32
+# `v1/nixl/base_scheduler.py`: do_remote_decode makes prefill keep the blocks for decode).
+NIXL_PREFILL_PARAMS: dict[str, object] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+PAIR_CANARY_KINDS = ("nixl", "shared-storage")
+
+
+def cached_tokens(answer: dict[str, object]) -> int | None:
+    """`usage.prompt_tokens_details.cached_tokens` of one answer (None: the engine does not report it)."""
+    usage = answer.get("usage")
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return value if isinstance(value, int) else None
+
+
+@dataclass(frozen=True)
+class PairTarget:
+    """The two instances one pair canary goes through, by name and base URL."""
+
+    prefill: str
+    prefill_url: str
+    decode: str
+    decode_url: str
+
+
+def _prefill_step(pair: PairTarget, kv_kind: str, body: dict[str, object], timeout_s: float, rid: str) -> object:
+    """Prefill the canary's prompt on `pair.prefill`; for NIXL the KV handle it keeps for decode."""
+    pbody = dict(body, max_tokens=1)
+    if kv_kind == "nixl":
+        pbody["kv_transfer_params"] = dict(NIXL_PREFILL_PARAMS)
+    try:
+        data = _post_json(pair.prefill_url.rstrip("/") + "/v1/completions", pbody, timeout_s, rid)
+    except HealthError as e:
+        raise HealthError(pair.prefill, f"canary prefill: {e.detail}") from e
+    if kv_kind != "nixl":
+        return None
+    ktp = data.get("kv_transfer_params")
+    if not isinstance(ktp, dict) or not ktp.get("remote_block_ids"):
+        raise HealthError(
+            pair.prefill,
+            f"prefill kept no KV for the canary request {rid} (kv_transfer_params: {json.dumps(ktp)[:200]}); "
+            "is it started as a kv_producer?",
+        )
+    # decode would report prefill's own prefix-cache hits instead of what it loaded (see the top)
+    return {k: v for k, v in ktp.items() if k != "remote_prefill_cached_tokens"}
+
+
+def run_pair_canary(
+    pair: PairTarget,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    kv_kind: str,
+    timeout_s: float,
+    require_kv_transfer: bool = True,
+    *,
+    block_size: int | None = None,
+    clock: Clock = time.monotonic,
+) -> CanaryResult:
+    """One request through `pair.prefill` then `pair.decode`, proven by decode's answer for it.
+
+    Needs decode started with `--enable-prompt-tokens-details` (compile adds it). Raises
+    HealthError naming the instance that failed: prefill kept no KV, decode answered nothing,
+    or (with `require_kv_transfer`) decode loaded nothing for this request or recomputed it.
+    """
+    if kv_kind not in PAIR_CANARY_KINDS:
+        raise DisaggError(f"the pair canary supports {', '.join(PAIR_CANARY_KINDS)}, not {kv_kind}")
+    rid = f"disaggctl-canary-{uuid.uuid4().hex[:12]}"
+    text_in = f"[{rid}] {prompt}"
+    if block_size:
+        text_in = _steer_clear(pair.decode_url.rstrip("/"), model, text_in, block_size, timeout_s)
+    body: dict[str, object] = {"model": model, "prompt": text_in, "max_tokens": max_tokens, "temperature": 0,
+                               "seed": 0, "stream": False}  # fmt: skip
+    t0 = clock()
+    ktp = _prefill_step(pair, kv_kind, body, timeout_s, rid)
+    dbody = dict(body, kv_transfer_params=ktp) if ktp is not None else body
+    try:
+        data = _post_json(pair.decode_url.rstrip("/") + "/v1/completions", dbody, timeout_s, rid)
+    except HealthError as e:
+        raise HealthError(pair.decode, f"canary decode: {e.detail}") from e
+    latency = clock() - t0
+    text, prompt_tokens, completion_tokens = _answer(data, pair.decode)
+    cached = cached_tokens(data)
+    if cached is None:
+        raise HealthError(
+            pair.decode,
+            "its answer has no usage.prompt_tokens_details.cached_tokens: start it with "
+            "--enable-prompt-tokens-details (disaggctl compiles it; an older deployment needs an apply)",
+        )
+    result = CanaryResult(text, prompt_tokens, completion_tokens, latency, float(cached),
+                          float(max(0, prompt_tokens - cached)), rid, evidence="request", through=pair)  # fmt: skip
+    if require_kv_transfer:
+        try:
+            _require_transfer(result)
+        except HealthError as e:
+            raise HealthError(pair.decode, f"canary {rid} via {pair.prefill}: {e.detail}") from e
+    return result
+
+
+def _answer(data: dict[str, object], who: str) -> tuple[str, int, int]:
+    """(text, prompt tokens, completion tokens) of a completion answer; HealthError without tokens."""
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise HealthError(who, f"answered without choices: {json.dumps(data)[:300]}")
+    text = str(choices[0].get("text") or "")
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    completion_tokens = int(usage.get("completion_tokens") or 0)
+    if completion_tokens <= 0 and not text:
+        raise HealthError(who, f"answered with no tokens: {json.dumps(data)[:300]}")
+    return text, prompt_tokens, completion_tokens

@@ -283,9 +283,15 @@ def status(
     topology: Path | None = TOPOLOGY,
     allow_degraded: bool = DEGRADED,
     output: OutputFormat = typer.Option(OutputFormat.text, "--output", help="text or json."),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="Also check that P/D really happens (engines' and router's metrics, fingerprints); exit 1 if not.",
+    ),
 ) -> None:
     """Show each instance's state, health, GPUs, ports and drift from the spec."""
     ctx = _context(spec, profile, topology, allow_degraded, output=output)
+    ctx.options["check"] = check
     raise typer.Exit(_backend(ctx).status(ctx))
 
 

@@ -16,7 +16,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from disaggctl.health import CanaryResult, HealthProgress, Probe, http_probe, run_canary, wait_healthy
+from disaggctl.health import (
+    PAIR_CANARY_KINDS,
+    CanaryResult,
+    HealthProgress,
+    PairTarget,
+    Probe,
+    http_probe,
+    run_canary,
+    run_pair_canary,
+    wait_healthy,
+)
 
 if TYPE_CHECKING:
     from disaggctl.deployment import DesiredState
@@ -112,18 +122,47 @@ class HealthGate:
         return [u.rstrip("/") + "/metrics" for n, u in self.urls.items() if n in decode]
 
     def canary(self) -> CanaryResult:
-        """One completion through the router; decode's metrics must show the KV came from prefill."""
+        """One completion through the router, then (NIXL, shared-storage) a pair canary through every
+        prefill and every decode instance, each proven by decode's answer for its own request.
+
+        With pair canaries the router's request must be served but its KV is not judged from decode's
+        global metrics (live traffic moves them too); LMCache keeps the metrics check.
+        """
         c = canary_inputs(self.spec, self.desired)
-        return run_canary(
+        per_request = self.desired.kv_kind in PAIR_CANARY_KINDS
+        routed = run_canary(
             self.router_url,
             self.desired.model_name,
             c.prompt,
             c.max_tokens,
             self.decode_metrics(),
             c.timeout_s,
-            c.require_kv_transfer,
+            c.require_kv_transfer and not per_request,
             block_size=c.block_size,
         )
+        if not per_request:
+            return routed
+        results = [self.pair_canary(p, d) for p, d in self.pairs()]
+        return results[0] if results else routed
+
+    def instances(self, role: str) -> list[str]:
+        """Instance names of a role that answer HTTP (head processes), in spec order."""
+        return [p.name for p in self.desired.processes if p.role.value == role and p.name in self.urls]
+
+    def pairs(self, prefill: list[str] | None = None, decode: list[str] | None = None) -> list[tuple[str, str]]:
+        """Pairs that put every named prefill and every named decode through one canary."""
+        ps = self.instances("prefill") if prefill is None else prefill
+        ds = self.instances("decode") if decode is None else decode
+        if not ps or not ds:
+            return []
+        return [(ps[i % len(ps)], ds[i % len(ds)]) for i in range(max(len(ps), len(ds)))]
+
+    def pair_canary(self, prefill: str, decode: str) -> CanaryResult:
+        """One request through `prefill` and `decode` directly (not through the router)."""
+        c = canary_inputs(self.spec, self.desired)
+        pair = PairTarget(prefill, self.urls[prefill], decode, self.urls[decode])
+        return run_pair_canary(pair, self.desired.model_name, c.prompt, c.max_tokens, self.desired.kv_kind,
+                               c.timeout_s, c.require_kv_transfer, block_size=c.block_size)  # fmt: skip
 
     def run(
         self,
@@ -138,6 +177,11 @@ class HealthGate:
 def canary_summary(res: CanaryResult) -> str:
     """The one line every target prints after a canary."""
     kv = f"decode received the KV of {res.kv_tokens:g} prompt tokens" if res.kv_transferred else "no KV transfer"
+    if res.through is not None:
+        return (
+            f"canary {res.request_id} via {res.through.prefill} -> {res.through.decode}: {res.prompt_tokens} prompt "
+            f"tokens -> {res.completion_tokens} tokens {res.text!r} in {res.latency_s:.2f} s ({kv} for this request)"
+        )
     return (
         f"canary: {res.prompt_tokens} prompt tokens -> {res.completion_tokens} tokens {res.text!r} "
         f"in {res.latency_s:.2f} s ({kv}; {res.kv_tokens:g} prompt tokens received by decode from prefill)"

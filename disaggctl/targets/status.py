@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from disaggctl.targets.invariants import InvariantCheck
+
 if TYPE_CHECKING:
     from disaggctl.targets import OpsContext
 
@@ -52,10 +54,16 @@ class StatusReport(BaseModel):
     deployment: str = Field(description="The spec's `name`.")
     target: Literal["systemd", "slurm", "local"] = Field(description="The spec's `target.kind`.")
     deployed: bool = Field(description="Anything of this deployment runs or is installed.")
-    healthy: bool = Field(description="Every process runs, is healthy and matches the spec (status exits 0).")
+    healthy: bool = Field(
+        description="Every process runs, is healthy and matches the spec, and with `--check` no invariant "
+        "is violated (status exits 0)."
+    )
     endpoint: str | None = Field(description="The router's URL where known.")
     processes: list[ProcessStatus] = Field(default_factory=list, description="One entry per process.")
     notes: list[str] = Field(default_factory=list, description="What the operator should know or do next.")
+    checks: list[InvariantCheck] = Field(
+        default_factory=list, description="`status --check` only: the P/D invariants (docs/status.md)."
+    )
     detail: dict[str, Any] = Field(
         default_factory=dict,
         description="Target-specific facts: `jobs` (Slurm), `supervisor_pid` and `state_dir` (local).",
@@ -89,6 +97,15 @@ def print_status(ctx: OpsContext, report: StatusReport) -> None:
         )
     for n in report.notes:
         c.print(f"[yellow]{escape(n)}[/yellow]", highlight=False, soft_wrap=True)
+    for chk in report.checks:
+        verdict = {True: "[green]ok[/green]", False: "[red]FAILED[/red]", None: "[yellow]unknown[/yellow]"}[chk.ok]
+        c.print(f"  check {escape(chk.name):<25} {verdict}  {escape(chk.detail)}", highlight=False, soft_wrap=True)
+
+
+def with_checks(report: StatusReport, checks: list[InvariantCheck]) -> StatusReport:
+    """The report with `status --check`'s invariants; a violated one makes it unhealthy."""
+    healthy = report.healthy and all(c.ok is not False for c in checks)
+    return report.model_copy(update={"checks": checks, "healthy": healthy})
 
 
 def status_exit(report: StatusReport) -> int:
@@ -98,11 +115,17 @@ def status_exit(report: StatusReport) -> int:
 def status_schema_markdown() -> str:
     """The field tables of docs/status.md, generated from the models' descriptions."""
     out: list[str] = []
-    for model, title in ((StatusReport, "The report"), (ProcessStatus, "`processes[]`: one per process")):
+    tables = (
+        (StatusReport, "The report"),
+        (ProcessStatus, "`processes[]`: one per process"),
+        (InvariantCheck, "`checks[]`: one per invariant (`status --check`)"),
+    )
+    for model, title in tables:
         out += [f"### {title}", "", "| field | type | meaning |", "|---|---|---|"]
         for name, f in model.model_fields.items():
             ann = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            ann = ann.replace("disaggctl.targets.status.", "").replace(" | None", " or null")
+            ann = ann.replace("disaggctl.targets.status.", "").replace("disaggctl.targets.invariants.", "")
+            ann = ann.replace(" | None", " or null")
             out.append(f"| `{name}` | `{ann}` | {f.description or ''} |")
         out.append("")
     return "\n".join(out)

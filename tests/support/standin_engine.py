@@ -184,6 +184,7 @@ class Engine:
         self.kv_role: str | None = kv.get("kv_role")
         self.extra: dict[str, Any] = kv.get("kv_connector_extra_config") or {}
         self.engine_id = kv.get("engine_id") or uuid.uuid4().hex
+        self.prompt_details = bool(getattr(args, "enable_prompt_tokens_details", False))
         self.latency = _flag_env(args.standin_latency_ms, "STANDIN_LATENCY_MS", float, 0.0) / 1000
         self.token_latency = _flag_env(args.standin_token_latency_ms, "STANDIN_TOKEN_LATENCY_MS", float, 0.0) / 1000
         self.fail_after = _flag_env(args.standin_fail_after, "STANDIN_FAIL_AFTER", int, None)
@@ -475,7 +476,7 @@ class Server:
         try:
             if e.latency:
                 await asyncio.sleep(e.latency)
-            out_params = await self.kv_connector(ids, ktp)
+            out_params, ext = await self.kv_connector(ids, ktp)
             out = generate(ids, n)
             e.prompt_tokens_total += len(ids)
             e.generation_tokens_total += n
@@ -484,7 +485,10 @@ class Server:
                 await self.stream(conn, chat, rid, body, ids, out)
                 return not e.die_mid_stream
             text = "".join(detok(t) for t in out)
-            usage = {"prompt_tokens": len(ids), "total_tokens": len(ids) + n, "completion_tokens": n}
+            usage: dict[str, Any] = {"prompt_tokens": len(ids), "total_tokens": len(ids) + n, "completion_tokens": n}
+            if e.prompt_details:  # vLLM: the request's cached tokens; NIXL decode: prefill's own hits instead
+                remote = ktp.get("remote_prefill_cached_tokens") if ktp.get("do_remote_prefill") else None
+                usage["prompt_tokens_details"] = {"cached_tokens": remote if isinstance(remote, int) else ext}
             choice: dict[str, Any]
             if chat:
                 choice = {
@@ -526,8 +530,9 @@ class Server:
         finally:
             e.running -= 1
 
-    async def kv_connector(self, ids: list[int], ktp: dict[str, Any]) -> dict[str, Any] | None:
-        """Emulate the configured connector; return the response's kv_transfer_params."""
+    async def kv_connector(self, ids: list[int], ktp: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:
+        """Emulate the configured connector; return the response's kv_transfer_params and the
+        prompt tokens loaded from elsewhere."""
         e = self.e
         key = prompt_key(ids)
         external = False
@@ -547,6 +552,7 @@ class Server:
                     "remote_host": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1"),
                     "remote_port": int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600")),
                     "tp_size": 1,
+                    "remote_prefill_cached_tokens": 0,
                 }
         elif e.kv_connector == "ExampleConnector":
             path = e.shared_path(key)
@@ -572,7 +578,7 @@ class Server:
             e.external_hits += len(ids) - 1
         else:
             e.tokens["local_compute"] += len(ids)
-        return out
+        return out, (len(ids) - 1 if external else 0)
 
     def lmcache_push(self, ids: list[int], spec: dict[str, Any]) -> None:
         """Sender side: push to each receiver rank, then notify the proxy once per rank."""
@@ -673,6 +679,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-health-delay-s", type=float, default=None)
     p.add_argument("--standin-die-mid-stream", type=int, default=None)
     p.add_argument("--standin-record", default=None)
+    p.add_argument("--enable-prompt-tokens-details", action="store_true")
     args, _ignored = p.parse_known_args(argv)  # every other vLLM flag is accepted and ignored
     return args
 

@@ -17,9 +17,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +39,22 @@ from disaggctl.targets.base import (
     plan_meta,
     select_processes,
 )
+from disaggctl.targets.local.rolling import LocalRestarter, local_rollplan
 from disaggctl.targets.local.supervisor import kill_group, pid_alive, read_state, supervisor_pid, write_atomic
-from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit
+from disaggctl.targets.rolling import RollPlan
+from disaggctl.targets.rollout import (
+    ALL_AT_ONCE,
+    RolloutRunner,
+    Rotation,
+    roll_text,
+    rollable,
+    rollout_problems,
+    rotation_for,
+)
+from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit, with_checks
+
+if TYPE_CHECKING:
+    from disaggctl.targets.invariants import InvariantCheck
 
 if TYPE_CHECKING:
     from disaggctl.targets.ui import Phases
@@ -119,7 +133,9 @@ def _changes(actions: list[ProcessAction]) -> bool:
 _STYLE = {"create": "green", "update": "yellow", "restart": "cyan", "delete": "red", "unchanged": "dim"}
 
 
-def _print_plan(ctx: OpsContext, state_dir: str, actions: list[ProcessAction], files_changed: list[str]) -> None:
+def _print_plan(
+    ctx: OpsContext, state_dir: str, actions: list[ProcessAction], files_changed: list[str], extra: Sequence[str] = ()
+) -> None:
     c = ctx.console
     c.print(f"[bold]local[/bold] {ctx.desired.name}: state in {state_dir}")
     for a in actions:
@@ -127,6 +143,8 @@ def _print_plan(ctx: OpsContext, state_dir: str, actions: list[ProcessAction], f
         c.print(f"  [{_STYLE[a.action.value]}]{a.action.value:<9}[/] {a.process}{reason}")
     for f in files_changed:
         c.print(f"  [yellow]write[/]     {f}")
+    for line in extra:
+        c.print(line, highlight=False, markup=False, soft_wrap=True)
     n = sum(1 for a in actions if a.action is not Action.UNCHANGED)
     c.print("No changes." if not n and not files_changed else f"{n} process change(s), {len(files_changed)} file(s).")
 
@@ -275,10 +293,18 @@ class _Observed:
     running: bool
     actions: list[ProcessAction]
     files: list[str]
+    failed: set[str] = field(default_factory=set)
+    roll: RollPlan | None = None  # a rolling change of running instances (targets/rolling.py)
+    rotation: Rotation | None = None
 
     @property
     def changed(self) -> bool:
         return _changes(self.actions) or bool(self.files)
+
+    def roll_lines(self) -> list[str]:
+        if self.roll is None or self.rotation is None:
+            return []
+        return roll_text(self.roll, self.rotation)
 
 
 class LocalBackend:
@@ -290,18 +316,27 @@ class LocalBackend:
         new = table(ctx.desired, _target(ctx))
         old = deployed_table(state_dir)
         running = supervisor_pid(state_dir) is not None
-        actions = diff(old, new, running, _failed(state_dir))
-        return _Observed(state_dir, old, new, running, actions, _changed_files(rendered))
+        failed = _failed(state_dir)
+        actions = diff(old, new, running, failed)
+        o = _Observed(state_dir, old, new, running, actions, _changed_files(rendered), failed)
+        if running and old is not None and _same_policy(old, new):
+            roll = local_rollplan(ctx.spec, ctx.desired, old, new, actions, failed)
+            if roll.strategy != "none":
+                o.roll, o.rotation = roll, rotation_for(ctx.spec, ctx.desired)
+        return o
 
     def _saved(self, ctx: OpsContext, o: _Observed) -> SavedPlan:
-        details = {"state_dir": o.state_dir, "base": o.old.to_json() if o.old else None, "table": o.new.to_json(),
-                   "files": o.files}  # fmt: skip
+        base = o.old.to_json() if o.old else None
+        details: dict[str, Any] = {"state_dir": o.state_dir, "base": base, "table": o.new.to_json(), "files": o.files}
+        if o.roll is not None and o.rotation is not None:
+            details["rollout"] = dict(o.roll.to_dict(), problems=rollout_problems(o.roll, o.rotation),
+                                      rotation=o.rotation.description)  # fmt: skip
         digest = hashlib.sha256(o.new.to_json().encode()).hexdigest()
         return SavedPlan(meta=plan_meta(ctx, "local", digest), changed=o.changed, actions=o.actions, target=details)
 
     def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
         o = self._observe(ctx, render(ctx.desired, _target(ctx)))
-        show = lambda: _print_plan(ctx, o.state_dir, o.actions, o.files)  # noqa: E731
+        show = lambda: _print_plan(ctx, o.state_dir, o.actions, o.files, o.roll_lines())  # noqa: E731
         return finish_plan(ctx, self._saved(ctx, o), show, out_file, detailed_exitcode)
 
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
@@ -311,18 +346,57 @@ class LocalBackend:
         o = self._observe(ctx, rendered)
         base = o.old.to_json() if o.old else None
         check_saved_plan(plan_file, self._saved(ctx, o), lambda s: _stale(s, base))
-        _print_plan(ctx, o.state_dir, o.actions, o.files)
+        _print_plan(ctx, o.state_dir, o.actions, o.files, o.roll_lines())
         if not o.changed:
             return self._gate(ctx, o.new, None)
         if not confirm(ctx, "Apply these changes?", plan_file):
             ctx.console.print("Apply cancelled.")
             return 1
+        if not self._confirm_roll(ctx, o, plan_file):
+            ctx.console.print("Apply cancelled.")
+            return 1
+        if o.roll is not None and o.rotation is not None and not rollable(o.roll, o.rotation):
+            ctx.console.print(ALL_AT_ONCE)
+            o.roll = None
         preflight(ctx.desired, o.new, o.old, supervisor_pid(o.state_dir) is not None)
         with Phases(ctx.console) as phases:
             with phases.step("local", "files"):
-                self._write(rendered, o.state_dir)
-            self._start(ctx, o, phases)
+                self._write(rendered, o.state_dir, table_too=o.roll is None)
+            if o.roll is not None:
+                if not self._roll(ctx, o, phases):
+                    return 1
+            else:
+                self._start(ctx, o, phases)
             return self._gate(ctx, o.new, phases)
+
+    def _confirm_roll(self, ctx: OpsContext, o: _Observed, plan_file: str | None) -> bool:
+        """A rollout that breaks pairs or leaves a role without an instance asks first (-y: go on)."""
+        if o.roll is None or o.rotation is None or not rollout_problems(o.roll, o.rotation):
+            return True
+        return confirm(ctx, "This change cannot be rolled without failing requests (see above). Roll it anyway?")
+
+    def _roll(self, ctx: OpsContext, o: _Observed, phases: Phases) -> bool:
+        """Each step of the rolling plan, then the final table (router, new and removed processes)."""
+        from disaggctl.targets.gate import HealthGate
+
+        assert o.roll is not None and o.rotation is not None and o.old is not None
+        state_dir = o.state_dir
+        gate = HealthGate(ctx.spec, ctx.desired, urls=_urls(o.new))
+        restarter = LocalRestarter(state_dir, o.old, o.new, _wait_reloaded)
+        runner = RolloutRunner(o.roll, gate, o.rotation, restarter, lambda m: ctx.console.print(m, markup=False),
+                               alive=_alive(state_dir))  # fmt: skip
+        restarts0 = {n: int(st.get("restarts") or 0) for n, st in _proc_states(state_dir).items()}
+        try:
+            with phases.step("local", f"rolling {len(o.roll.rolled)} instance(s), {len(o.roll.steps)} steps"):
+                runner.run()
+            with phases.step("local", "final table"):
+                rest = restarter.finish()
+            ctx.console.print(f"rolled {', '.join(o.roll.rolled)}; then restarted {', '.join(rest) or 'nothing'}")
+        except HealthError as e:
+            _explain_failure(ctx, o.new, e, restarts0)
+            ctx.console.print("[red]the rollout stopped[/]; instances not rolled yet still run the old definition")
+            return False
+        return True
 
     def _start(self, ctx: OpsContext, o: _Observed, phases: Phases) -> None:
         """SIGHUP a running supervisor with the same restart policy (only changed processes restart);
@@ -347,11 +421,14 @@ class LocalBackend:
             pid = start_supervisor(o.state_dir)
         ctx.console.print(f"supervisor started (pid {pid}); logs in {paths(o.state_dir)['logs']}")
 
-    def _write(self, rendered: Rendered, state_dir: str) -> None:
+    def _write(self, rendered: Rendered, state_dir: str, table_too: bool = True) -> None:
+        """The state folder's files; without `table_too` the process table is left to the rollout."""
         pth = paths(state_dir)
         for d in ("logs", "run", "work"):
             pth[d].mkdir(parents=True, exist_ok=True)
         for f in rendered.files:
+            if not table_too and Path(f.path) == pth["table"]:
+                continue
             p = Path(f.path)
             p.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(p, f.content)
@@ -362,18 +439,11 @@ class LocalBackend:
         from disaggctl.targets.gate import HealthGate, canary_summary
 
         state_dir = tbl.state_dir
-        gate = HealthGate(ctx.spec, ctx.desired, urls={p.name: p.health_url.rsplit("/", 1)[0]
-                                                        for p in tbl.processes if p.health_url})  # fmt: skip
+        gate = HealthGate(ctx.spec, ctx.desired, urls=_urls(tbl))
         restarts0 = {n: int(st.get("restarts") or 0) for n, st in _proc_states(state_dir).items()}
-
-        def alive(name: str) -> bool:
-            if supervisor_pid(state_dir) is None:
-                return False
-            return (_proc_states(state_dir).get(name) or {}).get("state") != "failed"
-
         try:
             with _step(phases, f"health ({len(gate.urls)})"):
-                gate.wait(None, alive=alive, on_progress=_progress_printer(ctx))
+                gate.wait(None, alive=_alive(state_dir), on_progress=_progress_printer(ctx))
             with _step(phases, "canary"):
                 gate.router_sees_upstreams()
                 res = gate.canary()
@@ -438,6 +508,23 @@ class LocalBackend:
         if follow:
             _follow(files, time.sleep)
         return 0
+
+
+def _same_policy(old: Table, new: Table) -> bool:
+    return (old.restart_on_crash, old.max_restarts) == (new.restart_on_crash, new.max_restarts)
+
+
+def _urls(tbl: Table) -> dict[str, str]:
+    return {p.name: p.health_url.rsplit("/", 1)[0] for p in tbl.processes if p.health_url}
+
+
+def _alive(state_dir: str) -> Callable[[str], bool]:
+    def alive(name: str) -> bool:
+        if supervisor_pid(state_dir) is None:
+            return False
+        return (_proc_states(state_dir).get(name) or {}).get("state") != "failed"
+
+    return alive
 
 
 def _stale(saved: SavedPlan, base: str | None) -> list[str]:
@@ -520,7 +607,24 @@ def status_report(ctx: OpsContext) -> StatusReport:
                                       drift=["in the spec, not deployed"]))  # fmt: skip
     ok = sup is not None and all(r.running and r.healthy is not False for r in rows)
     notes = [] if sup else ["the supervisor is not running: `disaggctl apply` starts it"]
-    return StatusReport(deployed=True, healthy=ok, processes=rows, notes=notes, **common)
+    report = StatusReport(deployed=True, healthy=ok, processes=rows, notes=notes, **common)
+    return with_checks(report, _checks(ctx, old, states)) if ctx.options.get("check") else report
+
+
+def _checks(ctx: OpsContext, tbl: Table, states: Mapping[str, Mapping[str, Any]]) -> list[InvariantCheck]:
+    """`status --check`: the invariants over the running instances' and the router's metrics."""
+    from disaggctl.targets.gate import http_fetch
+    from disaggctl.targets.invariants import scrape_and_check
+    from disaggctl.targets.local.rolling import head_argv
+    from disaggctl.targets.rollout import running_fingerprints
+
+    down = {n for n, st in states.items() if st.get("state") != "running"}
+    urls = {p.name: (p.role, p.health_url.rsplit("/", 1)[0]) for p in tbl.processes
+            if p.health_url and p.role in ("prefill", "decode") and p.name not in down}  # fmt: skip
+    fps = running_fingerprints(ctx.spec, ctx.desired, head_argv(tbl, down))
+    router = next((p for p in tbl.processes if p.role == "router" and p.health_url), None)
+    router_metrics = router.health_url.rsplit("/", 1)[0] + "/metrics" if router and router.health_url else None
+    return scrape_and_check(urls, router_metrics, fps, http_fetch)
 
 
 def _remove_owned(state_dir: str) -> int:

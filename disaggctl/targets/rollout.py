@@ -1,0 +1,305 @@
+"""Executing a rolling change (the plan comes from `targets.rolling`), the same for every target.
+
+A target gives the runner one callable, `restart(instances)`: restart these instances with
+their new definition (the local target rewrites its process table with just them changed and
+SIGHUPs the supervisor; systemd restarts their units). The runner does the rest of each step:
+
+    drain     the router's admin API (`POST /admin/drain`, then `GET /admin/instances` until
+              `drained`: in-flight requests done and, for a prefill, its KV pulled by decode)
+    restart   target.restart -> /health of the instance -> a pair canary through it and its
+              partner (health.run_pair_canary: proven by decode's answer for its own request)
+    undrain   `POST /admin/undrain`
+
+Rotation: a builtin router whose config has `admin` (host, port, token file) is driven through
+its admin API. Without it (vllm-router, or a builtin router without the admin API) nothing is
+drained: the router notices a restarting instance by its failed requests and health polls,
+retries those on another instance of the role, and takes it back when /health answers; the
+runner says so before it starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from disaggctl.errors import DisaggError
+from disaggctl.health import PAIR_CANARY_KINDS, HealthError
+from disaggctl.targets.rolling import Op, RollInstance, RollPlan, Step
+
+if TYPE_CHECKING:
+    from disaggctl.deployment import DesiredState
+    from disaggctl.spec import ClusterSpec
+    from disaggctl.targets.gate import HealthGate
+
+FALLBACK_METRIC = "disaggctl_router_aggregated_fallback_total"
+DRAIN_TIMEOUT_S = 300.0
+
+
+class Rotation(Protocol):
+    """Takes instances out of the router's rotation and puts them back."""
+
+    description: str
+    fallback: bool  # the router serves aggregated when a whole role is out
+
+    def drain(self, names: Sequence[str], timeout_s: float) -> None: ...
+
+    def undrain(self, names: Sequence[str]) -> None: ...
+
+
+@dataclass
+class NoRotation:
+    """A router without a drain API: nothing to call; it routes around what fails."""
+
+    description: str = (
+        "the router has no admin API: instances are not drained; the router retries what a restarting "
+        "instance fails on another instance of its role and takes it back when its /health answers"
+    )
+    fallback: bool = False
+
+    def drain(self, names: Sequence[str], timeout_s: float) -> None:
+        return None
+
+    def undrain(self, names: Sequence[str]) -> None:
+        return None
+
+
+@dataclass
+class AdminRotation:
+    """The builtin router's admin API (GET /admin/instances, POST /admin/drain, /admin/undrain)."""
+
+    base_url: str
+    token: str
+    fallback: bool = False
+    interval_s: float = 0.5
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    description: str = field(default="")
+
+    def __post_init__(self) -> None:
+        self.base_url = self.base_url.rstrip("/")
+        if not self.description:
+            self.description = f"drained through the router's admin API at {self.base_url}"
+
+    def _call(self, method: str, path: str, body: Mapping[str, object] | None = None) -> tuple[int, object]:
+        req = urllib.request.Request(
+            self.base_url + path,
+            data=json.dumps(body).encode() if body is not None else None,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                raw = r.read()
+                return r.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as e:
+            raise DisaggError(f"router admin {method} {path}: HTTP {e.code} {e.read()[:200]!r}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise DisaggError(f"router admin {method} {path}: {getattr(e, 'reason', e)}") from None
+
+    def states(self) -> dict[str, dict[str, object]]:
+        _, body = self._call("GET", "/admin/instances")
+        items = body.get("instances") if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            raise DisaggError(f"router admin GET /admin/instances: unexpected answer {str(body)[:200]}")
+        return {str(i.get("name")): i for i in items if isinstance(i, dict)}
+
+    def drain(self, names: Sequence[str], timeout_s: float) -> None:
+        for n in names:
+            self._call("POST", "/admin/drain", {"instance": n})
+        deadline = self.clock() + timeout_s
+        while True:
+            st = self.states()
+            left = [n for n in names if (st.get(n) or {}).get("state") not in ("drained", "down")]
+            if not left:
+                return
+            if self.clock() >= deadline:
+                detail = ", ".join(f"{n}: {(st.get(n) or {}).get('in_flight', '?')} in flight" for n in left)
+                raise DisaggError(f"not drained after {timeout_s:g} s ({detail})")
+            self.sleep(self.interval_s)
+
+    def undrain(self, names: Sequence[str]) -> None:
+        for n in names:
+            self._call("POST", "/admin/undrain", {"instance": n})
+
+
+def rollout_problems(plan: RollPlan, rotation: Rotation) -> list[str]:
+    """What fails requests with this plan and this router: the plan's own problems and, for a
+    fingerprint change, a router that cannot take instances out of rotation (the generations mix)."""
+    out = plan.problems(rotation.fallback)
+    if plan.fingerprint_change and isinstance(rotation, NoRotation):
+        out.append(
+            "the fingerprint changes and the router cannot drain: restarted instances rejoin the router "
+            "while old ones of the other role still serve, and their pairs fail the KV handshake"
+        )
+    return out
+
+
+def rollable(plan: RollPlan, rotation: Rotation) -> bool:
+    """Whether rolling beats restarting everything at once: not when every order pairs the old
+    generation with the new one (one instance of a role, or a router that cannot drain)."""
+    return not plan.unsafe and not (plan.fingerprint_change and isinstance(rotation, NoRotation))
+
+
+ALL_AT_ONCE = "the change cannot be rolled: restarting every changed instance at once (requests fail until it is back)"
+
+
+def roll_text(plan: RollPlan, rotation: Rotation) -> list[str]:
+    """What `plan` and `apply` print about a rollout with this router."""
+    from disaggctl.targets.rolling import render_text
+
+    lines = render_text(plan, rotation.fallback, rollout_problems(plan, rotation))
+    return [*lines, f"  rotation: {rotation.description}"] if lines else []
+
+
+def router_has_fallback(metrics_url: str, timeout_s: float = 2.0) -> bool:
+    """The router exports the aggregated-fallback counter (so it has the fallback)."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as r:
+            text = r.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError):
+        return False
+    return FALLBACK_METRIC in text
+
+
+def rotation_for(spec: ClusterSpec, desired: DesiredState) -> Rotation:
+    """The admin API where the spec's builtin router has one (`router.admin`), else NoRotation."""
+    fallback = spec.router.kind == "builtin" and router_has_fallback(desired.router_url.rstrip("/") + "/metrics")
+    admin = getattr(spec.router, "admin", None)  # added to the router config with the router's admin API
+    if spec.router.kind != "builtin" or admin is None:
+        return NoRotation(fallback=fallback)
+    host = str(getattr(admin, "host", "127.0.0.1") or "127.0.0.1")
+    token_file = getattr(admin, "token_file", None)
+    try:
+        token = Path(str(token_file)).expanduser().read_text().strip() if token_file else ""
+    except OSError as e:
+        raise DisaggError(f"router.admin.token_file: cannot read {token_file}: {e}") from None
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{getattr(admin, 'port', 0)}"
+    return AdminRotation(url, token, fallback=fallback)
+
+
+def fingerprinter(spec: ClusterSpec, desired: DesiredState) -> Callable[[str, list[str]], str]:
+    """fingerprint(instance, argv): what must match for an instance run with `argv` to pair with a
+    partner: the compatibility fingerprint (compat/fingerprint.py, the function compile uses) plus
+    the KV connector and its extra config (`--kv-transfer-config` minus the role), which the NIXL
+    hash does not cover: a NIXL prefill and a shared-storage decode have the same fingerprint and
+    never exchange KV."""
+    from disaggctl.compat import fingerprint as fp
+    from disaggctl.compat.spec_rules import kv_model
+    from disaggctl.compat.transfer import environment_versions
+
+    model = kv_model(spec)
+    mla = bool(model and model.mla)
+    versions = environment_versions(spec)
+    arch = {i.name: i.head.arch for i in desired.placement.instances}
+
+    def digest(name: str, argv: list[str]) -> str:
+        base = fp.digest(fp.vllm_factors(argv, arch.get(name), mla), fp.extra_factors(argv, versions))
+        cfg = fp.option(argv, "--kv-transfer-config") or ""
+        try:
+            kv = json.loads(cfg) if cfg else {}
+        except ValueError:
+            kv = {"unparsed": cfg}
+        return hashlib.sha256((base + json.dumps(_connector_identity(kv), sort_keys=True)).encode()).hexdigest()
+
+    return digest
+
+
+def _connector_identity(cfg: object) -> object:
+    """What of a `--kv-transfer-config` both sides of a pair share: the connector class and where
+    shared storage lives, also of nested connectors (MultiConnector); not the role, nor per-instance
+    ports (LMCache's rpc port, decode's skip_last_n_tokens)."""
+    if not isinstance(cfg, dict):
+        return None
+    extra = cfg.get("kv_connector_extra_config")
+    extra = extra if isinstance(extra, dict) else {}
+    nested = extra.get("connectors")
+    return {
+        "kv_connector": cfg.get("kv_connector"),
+        "shared_storage_path": extra.get("shared_storage_path"),
+        "connectors": [_connector_identity(c) for c in nested] if isinstance(nested, list) else None,
+    }
+
+
+def running_fingerprints(
+    spec: ClusterSpec, desired: DesiredState, argv: Mapping[str, list[str]]
+) -> dict[str, tuple[str, str]]:
+    """instance -> (role, fingerprint) of what runs (`argv`: the running head process's argv)."""
+    digest = fingerprinter(spec, desired)
+    role = {i.name: i.role.value for i in desired.placement.instances}
+    return {n: (role.get(n, "?"), digest(n, a)) for n, a in argv.items()}
+
+
+def roll_instances(
+    spec: ClusterSpec,
+    desired: DesiredState,
+    old_argv: Mapping[str, list[str]],
+    new_argv: Mapping[str, list[str]],
+    restart: set[str],
+) -> list[RollInstance]:
+    """The planner's input: each vLLM instance of the spec, whether it restarts, and its
+    fingerprint before (from the running argv; None when it is not running) and after."""
+    digest = fingerprinter(spec, desired)
+    out = []
+    for inst in desired.placement.instances:
+        if inst.name not in new_argv:
+            continue
+        old = old_argv.get(inst.name)
+        out.append(RollInstance(inst.name, inst.role.value, inst.name in restart,
+                                digest(inst.name, old) if old is not None else None,
+                                digest(inst.name, new_argv[inst.name])))  # fmt: skip
+    return out
+
+
+@dataclass
+class RolloutRunner:
+    """Walks a RollPlan: drain -> restart -> health -> canary -> undrain, step by step."""
+
+    plan: RollPlan
+    gate: HealthGate
+    rotation: Rotation
+    restart: Callable[[list[str]], None]  # the target: restart these instances with the new definition
+    say: Callable[[str], None]
+    alive: Callable[[str], bool] | None = None
+    drain_timeout_s: float = DRAIN_TIMEOUT_S
+    log: list[str] = field(default_factory=list)
+
+    def run(self) -> None:
+        for n, step in enumerate(self.plan.steps, 1):
+            t0 = time.monotonic()
+            self._step(step)
+            line = f"step {n}/{len(self.plan.steps)}: {step.describe()} ({time.monotonic() - t0:.1f} s)"
+            self.log.append(line)
+            self.say(line)
+
+    def _step(self, step: Step) -> None:
+        names = list(step.instances)
+        if step.op is Op.DRAIN:
+            self.rotation.drain(names, self.drain_timeout_s)
+        elif step.op is Op.UNDRAIN:
+            self.rotation.undrain(names)
+        else:
+            self.restart(names)
+            self.gate.wait(names, alive=self.alive)
+            self._canary(step)
+
+    def _canary(self, step: Step) -> None:
+        if not step.canary_with:
+            return
+        if self.gate.desired.kv_kind not in PAIR_CANARY_KINDS:
+            self.say(f"  no canary through {', '.join(step.instances)}: {self.gate.desired.kv_kind} has no pair canary")
+            return
+        partner = step.canary_with[0]
+        for name in step.instances:
+            p, d = (partner, name) if step.role == "decode" else (name, partner)
+            try:
+                res = self.gate.pair_canary(p, d)
+            except HealthError as e:
+                raise HealthError(e.name, f"canary after restarting {name}: {e.detail}") from e
+            self.say(f"  canary {res.request_id} via {p} -> {d}: KV of {res.kv_tokens:g} tokens for this request")

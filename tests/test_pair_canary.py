@@ -1,0 +1,97 @@
+"""The pair canary (health.run_pair_canary): proven by decode's answer for its own request, so
+live traffic neither hides a failed canary nor fails a good one. Stand-in engines emulate what
+vLLM 0.32 reports per request (usage.prompt_tokens_details.cached_tokens, NIXL's
+remote_prefill_cached_tokens override); tests/test_canary_vllm_source.py ties that to vLLM's code."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from disaggctl.health import HealthError, PairTarget, run_canary, run_pair_canary
+from tests.plugins.standin import MODEL, Standin, post_json
+
+PROMPT = "The quick brown fox jumps over the lazy dog " * 6
+DETAILS = ("--enable-prompt-tokens-details",)
+
+
+def _pair(standin: Standin, kv: str, decode_extra: dict[str, str] | None = None) -> tuple[PairTarget, str]:
+    extra = {"shared_storage_path": str(standin.tmp / "kv")} if kv == "shared-storage" else None
+    p = standin.engine("prefill-0", kv=kv, role="kv_producer", extra=extra, args=DETAILS)
+    d = standin.engine("decode-0", kv=kv, role="kv_consumer", extra=decode_extra or extra, args=DETAILS)
+    return PairTarget("prefill-0", p.url, "decode-0", d.url), d.url
+
+
+@pytest.mark.parametrize("kv", ["nixl", "shared-storage"])
+def test_pair_canary_proves_its_own_transfer(standin: Standin, kv: str) -> None:
+    pair, _ = _pair(standin, kv)
+    res = run_pair_canary(pair, MODEL, PROMPT, 4, kv, 30.0)
+    assert res.evidence == "request" and res.through == pair
+    assert res.kv_transferred and not res.recomputed
+    assert res.kv_tokens == res.prompt_tokens - 1  # decode computes only the last prompt token
+
+
+def test_recompute_fails_the_canary_even_while_live_traffic_moves_the_metrics(standin: Standin, tmp_path: Path) -> None:
+    # decode looks in another folder than prefill writes to: it recomputes the canary's prompt,
+    # while a good pair sharing that decode keeps its KV-received counters rising
+    pair, decode_url = _pair(standin, "shared-storage", {"shared_storage_path": str(tmp_path / "elsewhere")})
+    good = standin.engine("prefill-1", kv="shared-storage", role="kv_producer",
+                          extra={"shared_storage_path": str(tmp_path / "elsewhere")}, args=DETAILS)  # fmt: skip
+    stop = threading.Event()
+
+    def traffic() -> None:
+        i = 0
+        while not stop.is_set():
+            body = {"model": MODEL, "prompt": f"live {i} " + PROMPT, "max_tokens": 1}
+            post_json(good.url + "/v1/completions", body)
+            post_json(decode_url + "/v1/completions", dict(body, max_tokens=2))  # loads from prefill-1
+            i += 1
+
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    try:
+        # the metrics-based canary is fooled: live traffic's transfers look like the canary's
+        fooled = run_canary(pair.prefill_url, MODEL, PROMPT, 4, [decode_url + "/metrics"], 30.0, False)
+        assert fooled.kv_tokens > 0
+        with pytest.raises(HealthError) as e:
+            run_pair_canary(pair, MODEL, PROMPT, 4, "shared-storage", 30.0)
+        assert e.value.name == "decode-0" and "received no KV" in str(e.value)
+    finally:
+        stop.set()
+        t.join(10)
+
+
+def test_live_recompute_traffic_does_not_fail_a_good_canary(standin: Standin) -> None:
+    pair, decode_url = _pair(standin, "nixl")
+    stop = threading.Event()
+
+    def traffic() -> None:  # requests decode prefills itself: its local_compute counter rises
+        while not stop.is_set():
+            post_json(decode_url + "/v1/completions", {"model": MODEL, "prompt": PROMPT * 3, "max_tokens": 1})
+
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    try:
+        for _ in range(3):
+            assert run_pair_canary(pair, MODEL, PROMPT, 4, "nixl", 30.0).kv_transferred
+    finally:
+        stop.set()
+        t.join(10)
+
+
+def test_prefill_that_keeps_no_kv_is_named(standin: Standin) -> None:
+    p = standin.engine("prefill-0", kv="nixl", role="kv_consumer", args=DETAILS)  # wrong role
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer", args=DETAILS)
+    with pytest.raises(HealthError) as e:
+        run_pair_canary(PairTarget("prefill-0", p.url, "decode-0", d.url), MODEL, PROMPT, 4, "nixl", 30.0)
+    assert e.value.name == "prefill-0" and "kept no KV" in str(e.value)
+
+
+def test_decode_without_prompt_details_says_how_to_fix(standin: Standin) -> None:
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer", args=DETAILS)
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer")
+    with pytest.raises(HealthError) as e:
+        run_pair_canary(PairTarget("prefill-0", p.url, "decode-0", d.url), MODEL, PROMPT, 4, "nixl", 30.0)
+    assert "--enable-prompt-tokens-details" in str(e.value)
