@@ -25,6 +25,8 @@ class Instance:
     failures: int = field(default=0)
     failed_at: float = -1e9  # time.monotonic() of the last failed call (not health poll)
     draining: bool = False  # taken out of rotation: no new requests, open ones finish
+    # NIXL prefill: disaggregated requests whose KV this instance holds until their decode leg ends
+    kv_held: int = 0
 
     name: str = field(init=False)
     url: str = field(init=False)  # base URL without a trailing "/"
@@ -32,6 +34,16 @@ class Instance:
     def __post_init__(self) -> None:
         self.name = self.up.name
         self.url = self.up.url.rstrip("/")
+
+    @property
+    def state(self) -> str:
+        """active | draining | drained | down (see docs/router.md "Drain")."""
+        if self.draining:
+            return "drained" if self.in_flight <= 0 and self.kv_held <= 0 else "draining"
+        return "active" if self.healthy else "down"
+
+
+STATES = ("active", "draining", "drained", "down")
 
 
 Picker = Callable[[Sequence[Instance]], Instance]
@@ -100,3 +112,11 @@ class Pool:
 
     def any_healthy(self) -> bool:
         return any(i.healthy and not i.draining for i in self.instances)
+
+    def out(self, window_s: float, now: float) -> bool:
+        """Every instance is out of service: drained or draining, or unhealthy after a real call
+        failed within `window_s` (a failed health poll alone does not count: it can lag)."""
+        return all(i.draining or (not i.healthy and now - i.failed_at < window_s) for i in self.instances)
+
+    def get(self, name: str) -> Instance | None:
+        return next((i for i in self.instances if i.name == name), None)
