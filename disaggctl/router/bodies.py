@@ -118,6 +118,4 @@ def sse_has_error(chunk: bytes) -> bool:
     """An SSE `data:` event in this chunk whose JSON object carries an "error"."""
     if _ERROR_KEY not in chunk:
         return False
-    return any(
-        line.startswith(b"data:") and json_has_error(line[5:].strip()) for line in chunk.split(b"\n")
-    )
+    return any(line.startswith(b"data:") and json_has_error(line[5:].strip()) for line in chunk.split(b"\n"))
