@@ -336,3 +336,33 @@ def test_mid_stream_failure_counts_as_an_error_in_a_200(standin: Standin) -> Non
     )
     assert status == 200 and b"UpstreamStreamError" in data
     assert r.metrics()["disaggctl_router_error_in_200_total"] == 1
+
+
+# ---------------------------------------------------------------------- what docs/router.md cites from vLLM
+
+
+def test_vllm_names_cited_for_drain_exist_in_the_installed_vllm() -> None:
+    """docs/router.md "Drain" names vLLM 0.32's NIXL lease and KV-transfer metrics: read them
+    from the installed vLLM's own source (without importing it) so the text cannot go stale."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        pytest.skip("vLLM is not installed in this environment")
+    root = Path(spec.origin).parent
+    nixl_dir = root / "distributed" / "kv_transfer" / "kv_connector" / "v1" / "nixl"
+    stats = (nixl_dir / "stats.py").read_text()
+    for name in (
+        "vllm:nixl_num_kv_expired_reqs",
+        "vllm:nixl_num_failed_transfers",
+        "vllm:nixl_num_failed_notifications",
+    ):
+        assert f'name="{name}"' in stats
+    assert '"kv_lease_duration", 30' in (nixl_dir / "base_worker.py").read_text()
+    loggers = (root / "v1" / "metrics" / "loggers.py").read_text()
+    assert 'name="vllm:num_requests_kv_fetch_by_stage"' in loggers
+    # no gauge of KV held for remote decode on the prefill side (what the docs say is missing)
+    assert "pending" not in " ".join(line for line in stats.splitlines() if 'name="vllm:' in line)
+    docs = (Path(__file__).parents[1] / "docs" / "router.md").read_text()
+    for name in ("vllm:nixl_num_kv_expired_reqs", "vllm:num_requests_kv_fetch_by_stage", "kv_lease_duration"):
+        assert name in docs
