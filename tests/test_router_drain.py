@@ -366,3 +366,55 @@ def test_vllm_names_cited_for_drain_exist_in_the_installed_vllm() -> None:
     docs = (Path(__file__).parents[1] / "docs" / "router.md").read_text()
     for name in ("vllm:nixl_num_kv_expired_reqs", "vllm:num_requests_kv_fetch_by_stage", "kv_lease_duration"):
         assert name in docs
+
+
+def test_pool_out_counts_drained_and_recently_failed_not_a_lagging_poll() -> None:
+    from disaggctl.router.config import Upstream
+    from disaggctl.router.policies import Pool
+
+    pool = Pool("decode", [Upstream("d0", "http://h:1"), Upstream("d1", "http://h:2")], "least_loaded")
+    a, b = pool.instances
+    assert not pool.out(2.0)
+    a.draining = True
+    assert not pool.out(2.0) and pool.pick() is b
+    b.healthy = False  # a failed health poll alone: still tried
+    assert not pool.out(2.0)
+    b.failed_at = time.monotonic()  # a real call failed just now
+    assert pool.out(2.0)
+    b.failed_at -= 5  # long ago: half-open, tried again
+    assert not pool.out(2.0)
+    b.draining = True
+    assert pool.out(2.0) and pool.pick() is None
+    assert (a.state, b.state) == ("drained", "drained")
+    a.kv_held = 1
+    assert a.state == "draining"
+
+
+def test_admin_port_in_use_is_one_line_exit_1(standin: Standin) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    d = nixl(standin, "decode-0", "kv_consumer")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = {
+            "bind": "127.0.0.1",
+            "port": free_port(),
+            "model": "tiny",
+            "kv_kind": "nixl",
+            "prefill": [],
+            "decode": [d.upstream()],
+            "admin": {"port": taken.getsockname()[1]},
+        }
+        path = standin.tmp / "router-admin-taken.json"
+        path.write_text(json.dumps(cfg))
+        r = subprocess.run(
+            [sys.executable, "-m", "disaggctl.router", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 1
+    assert "error: admin API cannot listen on 127.0.0.1:" in r.stderr and "Traceback" not in r.stderr

@@ -70,7 +70,10 @@ class Admin:
 
     async def start(self) -> None:
         self.server = front.Server(self.routes())
-        await self.server.listen(self.cfg.host, self.cfg.port)
+        try:
+            await self.server.listen(self.cfg.host, self.cfg.port)
+        except OSError as e:
+            raise RuntimeError(f"admin API cannot listen on {self.cfg.host}:{self.cfg.port}: {e.strerror or e}") from e
         log.info("admin API on %s:%d", self.cfg.host, self.cfg.port)
 
     async def stop(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -113,10 +114,19 @@ class Pool:
     def any_healthy(self) -> bool:
         return any(i.healthy and not i.draining for i in self.instances)
 
-    def out(self, window_s: float, now: float) -> bool:
+    def out(self, window_s: float) -> bool:
         """Every instance is out of service: drained or draining, or unhealthy after a real call
         failed within `window_s` (a failed health poll alone does not count: it can lag)."""
-        return all(i.draining or (not i.healthy and now - i.failed_at < window_s) for i in self.instances)
+        now = None
+        for i in self.instances:
+            if i.draining:
+                continue
+            if i.healthy:
+                return False
+            now = time.monotonic() if now is None else now
+            if now - i.failed_at >= window_s:
+                return False
+        return True
 
     def get(self, name: str) -> Instance | None:
         return next((i for i in self.instances if i.name == name), None)

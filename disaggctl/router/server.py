@@ -177,8 +177,7 @@ class Router:
             return error_response(504, f"upstream timed out after {self.cfg.request_timeout_s} s", "UpstreamTimeout")
 
     async def route(self, ctx: Ctx) -> front.Reply:
-        prefill_left = bool(self.prefill.instances) and not all(i.draining for i in self.prefill.instances)
-        if prefill_left and self.decode.out(self.cfg.health_interval_s, time.monotonic()):
+        if self.decode.out(self.cfg.health_interval_s) and self.prefill_left():
             # every decode instance is out: a prefill instance serves the request alone (degraded)
             return await self.handoff.prefill_only(ctx, "no_decode")
         try:
@@ -190,10 +189,14 @@ class Router:
             return await self.handoff.two_step(ctx)
         except UpstreamUnavailable as e:
             # no decode answered and nothing reached the client yet: a prefill instance serves it alone
-            if e.role != "decode" or not prefill_left:
+            if e.role != "decode" or not self.prefill_left():
                 raise
             log.warning("%s; serving on a prefill instance instead", e)
             return await self.handoff.prefill_only(ctx, "decode_failed")
+
+    def prefill_left(self) -> bool:
+        """A prefill instance is in rotation (it can serve whole requests when decode is out)."""
+        return any(not i.draining for i in self.prefill.instances)
 
 
 def instance_detail(i: Instance) -> dict[str, Any]:
