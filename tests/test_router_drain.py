@@ -63,7 +63,8 @@ def router_with_admin(
     os.chmod(path, token_mode)
     port = free_port()
     admin = {"host": "127.0.0.1", "port": port, "token_file": str(path)}
-    r = standin.router(kv_kind="nixl", prefill=prefill, decode=decode, admin=admin, **settings)
+    settings.setdefault("kv_kind", "nixl")
+    r = standin.router(prefill=prefill, decode=decode, admin=admin, **settings)
     return r, Admin(f"http://127.0.0.1:{port}", token)
 
 
@@ -418,3 +419,25 @@ def test_admin_port_in_use_is_one_line_exit_1(standin: Standin) -> None:
         )
     assert r.returncode == 1
     assert "error: admin API cannot listen on 127.0.0.1:" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kv", ["shared-storage", "lmcache"])
+def test_other_connectors_degrade_to_either_role(standin: Standin, kv: str) -> None:
+    proxy = free_port() if kv == "lmcache" else None
+    extra = {"shared_storage_path": str(standin.tmp / "kv-shared")} if kv == "shared-storage" else None
+    d = standin.engine("decode-0", kv=kv, role="kv_consumer", extra=extra)
+    p = standin.engine("prefill-0", kv=kv, role="kv_producer", extra=extra, proxy_port=proxy)
+    lm = {"lmcache_proxy_bind": "127.0.0.1", "lmcache_proxy_port": proxy} if proxy else {}
+    r, admin = router_with_admin(standin, [p], [d], kv_kind=kv, **lm)
+    want = complete(r)[1]["choices"][0]["text"]
+    for name in ("decode-0", "prefill-0"):
+        admin.drain(name)
+        admin.wait_state(name, "drained")
+        status, out = complete(r)
+        assert status == 200 and out["choices"][0]["text"] == want, out
+        admin.undrain(name)
+    m = r.metrics()
+    assert metric_sum(m, "disaggctl_router_aggregated_fallback_total", role="prefill") == 1
+    assert metric_sum(m, "disaggctl_router_aggregated_fallback_total", role="decode") == 1
+    assert complete(r)[0] == 200
+    assert metric_sum(r.metrics(), "disaggctl_router_requests_total", path="disaggregated") == 2
