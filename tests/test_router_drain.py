@@ -360,6 +360,9 @@ def test_vllm_names_cited_for_drain_exist_in_the_installed_vllm() -> None:
     ):
         assert f'name="{name}"' in stats
     assert '"kv_lease_duration", 30' in (nixl_dir / "base_worker.py").read_text()
+    # a request without kv_transfer_params (served whole on a prefill instance) holds no KV
+    finished = (nixl_dir / "pull_scheduler.py").read_text().split("def request_finished", 1)[1][:1200]
+    assert "if not params:\n            return False, None" in finished
     loggers = (root / "v1" / "metrics" / "loggers.py").read_text()
     assert 'name="vllm:num_requests_kv_fetch_by_stage"' in loggers
     # no gauge of KV held for remote decode on the prefill side (what the docs say is missing)
