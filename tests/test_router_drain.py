@@ -223,6 +223,7 @@ def test_all_decode_drained_serves_whole_requests_on_prefill(standin: Standin) -
     admin.wait_state("decode-0", "drained")
     status, _, data = http("GET", r.url + "/health")
     assert status == 200 and json.loads(data)["status"] == "degraded"
+    assert json.loads(data)["decode"][0]["state"] == "drained"
     n = len(d.requests())
     status, out = complete(r)
     assert status == 200 and out["choices"][0]["text"] == want  # the same answer, from prefill alone

@@ -200,7 +200,14 @@ class Router:
 
 
 def instance_detail(i: Instance) -> dict[str, Any]:
-    return {"name": i.name, "url": i.url, "healthy": i.healthy, "in_flight": i.in_flight, "last_error": i.last_error}
+    return {
+        "name": i.name,
+        "url": i.url,
+        "healthy": i.healthy,
+        "state": i.state,
+        "in_flight": i.in_flight,
+        "last_error": i.last_error,
+    }
 
 
 def routes(router: Router) -> dict[str, dict[str, front.Handler]]:
