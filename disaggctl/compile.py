@@ -19,7 +19,7 @@ from disaggctl.compat.transfer import build_report, pinned_backend
 from disaggctl.deployment import ConfigFile, DesiredState, Instance, NodeSlot, Placement, Process
 from disaggctl.loader import LoadedSpec
 from disaggctl.placement import place
-from disaggctl.router.config import RouterConfig, Upstream
+from disaggctl.router.config import AdminConfig, RouterConfig, Upstream
 from disaggctl.spec import (
     ClusterSpec,
     LmcacheTransfer,
@@ -291,6 +291,20 @@ def router_config(spec: ClusterSpec, placement: Placement) -> RouterConfig:
         retries=r.retries,
         lmcache_proxy_bind="0.0.0.0" if lm else None,
         lmcache_proxy_port=placement.lmcache_proxy_port if lm else None,
+        admin=_router_admin(spec, placement),
+    )
+
+
+ROUTER_ADMIN_TOKEN = "router-admin.token"  # in the config folder; the secret itself is made at apply time
+
+
+def _router_admin(spec: ClusterSpec, placement: Placement) -> AdminConfig | None:
+    if placement.router_admin_port is None:
+        return None
+    return AdminConfig(
+        host=spec.router.admin_bind,
+        port=placement.router_admin_port,
+        token_file=f"{config_dir(spec)}/{ROUTER_ADMIN_TOKEN}",
     )
 
 

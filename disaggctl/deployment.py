@@ -74,6 +74,7 @@ class Placement(Data):
     router_address: str
     router_port: int
     lmcache_proxy_port: int | None = None
+    router_admin_port: int | None = None  # the builtin router's admin listener
     # host -> port -> owner ("prefill-0 http", "router", ...): every port taken on every host
     ports: dict[str, dict[int, str]] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)

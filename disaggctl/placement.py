@@ -378,6 +378,11 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
     if ctx.issues.issues:
         raise loaded.error(ctx.issues.issues)
     kv = spec.kv_transfer
+    # after the instances, so their ports do not move: the builtin router's admin listener
+    admin_port = None
+    if spec.router.kind == "builtin":
+        base = spec.router.port + 1 if spec.router.port < 65535 else 1024
+        admin_port = router_state.take_port(base, "router admin")
     return Placement(
         name=spec.name,
         instances=instances,
@@ -385,6 +390,7 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
         router_address=router_state.spec.addr,
         router_port=spec.router.port,
         lmcache_proxy_port=kv.proxy_port if isinstance(kv, LmcacheTransfer) else None,
+        router_admin_port=admin_port,
         ports={s.spec.name: dict(sorted(s.ports.items())) for s in ctx.hosts if s.ports},
         warnings=ctx.warnings,
     )

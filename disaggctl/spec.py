@@ -374,6 +374,11 @@ class Router(Strict):
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Separate Prometheus port (vllm-router); builtin serves /metrics."
     )
+    admin_bind: BindAddress = Field(
+        default="127.0.0.1",
+        description="Address of the builtin router's admin listener (drain/undrain, bearer token); its port is "
+        "allocated on the router host.",
+    )
 
 
 # --------------------------------------------------------------------------- targets

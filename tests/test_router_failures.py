@@ -48,13 +48,25 @@ def test_all_decodes_down_is_a_clear_error_naming_them(standin: Standin) -> None
     assert metric_sum(r.metrics(), "disaggctl_router_errors_total", status="502") == 1
 
 
-def test_decode_crash_after_prefill_is_an_error_not_an_empty_200(standin: Standin) -> None:
+def test_decode_crash_after_prefill_is_served_by_the_prefill_alone(standin: Standin) -> None:
     p = standin.engine("prefill-0", kv="nixl", role="kv_producer")
     d = standin.engine("decode-0", kv="nixl", role="kv_consumer", args=("--standin-fail-after", "0"))
     r = standin.router(kv_kind="nixl", prefill=[p], decode=[d])
+    body = {"model": "tiny", "prompt": LONG, "max_tokens": 2}
+    status, out = post_json(r.url + "/v1/completions", body)
+    assert d.proc.wait(5) == 3  # the stand-in crashed as told
+    assert status == 200, out  # degraded, not down: the prefill instance decoded it
+    whole = [q for q in p.requests("/v1/completions") if "kv_transfer_params" not in q["body"]]
+    assert len(whole) == 1 and whole[0]["body"]["max_tokens"] == 2
+    assert metric_sum(r.metrics(), "disaggctl_router_aggregated_fallback_total", role="prefill") == 1
+
+
+def test_decode_crash_with_no_prefill_left_is_an_error_not_an_empty_200(standin: Standin) -> None:
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer", args=("--standin-fail-after", "0"))
+    r = standin.router(kv_kind="nixl", prefill=[], decode=[d])
     status, out = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 2})
     assert status == 502 and "decode-0" in out["error"]["message"]
-    assert d.proc.wait(5) == 3  # the stand-in crashed as told
+    assert d.proc.wait(5) == 3
 
 
 def test_prefill_down_falls_back_to_local_prefill(standin: Standin) -> None:

@@ -96,3 +96,26 @@ def message_text(messages: Any) -> str:
             elif isinstance(c, list):
                 parts.extend(p.get("text", "") for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
     return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------- errors inside 200 answers
+
+_ERROR_KEY = b'"error"'
+
+
+def json_has_error(data: bytes) -> bool:
+    """A JSON object with a non-null top-level "error" (a byte search first: nearly free when absent)."""
+    if _ERROR_KEY not in data:
+        return False
+    try:
+        obj = loads(data)
+    except JSONError:
+        return False
+    return isinstance(obj, dict) and obj.get("error") is not None
+
+
+def sse_has_error(chunk: bytes) -> bool:
+    """An SSE `data:` event in this chunk whose JSON object carries an "error"."""
+    if _ERROR_KEY not in chunk:
+        return False
+    return any(line.startswith(b"data:") and json_has_error(line[5:].strip()) for line in chunk.split(b"\n"))

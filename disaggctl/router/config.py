@@ -42,6 +42,22 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin listener (drain/undrain): separate from the client port, token-protected."""
+
+    port: int
+    host: str = "127.0.0.1"
+    # a file holding the bearer token (mode 0600); none: every admin call is refused
+    token_file: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = _check_fields(self, "")
+        if isinstance(self.port, int) and not isinstance(self.port, bool) and not 0 <= self.port <= 65535:
+            problems.append(f"port: {self.port} is not a TCP port (0-65535)")
+        _raise(problems)
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     model: str  # served model name clients use
     kv_kind: KvKind
@@ -65,6 +81,7 @@ class RouterConfig:
     lmcache_proxy_bind: str | None = None  # "0.0.0.0"
     lmcache_proxy_port: int | None = None
     lmcache_notify_timeout_s: float | None = None  # wait for the KV-written notifications (default: request_timeout_s)
+    admin: AdminConfig | None = None  # the admin listener (drain); none: no admin API
 
     def __post_init__(self) -> None:
         _raise(_check_fields(self, "") + _config_rules(self))
@@ -73,6 +90,8 @@ class RouterConfig:
         """The file `compile` writes (every field, in declaration order of the JSON format)."""
         data = dataclasses.asdict(self)
         ordered = {k: data[k] for k in JSON_ORDER}
+        if self.admin is not None:
+            ordered["admin"] = {k: data["admin"][k] for k in ("host", "port", "token_file")}
         return json.dumps(ordered, indent=2) + "\n"
 
 
@@ -98,6 +117,7 @@ JSON_ORDER = (
     "lmcache_proxy_bind",
     "lmcache_proxy_port",
     "lmcache_notify_timeout_s",
+    "admin",
 )
 
 
@@ -134,13 +154,28 @@ def parse_router_config(data: object) -> RouterConfig:
             except ConfigError as e:
                 problems += [f"{where}.{p}" for p in e.problems]
         ups[role] = built
+    admin = _parse_admin(data.get("admin"), problems)
     if problems:  # also name what is wrong with the other fields
         hints = _hints(RouterConfig)
         for key, value in data.items():
-            if key not in ("prefill", "decode"):
+            if key not in ("prefill", "decode", "admin"):
                 problems += _check_value(value, hints[key], key)
         raise ConfigError(problems)
-    return RouterConfig(**{**data, **ups})
+    return RouterConfig(**{**data, **ups, "admin": admin})
+
+
+def _parse_admin(item: object, problems: list[str]) -> AdminConfig | None:
+    if item is None:
+        return None
+    got = _check_keys(item, AdminConfig, "admin")
+    if got or not isinstance(item, dict):
+        problems += got
+        return None
+    try:
+        return AdminConfig(**item)
+    except ConfigError as e:
+        problems += [f"admin.{p}" for p in e.problems]
+        return None
 
 
 # ---------------------------------------------------------------------- checks

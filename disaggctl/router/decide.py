@@ -60,6 +60,8 @@ class Decider:
             return LOCAL, "no_prefill"
         if cfg.local_prefill_threshold > 0 and self.count_tokens(body, chat) < cfg.local_prefill_threshold:
             return LOCAL, "short_prompt"
+        if all(i.draining for i in self.prefill.instances):
+            return LOCAL, "prefill_drained"
         if not self.prefill.any_healthy():
             # every prefill failed a real call within the last poll interval: don't pay a failed call
             # per request (after that, one is tried again: a half-open circuit breaker). A failed

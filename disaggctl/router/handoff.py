@@ -18,8 +18,10 @@ from disaggctl.router.bodies import (
     JSONError,
     dumps,
     error_body,
+    json_has_error,
     loads,
     prefill_body,
+    sse_has_error,
     with_field,
 )
 from disaggctl.router.calls import Upcall, Upstreams, UpstreamUnavailable
@@ -31,6 +33,9 @@ from disaggctl.router.upstream import UpstreamError
 
 log = logging.getLogger("disaggctl.router")
 SSE_CT = "text/event-stream"
+PREFILL_ONLY = "prefill_only"  # the path of a request served whole by a prefill instance (no decode left)
+# local prefill because no prefill instance could take it: served by decode alone (degraded)
+PREFILL_OUT_REASONS = frozenset(("no_healthy_prefill", "prefill_failed", "prefill_drained"))
 
 
 @dataclass(slots=True)
@@ -61,6 +66,8 @@ class Handoff:
     async def local(self, ctx: Ctx, reason: str, only: Instance | None = None) -> front.Reply:
         """Send the client's body unchanged to a decode instance (it prefills locally)."""
         self.metrics.request(ctx.endpoint, LOCAL, reason)
+        if reason in PREFILL_OUT_REASONS:
+            self.metrics.aggregated("decode")
         up = await self.ups.call(self.ups.decode, ctx.path, ctx.raw, ctx.headers, only=only)
         return await self.relay(ctx, up, LOCAL)
 
@@ -108,8 +115,25 @@ class Handoff:
             return front.Response(status=status, body=data, content_type=JSON_CT)
         self.metrics.request(ctx.endpoint, DISAGG, "long_prompt")
         dbody = self.nixl_decode_body(ctx, pinst, parsed) if nixl else ctx.raw
-        up = await self.ups.call(self.ups.decode, ctx.path, dbody, ctx.headers)
-        return await self.relay(ctx, up, DISAGG)
+        # NIXL: the prefill holds this request's KV until decode pulled it; the router counts the
+        # decode leg as the hold (a drained prefill has none left)
+        held = nixl and dbody is not ctx.raw
+        if held:
+            pinst.kv_held += 1
+        try:
+            up = await self.ups.call(self.ups.decode, ctx.path, dbody, ctx.headers)
+            return await self.relay(ctx, up, DISAGG)
+        finally:
+            if held:
+                pinst.kv_held -= 1
+
+    async def prefill_only(self, ctx: Ctx, reason: str) -> front.Reply:
+        """No decode instance can serve: a prefill instance runs the whole request (the client's
+        body unchanged, no kv_transfer_params: vLLM then decodes it there, nothing is held)."""
+        self.metrics.request(ctx.endpoint, PREFILL_ONLY, reason)
+        self.metrics.aggregated("prefill")
+        up = await self.ups.call(self.ups.prefill, ctx.path, ctx.raw, ctx.headers)
+        return await self.relay(ctx, up, PREFILL_ONLY)
 
     def nixl_decode_body(self, ctx: Ctx, pinst: Instance, parsed: dict[str, Any]) -> bytes:
         """The client's bytes with the prefill's kv_transfer_params appended."""
@@ -143,6 +167,8 @@ class Handoff:
                 self.metrics.observe_ttft(path, time.perf_counter() - ctx.t0)
                 if resp.status >= 400:
                     self.metrics.error("decode_rejected", resp.status)
+                elif resp.status == 200 and json_has_error(data):
+                    self.metrics.error_in_200 += 1
                 return front.Response(
                     status=resp.status, body=data, headers={"Content-Type": ctype, "X-Request-Id": ctx.rid}
                 )
@@ -167,6 +193,7 @@ class Handoff:
         """Copy an upstream SSE body to the client. An upstream failure ends the stream with an
         error event; a client that went away just ends it (the upstream is not to blame).
         `ttft_path`: observe the time to the first chunk under this path label."""
+        unseen = out.status == 200  # an error event in a 200 stream is counted (once)
         try:
             async for chunk in parts:
                 if ttft_path is not None:
@@ -175,6 +202,9 @@ class Handoff:
                 if convert is not None:
                     chunk = convert(chunk)
                 if chunk:
+                    if unseen and sse_has_error(chunk):
+                        self.metrics.error_in_200 += 1
+                        unseen = False
                     await out.write(chunk)
         except UpstreamError as e:
             await self.stream_failed(out, up.inst, e)
@@ -190,6 +220,8 @@ class Handoff:
         err = str(e) or type(e).__name__
         self.ups.fail(inst, err)
         self.metrics.error("stream_interrupted", 502)
+        if out.status == 200:
+            self.metrics.error_in_200 += 1
         msg = f"{inst.role} instance {inst.name} ({inst.url}) failed mid-stream: {err}"
         event = error_body(502, msg, "UpstreamStreamError")
         with contextlib.suppress(ConnectionError):

@@ -47,6 +47,8 @@ class RouterMetrics:
         self.retries: dict[Labels, int] = defaultdict(int)  # (role)
         self.ttft: dict[Labels, Histogram] = {}  # (path)
         self.gauges: dict[str, dict[Labels, float]] = {}  # name -> labels -> value (filled on scrape)
+        self.aggregated_fallbacks: dict[Labels, int] = defaultdict(int)  # (role that served it alone)
+        self.error_in_200 = 0  # answers sent with status 200 that carry an error object
 
     def request(self, endpoint: str, path: str, reason: str) -> None:
         self.requests[(("endpoint", endpoint), ("path", path), ("reason", reason))] += 1
@@ -59,6 +61,9 @@ class RouterMetrics:
 
     def retry(self, role: str) -> None:
         self.retries[(("role", role),)] += 1
+
+    def aggregated(self, role: str) -> None:
+        self.aggregated_fallbacks[(("role", role),)] += 1
 
     def observe_ttft(self, path: str, seconds: float) -> None:
         key = (("path", path),)
@@ -86,6 +91,17 @@ class RouterMetrics:
             self.upstream_failures,
         )
         counter("retries_total", "Calls retried on another instance after an upstream failure.", self.retries)
+        counter(
+            "aggregated_fallback_total",
+            "Requests served by one role alone (prefill and decode on one instance) because every instance of "
+            "the other role was out (drained, down, failing).",
+            self.aggregated_fallbacks,
+        )
+        counter(
+            "error_in_200_total",
+            "Answers sent with HTTP 200 that carry an error (a JSON body or an SSE event with an error object).",
+            {(): self.error_in_200},
+        )
         out.append(f"# HELP {PREFIX}_ttft_seconds Time from request arrival to the first response byte to the client.")
         out.append(f"# TYPE {PREFIX}_ttft_seconds histogram")
         for labels, h in sorted(self.ttft.items()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ class Instance:
     failures: int = field(default=0)
     failed_at: float = -1e9  # time.monotonic() of the last failed call (not health poll)
     draining: bool = False  # taken out of rotation: no new requests, open ones finish
+    # NIXL prefill: disaggregated requests whose KV this instance holds until their decode leg ends
+    kv_held: int = 0
 
     name: str = field(init=False)
     url: str = field(init=False)  # base URL without a trailing "/"
@@ -32,6 +35,16 @@ class Instance:
     def __post_init__(self) -> None:
         self.name = self.up.name
         self.url = self.up.url.rstrip("/")
+
+    @property
+    def state(self) -> str:
+        """active | draining | drained | down (see docs/router.md "Drain")."""
+        if self.draining:
+            return "drained" if self.in_flight <= 0 and self.kv_held <= 0 else "draining"
+        return "active" if self.healthy else "down"
+
+
+STATES = ("active", "draining", "drained", "down")
 
 
 Picker = Callable[[Sequence[Instance]], Instance]
@@ -100,3 +113,20 @@ class Pool:
 
     def any_healthy(self) -> bool:
         return any(i.healthy and not i.draining for i in self.instances)
+
+    def out(self, window_s: float) -> bool:
+        """Every instance is out of service: drained or draining, or unhealthy after a real call
+        failed within `window_s` (a failed health poll alone does not count: it can lag)."""
+        now = None
+        for i in self.instances:
+            if i.draining:
+                continue
+            if i.healthy:
+                return False
+            now = time.monotonic() if now is None else now
+            if now - i.failed_at >= window_s:
+                return False
+        return True
+
+    def get(self, name: str) -> Instance | None:
+        return next((i for i in self.instances if i.name == name), None)

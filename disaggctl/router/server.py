@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from disaggctl.router import front
+from disaggctl.router.admin import Admin
 from disaggctl.router.bodies import JSON_CT, NIXL_PREFILL_PARAMS, JSONError, dumps, error_body, loads, with_field
 from disaggctl.router.calls import Upstreams, UpstreamUnavailable
 from disaggctl.router.config import RouterConfig
@@ -26,7 +27,7 @@ from disaggctl.router.handoff import Ctx, Handoff
 from disaggctl.router.lmcache import Notifications
 from disaggctl.router.lmcache_flow import LMCacheFlow
 from disaggctl.router.metrics import RouterMetrics
-from disaggctl.router.policies import Instance, Pool
+from disaggctl.router.policies import STATES, Instance, Pool
 
 __all__ = ["NIXL_PREFILL_PARAMS", "Router", "routes", "serve", "with_field"]
 
@@ -54,6 +55,7 @@ class Router:
         self.handoff = Handoff(cfg, self.ups, self.metrics)
         self.notifications: Notifications | None = None
         self.lmcache: LMCacheFlow | None = None
+        self.admin = Admin(cfg.admin, self.ups.all()) if cfg.admin is not None else None
         # request ids made here: a random per-process prefix and a counter (no syscall per request)
         self._rid_prefix = os.urandom(6).hex()
         self._rid_counter = itertools.count(1)
@@ -66,6 +68,8 @@ class Router:
             self.notifications = Notifications(self.cfg.lmcache_proxy_bind or "0.0.0.0", self.cfg.lmcache_proxy_port)
             await self.notifications.start()
             self.lmcache = LMCacheFlow(self.handoff, self.notifications)
+        if self.admin is not None:
+            await self.admin.start()
         await self.ups.poll_health()
         self.ups.start_health()
         # what exists now lives as long as the process: keep it out of every future collection
@@ -73,6 +77,8 @@ class Router:
         gc.freeze()
 
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
         await self.ups.close()
         if self.notifications:
             await self.notifications.close()
@@ -95,15 +101,17 @@ class Router:
             return [instance_detail(i) for i in pool.instances]
 
         ok = self.decode.any_healthy()
+        # no decode left but a prefill instance serves whole requests: degraded, not down
+        degraded = not ok and self.prefill.any_healthy()
         body = {
-            "status": "ok" if ok else "unavailable",
+            "status": "ok" if ok else "degraded" if degraded else "unavailable",
             "kv_kind": self.cfg.kv_kind,
             "prefill": detail(self.prefill),
             "decode": detail(self.decode),
         }
         if not ok:
-            body["message"] = "no healthy decode instance"
-        return json_response(body, status=200 if ok else 503)
+            body["message"] = "no healthy decode instance" + (": prefill instances serve alone" if degraded else "")
+        return json_response(body, status=200 if ok or degraded else 503)
 
     async def handle_models(self, request: front.Request) -> front.Response:
         inst = self.decode.pick()
@@ -122,10 +130,16 @@ class Router:
         m = self.metrics
         m.gauges["upstream_healthy"] = {}
         m.gauges["upstream_in_flight"] = {}
+        m.gauges["upstream_kv_held"] = {}
+        m.gauges["upstream_state"] = {}
         for i in self.ups.all():
             key = (("upstream", i.name), ("role", i.role))
             m.gauges["upstream_healthy"][key] = 1.0 if i.healthy else 0.0
             m.gauges["upstream_in_flight"][key] = float(i.in_flight)
+            m.gauges["upstream_kv_held"][key] = float(i.kv_held)
+            state = i.state
+            for s in STATES:
+                m.gauges["upstream_state"][(*key, ("state", s))] = 1.0 if s == state else 0.0
         if self.notifications is not None:
             m.gauges["lmcache_notifications_received"] = {(): float(self.notifications.received)}
         return front.Response(text=m.render(), content_type="text/plain", charset="utf-8")
@@ -163,16 +177,37 @@ class Router:
             return error_response(504, f"upstream timed out after {self.cfg.request_timeout_s} s", "UpstreamTimeout")
 
     async def route(self, ctx: Ctx) -> front.Reply:
-        path, reason = self.decider.decide(ctx.body, ctx.chat)
-        if path == LOCAL:
-            return await self.handoff.local(ctx, reason)
-        if self.lmcache is not None:
-            return await self.lmcache.run(ctx)
-        return await self.handoff.two_step(ctx)
+        if self.decode.out(self.cfg.health_interval_s) and self.prefill_left():
+            # every decode instance is out: a prefill instance serves the request alone (degraded)
+            return await self.handoff.prefill_only(ctx, "no_decode")
+        try:
+            path, reason = self.decider.decide(ctx.body, ctx.chat)
+            if path == LOCAL:
+                return await self.handoff.local(ctx, reason)
+            if self.lmcache is not None:
+                return await self.lmcache.run(ctx)
+            return await self.handoff.two_step(ctx)
+        except UpstreamUnavailable as e:
+            # no decode answered and nothing reached the client yet: a prefill instance serves it alone
+            if e.role != "decode" or not self.prefill_left():
+                raise
+            log.warning("%s; serving on a prefill instance instead", e)
+            return await self.handoff.prefill_only(ctx, "decode_failed")
+
+    def prefill_left(self) -> bool:
+        """A prefill instance is in rotation (it can serve whole requests when decode is out)."""
+        return any(not i.draining for i in self.prefill.instances)
 
 
 def instance_detail(i: Instance) -> dict[str, Any]:
-    return {"name": i.name, "url": i.url, "healthy": i.healthy, "in_flight": i.in_flight, "last_error": i.last_error}
+    return {
+        "name": i.name,
+        "url": i.url,
+        "healthy": i.healthy,
+        "state": i.state,
+        "in_flight": i.in_flight,
+        "last_error": i.last_error,
+    }
 
 
 def routes(router: Router) -> dict[str, dict[str, front.Handler]]:

@@ -36,6 +36,7 @@ What it emulates, enough for routers and deployers to be tested without a GPU:
   --standin-health-delay-s / STANDIN_HEALTH_DELAY_S      /health 503 for this long after start
   --standin-die-mid-stream / STANDIN_DIE_MID_STREAM      abort the connection after N streamed tokens
                                                          (a JSON answer: after half its bytes)
+  --standin-error-in-200 / STANDIN_ERROR_IN_200=1       answer generation with 200 and an error (JSON body or SSE event)
   --standin-record / STANDIN_RECORD                      append every request as a JSON line to FILE
 - Introspection for tests: GET /standin/requests (requests seen), POST /standin/reset.
 """
@@ -192,6 +193,10 @@ class Engine:
         self.fail_health = bool(args.standin_fail_health) or os.environ.get("STANDIN_FAIL_HEALTH", "") not in ("", "0")
         self.health_delay = _flag_env(args.standin_health_delay_s, "STANDIN_HEALTH_DELAY_S", float, 0.0)
         self.die_mid_stream = _flag_env(args.standin_die_mid_stream, "STANDIN_DIE_MID_STREAM", int, 0)
+        self.error_in_200 = bool(args.standin_error_in_200) or os.environ.get("STANDIN_ERROR_IN_200", "") not in (
+            "",
+            "0",
+        )
         self.record_path = _flag_env(args.standin_record, "STANDIN_RECORD", str, None)
         self.recorded: list[dict[str, Any]] = []
         self.generation_requests = 0
@@ -463,6 +468,15 @@ class Server:
         if e.fail_status:
             await conn.send(e.fail_status, _err(e.fail_status, "stand-in failure knob"))
             return True
+        if e.error_in_200:  # what users of P/D stacks report: an error inside a 200 answer
+            err = _err(500, "stand-in error-in-200 knob")
+            if body.get("stream"):
+                await conn.start_stream()
+                await conn.chunk(b"data: " + err + b"\n\ndata: [DONE]\n\n")
+                await conn.end_stream()
+            else:
+                await conn.send(200, err)
+            return True
         if body.get("model") not in e.served:
             raise HttpError(404, f"The model `{body.get('model')}` does not exist.")
         # vLLM: chat takes max_completion_tokens over max_tokens
@@ -678,6 +692,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-fail-health", action="store_true")
     p.add_argument("--standin-health-delay-s", type=float, default=None)
     p.add_argument("--standin-die-mid-stream", type=int, default=None)
+    p.add_argument("--standin-error-in-200", action="store_true")
     p.add_argument("--standin-record", default=None)
     p.add_argument("--enable-prompt-tokens-details", action="store_true")
     args, _ignored = p.parse_known_args(argv)  # every other vLLM flag is accepted and ignored
