@@ -243,7 +243,9 @@ def plan(
         loaded = _load(spec, profile)
         desired = _compile(loaded, _topology(topology), allow_degraded)
         if output == "json":
-            sys.stdout.write(json.dumps(plan_json(desired), indent=2) + "\n")
+            from disaggctl.jsontext import dumps_indent2
+
+            sys.stdout.write(dumps_indent2(plan_json(desired)) + "\n")
         else:
             print_plan_table(desired)
         return
