@@ -13,7 +13,7 @@ from disaggctl.jsontext import dumps_indent2
 from disaggctl.router.config import ConfigError, Upstream
 
 CASES: list[Any] = [
-    {"a": [], "b": {}, "c": [1, {"x": None, "y": True}], "d": '</script>"\\\n\t\x00'},
+    {"a": [], "b": {}, "c": [1, {"x": None, "y": True}], "d": '</script>"\\\n\t\x00\b\f\r\x1f\x7f'},
     [1e-7, 1.5e-5, 9.99e-5, 1e-4, 1e16, 5e22, 0.1 + 0.2, -0.0, 600.0, 2**63 - 1],
     2**70,  # beyond orjson's 64 bits
     {"name": "caf\u00e9", "sep": "\u2028"},  # non-ASCII: json escapes it
