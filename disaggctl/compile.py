@@ -17,6 +17,7 @@ import yaml
 from disaggctl.compat.spec_rules import check_compiled
 from disaggctl.compat.transfer import build_report, pinned_backend
 from disaggctl.deployment import ConfigFile, DesiredState, Instance, NodeSlot, Placement, Process
+from disaggctl.gcpause import no_cyclic_gc
 from disaggctl.loader import LoadedSpec
 from disaggctl.placement import place
 from disaggctl.router.config import AdminConfig, RouterConfig, Upstream
@@ -265,7 +266,7 @@ def serve_env(
 
 def router_config(spec: ClusterSpec, placement: Placement) -> RouterConfig:
     def up(i: Instance) -> Upstream:
-        return Upstream(
+        return Upstream.trusted(  # typed data: the router.json field checks are for files
             name=i.name,
             url=i.url,
             lmcache_host=i.head.address if i.lmcache_init_ports else None,
@@ -416,8 +417,9 @@ def compile_spec(
     loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_degraded: bool = False
 ) -> DesiredState:
     """spec -> placement -> processes. Raises SpecError with file:line:col on any problem."""
-    placement = place(loaded, topology, allow_degraded=allow_degraded)
-    desired = compile_placement(loaded.spec, placement)
+    with no_cyclic_gc():  # a million objects at 9216 GPUs, all kept (disaggctl/gcpause.py)
+        placement = place(loaded, topology, allow_degraded=allow_degraded)
+        desired = compile_placement(loaded.spec, placement)
     if desired.compat is not None:
         issues = check_compiled(loaded.spec, desired.compat.fingerprints)
         if issues:

@@ -460,4 +460,7 @@ def load_text(text: str, file: str = "<spec>", profiles: list[str] | None = None
 
 
 def load_spec(path: str | Path, profiles: list[str] | None = None) -> LoadedSpec:
-    return load_text(read_text(path, "spec"), str(path), profiles)
+    from disaggctl.gcpause import no_cyclic_gc
+
+    with no_cyclic_gc():  # a million objects at 9216 GPUs, all kept (disaggctl/gcpause.py)
+        return load_text(read_text(path, "spec"), str(path), profiles)

@@ -160,11 +160,13 @@ def validate(
     allow_degraded: bool = DEGRADED,
 ) -> None:
     """Check a spec (schema, cross-field rules and placement). Exit 2 with file:line:col on errors."""
+    from disaggctl.gcpause import no_cyclic_gc
     from disaggctl.input_checks import render_check
 
-    loaded = _load(spec, profile)
-    desired = _compile(loaded, _topology(topology), allow_degraded)
-    render_check(loaded, desired)
+    with no_cyclic_gc():  # one-shot: nothing to collect (disaggctl/gcpause.py)
+        loaded = _load(spec, profile)
+        desired = _compile(loaded, _topology(topology), allow_degraded)
+        render_check(loaded, desired)
     for w in desired.placement.warnings:
         typer.echo(f"warning: {w}", err=True)
     typer.echo(f"{spec}: OK ({len(desired.placement.instances)} instances, {len(desired.processes)} processes)")
@@ -240,12 +242,17 @@ def plan(
     """Show what would run and (unless --offline) what would change on the hosts."""
     _check_plan_out(offline, out_file)
     if offline:
-        loaded = _load(spec, profile)
-        desired = _compile(loaded, _topology(topology), allow_degraded)
-        if output == "json":
-            sys.stdout.write(json.dumps(plan_json(desired), indent=2) + "\n")
-        else:
-            print_plan_table(desired)
+        from disaggctl.gcpause import no_cyclic_gc
+
+        with no_cyclic_gc():  # one-shot: nothing to collect (disaggctl/gcpause.py)
+            loaded = _load(spec, profile)
+            desired = _compile(loaded, _topology(topology), allow_degraded)
+            if output == "json":
+                from disaggctl.jsontext import dumps_indent2
+
+                sys.stdout.write(dumps_indent2(plan_json(desired)) + "\n")
+            else:
+                print_plan_table(desired)
         return
     ctx = _context(spec, profile, topology, allow_degraded, output=output, diff=diff)
     raise typer.Exit(_backend(ctx).plan(ctx, out_file, detailed_exitcode))

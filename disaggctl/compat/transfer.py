@@ -14,6 +14,7 @@ from collections import Counter
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from disaggctl.compat import fingerprint as fp
 from disaggctl.compat.nixl import KvModel, read_sources, tp_ratio
@@ -65,17 +66,17 @@ def fingerprints(spec: ClusterSpec, placement: Placement, processes: list[Proces
     versions = environment_versions(spec)
     heads = {p.instance: p for p in processes if p.role is not Role.ROUTER and p.node_rank == 0}
     out = []
+    memo: dict[Any, fp.Factors] = {}
     for inst in placement.instances:
         proc = heads.get(inst.name)
         if proc is None:
             continue
-        vllm = fp.vllm_factors(proc.argv, inst.head.arch, mla)
-        extra = fp.extra_factors(proc.argv, versions)
+        vllm, extra, digest = fp.factors(proc.argv, inst.head.arch, mla, versions, memo)
         out.append(
             InstanceFingerprint(
                 instance=inst.name,
                 role=inst.role.value,
-                fingerprint=fp.digest(vllm, extra),
+                fingerprint=digest,
                 vllm_hash_factors=vllm,
                 extra_factors=extra,
             )

@@ -40,6 +40,29 @@ class Upstream:
     def __post_init__(self) -> None:
         _raise(_check_fields(self, "") + _upstream_rules(self, ""))
 
+    @classmethod
+    def trusted(
+        cls,
+        name: str,
+        url: str,
+        lmcache_host: str | None,
+        lmcache_init_ports: list[int],
+        lmcache_alloc_ports: list[int],
+    ) -> Upstream:
+        """An upstream from already-typed data (compile, 3,000 of them at 9216 GPUs): the field checks
+        a router.json needs are skipped; the url and port-count rules still hold (cheap)."""
+        u = object.__new__(cls)
+        for k, v in (
+            ("name", name),
+            ("url", url),
+            ("lmcache_host", lmcache_host),
+            ("lmcache_init_ports", lmcache_init_ports),
+            ("lmcache_alloc_ports", lmcache_alloc_ports),
+        ):
+            object.__setattr__(u, k, v)
+        _raise(_upstream_rules(u, ""))
+        return u
+
 
 @dataclass(frozen=True)
 class AdminConfig:
@@ -88,11 +111,13 @@ class RouterConfig:
 
     def to_json(self) -> str:
         """The file `compile` writes (every field, in declaration order of the JSON format)."""
-        data = dataclasses.asdict(self)
-        ordered = {k: data[k] for k in JSON_ORDER}
+        ordered = {k: _plain(getattr(self, k)) for k in JSON_ORDER}
         if self.admin is not None:
-            ordered["admin"] = {k: data["admin"][k] for k in ("host", "port", "token_file")}
-        return json.dumps(ordered, indent=2) + "\n"
+            admin = _plain(self.admin)
+            ordered["admin"] = {k: admin[k] for k in ("host", "port", "token_file")}
+        from disaggctl.jsontext import dumps_indent2  # json.dumps(indent=2)'s text, faster with orjson
+
+        return dumps_indent2(ordered) + "\n"
 
 
 # the key order of router.json as compile has always written it (golden files)
@@ -176,6 +201,27 @@ def _parse_admin(item: object, problems: list[str]) -> AdminConfig | None:
     except ConfigError as e:
         problems += [f"admin.{p}" for p in e.problems]
         return None
+
+
+def _plain(value: Any) -> Any:
+    """dataclasses.asdict's result for one field value (lists and nested dataclasses copied), 5x faster."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in _fields(type(value))}
+    return value
+
+
+def _fields(cls: type[Any]) -> tuple[dataclasses.Field[Any], ...]:
+    cached = _FIELDS.get(cls)
+    if cached is None:
+        cached = _FIELDS[cls] = dataclasses.fields(cls)
+    return cached
+
+
+_FIELDS: dict[type[Any], tuple[dataclasses.Field[Any], ...]] = {}
 
 
 # ---------------------------------------------------------------------- checks
