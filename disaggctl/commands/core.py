@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -191,8 +190,7 @@ def render(
 
     loaded = _load(spec, profile)
     desired = _compile(loaded, _topology(topology), allow_degraded)
-    secrets = {k: os.environ.get(k, "") for k in getattr(loaded.spec.target, "secrets", [])}
-    rendered = do_render(desired, loaded.spec, secrets)
+    rendered = do_render(desired, loaded.spec)  # secrets: placeholders (the values are written by apply only)
     written = write_rendered(rendered, out)
     typer.echo(f"wrote {len(written)} files under {out}")
 

@@ -17,6 +17,12 @@ address is written as the concatenation `'http://'"${DCTL_ADDR_1}"':8200'` (sing
 literals around a double-quoted variable), so no other character is ever interpreted by bash.
 Config files (LMCache YAML, router JSON) are written by the script itself with `printf '%s'`
 into the job's folder, which must be on a filesystem shared by the nodes (as on every Slurm site).
+
+Secrets (target.secrets) never pass through the script: `disaggctl apply` writes them to
+<config_dir>/private/secrets.env (folder 0700, file 0600) before sbatch; each engine's launcher
+sources that file, the router's does not; the batch shell removes it when the job ends (unless
+a successor job took over, which removes it at its own end). The rendered output carries a
+placeholder file at that path.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 
 import jinja2
 
+from disaggctl import secrets as secret_files
 from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
 from disaggctl.quoting import shell_word
@@ -40,7 +47,7 @@ MAX_GRACE_S = 120  # `--signal=B:TERM@<grace>`: time to shut down before the lim
 HANDOVER_S = 10  # walltime chaining: old and new router both serve this long after the endpoint switched
 SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./+-]+$")  # #SBATCH lines are not shell: no quoting possible there
 SAFE_MOUNT = re.compile(r"^[A-Za-z0-9_./:+@-]+$")
-ADDR_FLAGS = frozenset({"--master-addr", "--data-parallel-address"})
+ADDR_FLAGS = frozenset({"--master-addr", "--data-parallel-address", "--host", "--prometheus-host"})
 
 
 # --------------------------------------------------------------------------- addresses -> variables
@@ -117,7 +124,7 @@ def _check_line(value: str, what: str) -> str:
 
 
 def argv_words(argv: list[str], addrs: dict[str, str]) -> str:
-    """The argv as shell words; the word after --master-addr/--data-parallel-address is an address."""
+    """The argv as shell words; the word after an address flag (ADDR_FLAGS: --master-addr, --host ...) is one."""
     words: list[str] = []
     for i, a in enumerate(argv):
         _check_line(a, "an argument")
@@ -189,6 +196,7 @@ class JobContext:
     handover_s: int
     exclude: str  # the spec's exclude list, for the successor ("" or ",list")
     multi: bool  # more than one component (a heterogeneous job)
+    secrets: str | None = None  # shell word: the secrets file the batch shell removes at the end
 
 
 @dataclass(frozen=True)
@@ -199,6 +207,7 @@ class LaunchContext:
     gpus: str  # "0,1" placement indices, "" for none
     env: list[str]  # NAME=shell-word
     argv: str
+    secrets: str | None = None  # shell word: the secrets file this launcher sources (engines only)
 
 
 def _env() -> jinja2.Environment:
@@ -276,7 +285,12 @@ def _container(t: SlurmTarget, cfg_dir: str) -> list[str]:
     return [f"--container-image={t.container_image}", f"--container-mounts={','.join(mounts)}"]
 
 
-def _launcher(p: Process, addrs: dict[str, str]) -> str:
+def secrets_path(cfg_dir: str) -> str:
+    """Where `disaggctl apply` puts the job's secrets (its private folder in the job folder)."""
+    return f"{cfg_dir}/private/{secret_files.FILE_NAME}"
+
+
+def _launcher(p: Process, addrs: dict[str, str], secrets: str | None = None) -> str:
     env = []
     for k, v in p.env.items():
         if k == "CUDA_VISIBLE_DEVICES":
@@ -286,6 +300,7 @@ def _launcher(p: Process, addrs: dict[str, str]) -> str:
     ctx = LaunchContext(
         name=p.name, role=p.role.value, host=p.host, gpus=",".join(str(g) for g in p.gpus),
         env=env, argv=argv_words(p.argv, addrs),
+        secrets=secrets if secrets and secret_files.needs(p) else None,
     )
     return _env().get_template("launch.sh.j2").render(c=ctx)
 
@@ -336,11 +351,13 @@ def render_slurm(desired: DesiredState, spec: ClusterSpec) -> Rendered:
                                    shell_args(split_text(f.content, addrs))))
 
     container = _container(t, cfg_dir)
+    secret_names = secret_files.names(spec)
+    secrets = shell_word(secrets_path(cfg_dir)) if secret_names else None
     launchers: list[FileWrite] = []
     launcher_texts: list[tuple[Process, str]] = []
     steps: list[Step] = []
     for p in sorted(desired.processes, key=lambda p: p.start_order):
-        text = _launcher(p, addrs)
+        text = _launcher(p, addrs, secrets)
         launcher_texts.append((p, text))
         path = f"{cfg_dir}/run/{p.name}.sh"
         launchers.append(FileWrite(shell_word(path), "755", shell_args([text])))
@@ -380,7 +397,7 @@ def render_slurm(desired: DesiredState, spec: ClusterSpec) -> Rendered:
             components=components, files=files, launchers=launchers, steps=steps, engines=engines,
             routers=routers, stop_order=stop_order, endpoint=endpoint, urls=urls,
             successor=t.successor.enabled, successor_after_s=after, handover_s=HANDOVER_S,
-            exclude=f",{t.exclude}" if t.exclude else "", multi=multi,
+            exclude=f",{t.exclude}" if t.exclude else "", multi=multi, secrets=secrets,
         )
         return _env().get_template("job.sbatch.j2").render(c=ctx)
 
@@ -388,6 +405,9 @@ def render_slurm(desired: DesiredState, spec: ClusterSpec) -> Rendered:
     digest = hashlib.sha256(job("").encode()).hexdigest()[:16]
     script = job(digest)
     out = [RenderedFile(host="slurm", path=f"{cfg_dir}/{SCRIPT_NAME}", content=script, mode=0o755)]
+    if secret_names:  # a placeholder: apply writes the values there, on the submit host, before sbatch
+        out.append(RenderedFile(host="slurm", path=secrets_path(cfg_dir), content=secret_files.file_text(
+            secret_names, None), mode=0o600, secret=True))
     out += [RenderedFile(host=p.host, path=f"{cfg_dir}/run/{p.name}.sh", content=text, mode=0o755)
             for p, text in launcher_texts]
     return Rendered(target="slurm", files=out, units={"slurm": [s.name for s in steps]})

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,8 @@ from disaggctl.deployment import DesiredState, Rendered
 from disaggctl.errors import DisaggError
 from disaggctl.health import HealthError, HealthProgress
 from disaggctl.render.local import ProcSpec, Table, paths, render, table
+from disaggctl.secrets import FILE_NAME as SECRETS_FILE
+from disaggctl.secrets import operator_values, write_private
 from disaggctl.spec import LocalTarget
 from disaggctl.targets import OpsContext
 from disaggctl.targets.base import (
@@ -68,8 +70,9 @@ def deployed_table(state_dir: str) -> Table | None:
 
 
 def _why(old: ProcSpec, new: ProcSpec) -> str:
-    changed = [f for f in ("argv", "env", "files_sha", "cwd", "log", "http_port") if getattr(old, f) != getattr(new, f)]
-    names = {"files_sha": "config file", "argv": "command line", "env": "environment"}
+    changed = [f for f in ("argv", "env", "files_sha", "secrets", "secrets_sha", "cwd", "log", "http_port")
+               if getattr(old, f) != getattr(new, f)]  # fmt: skip
+    names = {"files_sha": "config file", "argv": "command line", "env": "environment", "secrets_sha": "secrets"}
     return ", ".join(names.get(f, f) for f in changed) + " changed"
 
 
@@ -187,8 +190,10 @@ def preflight(desired: DesiredState, tbl: Table, old: Table | None, running: boo
 # --------------------------------------------------------------------------- supervisor
 
 
-def start_supervisor(state_dir: str) -> int:
+def start_supervisor(state_dir: str, drop: Sequence[str] = ()) -> int:
+    """drop: variables kept out of the supervisor's environment (target.secrets: engines read the file)."""
     pth = paths(state_dir)
+    env = {k: v for k, v in os.environ.items() if k not in set(drop)}
     pth["logs"].mkdir(parents=True, exist_ok=True)
     with open(pth["supervisor_log"], "ab") as log:
         proc = subprocess.Popen(
@@ -198,6 +203,7 @@ def start_supervisor(state_dir: str) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # detached: outlives this CLI and its terminal
             close_fds=True,
+            env=env,
         )
     deadline = time.monotonic() + SUPERVISOR_START_S
     while time.monotonic() < deadline:
@@ -285,9 +291,9 @@ class LocalBackend:
     """Backend protocol implementation: the host is this machine, a unit is a row of the supervisor's
     process table; the flow is the shared one of targets.base."""
 
-    def _observe(self, ctx: OpsContext, rendered: Rendered) -> _Observed:
+    def _observe(self, ctx: OpsContext, rendered: Rendered, secrets: Mapping[str, str]) -> _Observed:
         state_dir = ctx.desired.config_dir
-        new = table(ctx.desired, _target(ctx))
+        new = table(ctx.desired, _target(ctx), secrets)
         old = deployed_table(state_dir)
         running = supervisor_pid(state_dir) is not None
         actions = diff(old, new, running, _failed(state_dir))
@@ -300,15 +306,17 @@ class LocalBackend:
         return SavedPlan(meta=plan_meta(ctx, "local", digest), changed=o.changed, actions=o.actions, target=details)
 
     def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
-        o = self._observe(ctx, render(ctx.desired, _target(ctx)))
+        values = operator_values(ctx.spec)
+        o = self._observe(ctx, render(ctx.desired, _target(ctx), values), values)
         show = lambda: _print_plan(ctx, o.state_dir, o.actions, o.files)  # noqa: E731
         return finish_plan(ctx, self._saved(ctx, o), show, out_file, detailed_exitcode)
 
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
         from disaggctl.targets.ui import Phases
 
-        rendered = render(ctx.desired, _target(ctx))
-        o = self._observe(ctx, rendered)
+        values = operator_values(ctx.spec)
+        rendered = render(ctx.desired, _target(ctx), values)
+        o = self._observe(ctx, rendered, values)
         base = o.old.to_json() if o.old else None
         check_saved_plan(plan_file, self._saved(ctx, o), lambda s: _stale(s, base))
         _print_plan(ctx, o.state_dir, o.actions, o.files)
@@ -344,7 +352,7 @@ class LocalBackend:
         with phases.step("local", "start supervisor"):
             if supervisor_pid(o.state_dir) is not None:
                 stop_supervisor(o.state_dir)
-            pid = start_supervisor(o.state_dir)
+            pid = start_supervisor(o.state_dir, drop=o.new.secret_names)
         ctx.console.print(f"supervisor started (pid {pid}); logs in {paths(o.state_dir)['logs']}")
 
     def _write(self, rendered: Rendered, state_dir: str) -> None:
@@ -354,6 +362,9 @@ class LocalBackend:
         for f in rendered.files:
             p = Path(f.path)
             p.parent.mkdir(parents=True, exist_ok=True)
+            if f.secret:
+                write_private(p, f.content)  # 0600 from the first byte
+                continue
             write_atomic(p, f.content)
             os.chmod(p, f.mode)
 
@@ -530,7 +541,8 @@ def _remove_owned(state_dir: str) -> int:
     pth = paths(state_dir)
     n = 0
     # the names compile gives ConfigFiles (router.json, lmcache-<instance>.yaml) and the table
-    for f in [pth["table"], Path(state_dir) / "router.json", *Path(state_dir).glob("lmcache-*.yaml")]:
+    owned = [pth["table"], Path(state_dir) / "router.json", Path(state_dir) / SECRETS_FILE]
+    for f in [*owned, *Path(state_dir).glob("lmcache-*.yaml")]:
         if f.exists():
             f.unlink()
             n += 1
