@@ -37,6 +37,7 @@ bench: install
 	$(PY) bench/plan_scale/run.py
 	$(PY) bench/router/run.py
 	$(PY) bench/apply_fanout/run.py
+	$(PY) bench/input_bounds/run.py
 
 clean-demo:
 	$(VENV)/bin/disaggctl destroy examples/local-cpu.yaml -y

@@ -1,13 +1,26 @@
-"""The `disaggctl` command line. The one error boundary: user errors print without a traceback."""
+"""The `disaggctl` command line. The one error boundary: user errors print without a traceback.
+
+Bad input (a `SpecError`, exit 2) prints its first problem on the first line, located
+(`error: spec.yaml:3:5 hosts[0].address: ...`), then the others and "nothing was changed".
+Any other exception is a bug in disaggctl: one line "internal error" with where to report it;
+`--debug` (or DISAGGCTL_DEBUG=1) prints the traceback instead.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from disaggctl import __version__
+
+if TYPE_CHECKING:
+    from disaggctl.errors import SpecError
 
 app = typer.Typer(
     name="disaggctl",
@@ -27,15 +40,50 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+REPORT_URL = "https://github.com/disaggctl/disaggctl/issues"
+_debug = {"on": False}
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Print the traceback of an internal error."),
 ) -> None:
     """disaggctl: one cluster spec -> prefill, decode and router processes on systemd, Slurm or this machine."""
+    _debug["on"] = debug
 
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"disaggctl.commands.{_name}").register(app)
+
+
+def format_spec_error(e: SpecError) -> str:
+    """The first problem on the first line, located; the rest below it."""
+    n = len(e.issues)
+    where = f" in {e.file}" if e.file else ""
+    text = str(e)
+    if not text:
+        return f"error: invalid input{where}; nothing was changed\n"
+    return f"error: {text}\n{n} problem{'s' if n != 1 else ''}{where}; nothing was changed\n"
+
+
+def _debugging() -> bool:
+    return _debug["on"] or "--debug" in sys.argv[1:] or os.environ.get("DISAGGCTL_DEBUG", "") not in ("", "0")
+
+
+def _internal(e: BaseException) -> None:
+    if _debugging():
+        traceback.print_exception(e)
+    else:
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+        first = (str(e).splitlines() or [""])[0][:200]
+        sys.stderr.write(
+            f"internal error (a bug in disaggctl {__version__}): {type(e).__name__}{at}: {first}; "
+            f"nothing more was done. Please report it at {REPORT_URL} with the output of the same command "
+            "run with --debug\n"
+        )
+    sys.exit(70)
 
 
 def main() -> None:
@@ -44,9 +92,7 @@ def main() -> None:
     try:
         app()
     except SpecError as e:
-        n = len(e.issues)
-        where = f" in {e.file}" if e.file else ""
-        sys.stderr.write(f"error: {n} problem{'s' if n != 1 else ''}{where}; nothing was changed\n{e}\n")
+        sys.stderr.write(format_spec_error(e))
         sys.exit(e.exit_code)
     except DisaggError as e:
         sys.stderr.write(f"error: {e}\n")
@@ -54,6 +100,8 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except Exception as e:  # the boundary: a bug in disaggctl, never a user's input
+        _internal(e)
 
 
 if __name__ == "__main__":

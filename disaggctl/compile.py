@@ -1,7 +1,7 @@
 """Compile a placed spec into processes: `vllm serve` argv, environment and config files. Pure.
 
 Structured data is serialized, never templated: `--kv-transfer-config` with `json.dumps`,
-LMCache YAML with `yaml.safe_dump`, the router config with pydantic. See REFERENCE.md for
+LMCache YAML with `yaml.safe_dump`, the router config with `RouterConfig.to_json`. See REFERENCE.md for
 every name used here (vLLM 0.32, LMCache 0.5.6, vllm-router).
 """
 
@@ -322,7 +322,7 @@ def router_process(spec: ClusterSpec, placement: Placement, cfg_dir: str) -> tup
             argv += ["--prometheus-host", metrics_host, "--prometheus-port", str(r.metrics_port)]
     else:
         cfg = router_config(spec, placement)
-        files.append(ConfigFile(name="router.json", content=cfg.model_dump_json(indent=2) + "\n"))
+        files.append(ConfigFile(name="router.json", content=cfg.to_json()))
         argv = [python_bin, "-m", "disaggctl.router", "--config", f"{cfg_dir}/router.json"]
     proc = Process(
         name="router",

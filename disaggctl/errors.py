@@ -8,15 +8,26 @@ the file, line and column of every path and formats them as
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 Path_ = tuple[str | int, ...]
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def dotted(path: Path_) -> str:
+    """`prefill.env.HF_HOME`, `hosts[0].name`; a key that is not a plain name is quoted (`env['A B']`),
+    so a newline in a user's key never splits the one-line message."""
     out = ""
     for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif not _PLAIN_KEY.fullmatch(str(p)):
+            out += f"[{str(p)!r}]"
+        else:
+            out += f".{p}" if out else str(p)
     return out or "(spec)"
 
 
@@ -38,10 +49,11 @@ class Issue:
     message: str
     hint: str | None = None
     location: Location | None = None
+    subject: str | None = None  # what the issue is about when it is not a spec field ("saved plan")
 
     def format(self) -> str:
         where = f"{self.location} " if self.location else ""
-        text = f"{where}{dotted(self.path)}: {self.message}"
+        text = f"{where}{self.subject or dotted(self.path)}: {self.message}"
         if self.hint:
             text += f"\n    hint: {self.hint}"
         return text
@@ -51,6 +63,9 @@ class DisaggError(Exception):
     """Base of the errors disaggctl reports to users without a traceback."""
 
     exit_code = 1
+
+
+MAX_REPORTED = 50  # more problems than this are counted, not listed (a broken file is not 200,000 errors)
 
 
 class SpecError(DisaggError):
@@ -64,7 +79,19 @@ class SpecError(DisaggError):
         super().__init__(self.format())
 
     def format(self) -> str:
-        return "\n".join(i.format() for i in self.issues)
+        shown = [i.format() for i in self.issues[:MAX_REPORTED]]
+        if len(self.issues) > MAX_REPORTED:
+            shown.append(
+                f"... and {len(self.issues) - MAX_REPORTED} more problems (only the first {MAX_REPORTED} are listed)"
+            )
+        return "\n".join(shown)
+
+
+def file_error(
+    file: str, subject: str, message: str, hint: str | None = None, line: int = 1, col: int = 1
+) -> SpecError:
+    """A problem with a whole input file (cannot read it, not UTF-8, not JSON ...), located at line:col."""
+    return SpecError([Issue((), message, hint, Location(file, line, col), subject)], file)
 
 
 @dataclass

@@ -13,7 +13,9 @@ import re
 import shlex
 from collections.abc import Iterable
 
-_SAFE_WORD = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
+# What ends a line of a unit file, env file or shell script (the spec's types refuse more: disaggctl.safestr).
+_BREAKS = frozenset("\n\r\0")
 
 
 class QuotingError(ValueError):
@@ -21,9 +23,18 @@ class QuotingError(ValueError):
 
 
 def _single_line(value: str, what: str) -> str:
-    if "\n" in value or "\r" in value or "\0" in value:
-        raise QuotingError(f"{what} must not contain a newline or NUL: {value!r}")
+    if any(c in _BREAKS for c in value):
+        raise QuotingError(f"{what} must not contain a newline, NUL or other control character: {value!r}")
     return value
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(name: str) -> str:
+    if not _ENV_NAME.fullmatch(name):
+        raise QuotingError(f"environment variable name {name!r} must match [A-Za-z_][A-Za-z0-9_]*")
+    return name
 
 
 def shell_word(value: str) -> str:
@@ -38,7 +49,7 @@ def shell_line(argv: Iterable[str]) -> str:
 def systemd_word(value: str) -> str:
     """Quote one argument of `ExecStart=` so systemd passes it through byte for byte."""
     _single_line(value, "argument")
-    if value and _SAFE_WORD.match(value) and "%" not in value:
+    if value and _SAFE_WORD.fullmatch(value):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$").replace("%", "%%")
     return f'"{escaped}"'
@@ -50,6 +61,7 @@ def systemd_exec(argv: Iterable[str]) -> str:
 
 def systemd_env(name: str, value: str) -> str:
     """An `Environment=` assignment: the whole `NAME=value` quoted as one word."""
+    _env_name(name)
     _single_line(value, f"environment variable {name}")
     escaped = f"{name}={value}".replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
     return f'"{escaped}"'
@@ -62,6 +74,7 @@ def systemd_value(value: str) -> str:
 
 def env_file_line(name: str, value: str) -> str:
     """A line of an `EnvironmentFile=`: systemd accepts double quotes with backslash escapes."""
+    _env_name(name)
     _single_line(value, f"environment variable {name}")
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`")
     return f'{name}="{escaped}"'

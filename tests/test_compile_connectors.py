@@ -10,7 +10,7 @@ import yaml
 from disaggctl.compile import compile_spec
 from disaggctl.deployment import DesiredState, Process
 from disaggctl.loader import load_text
-from disaggctl.router.config import RouterConfig
+from disaggctl.router.config import parse_router_config
 from tests.plugins.paths import EXAMPLES
 
 SPEC = """\
@@ -59,7 +59,7 @@ def test_nixl_roles_env_and_side_channel() -> None:
 def test_router_config_lists_instances() -> None:
     d = compiled(SPEC)
     (cf,) = d.files["a"]
-    cfg = RouterConfig.model_validate_json(cf.content)
+    cfg = parse_router_config(json.loads(cf.content))
     assert [u.url for u in cfg.prefill] == ["http://10.0.0.1:8100", "http://10.0.0.1:8101"]
     assert [u.url for u in cfg.decode] == ["http://10.0.0.2:8100", "http://10.0.0.2:8101"]
     assert cfg.kv_kind == "nixl" and cfg.model == "llama"

@@ -20,6 +20,10 @@ decode: {replicas: 2, tensor_parallel: 4}
 kv_transfer: {kind: nixl}
 target: {kind: systemd}
 """
+# at least one decode instance is required: put it on a third host, out of the way of prefill
+DECODE_ON_C = "decode: {replicas: 1, tensor_parallel: 8, hosts: {names: [c]}}"
+NO_PP_LIMIT = "kv_transfer: {kind: shared-storage, path: /srv/kv}"
+HOST_C = "  - {name: b, address: 10.0.0.2, gpus: 8}\n  - {name: c, address: 10.0.0.3, gpus: 8}"
 
 
 def hgx(numa_split: bool = True, nics: bool = True, dead: int | None = None) -> HostTopology:
@@ -137,32 +141,38 @@ target: {kind: systemd}
 
 def test_tp_never_spans_hgx_hosts() -> None:
     spec = SPEC.replace("prefill: {replicas: 3, tensor_parallel: 2}", "prefill: {replicas: 1, tensor_parallel: 16}")
-    spec = spec.replace("decode: {replicas: 2, tensor_parallel: 4}", "decode: {replicas: 0, tensor_parallel: 16}")
+    spec = spec.replace("decode: {replicas: 2, tensor_parallel: 4}", "decode: {replicas: 1, tensor_parallel: 16}")
     spec = spec.replace("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-405B-Instruct")
     try:
         place(load_text(spec, "s.yaml"))
     except Exception as e:
-        assert "cannot place prefill instance 0" in str(e)
+        assert "cannot place decode instance 0" in str(e) or "cannot place prefill instance 0" in str(e), e
     else:
         raise AssertionError("TP16 was placed across two HGX hosts")
 
 
 def test_pp_across_hgx_hosts_is_allowed() -> None:
     spec = SPEC.replace(
-        "prefill: {replicas: 3, tensor_parallel: 2}", "prefill: {replicas: 1, tensor_parallel: 8, pipeline_parallel: 2}"
+        "prefill: {replicas: 3, tensor_parallel: 2}",
+        "prefill: {replicas: 1, tensor_parallel: 8, pipeline_parallel: 2, hosts: {names: [a, b]}}",
     )
-    spec = spec.replace("decode: {replicas: 2, tensor_parallel: 4}", "decode: {replicas: 0, tensor_parallel: 8}")
+    spec = spec.replace("decode: {replicas: 2, tensor_parallel: 4}", DECODE_ON_C)
+    spec = spec.replace("  - {name: b, address: 10.0.0.2, gpus: 8}", HOST_C)
+    spec = spec.replace("kv_transfer: {kind: nixl}", NO_PP_LIMIT)  # vLLM 0.32's NixlConnector refuses a PP prefill
     p = place(load_text(spec, "s.yaml"))
-    (inst,) = p.instances
+    (inst,) = [i for i in p.instances if i.role.value == "prefill"]
     assert [n.host for n in inst.nodes] == ["a", "b"]
     assert inst.master_port is not None
 
 
 def test_multinode_compiles_to_nnodes_and_headless() -> None:
     spec = SPEC.replace(
-        "prefill: {replicas: 3, tensor_parallel: 2}", "prefill: {replicas: 1, tensor_parallel: 8, pipeline_parallel: 2}"
+        "prefill: {replicas: 3, tensor_parallel: 2}",
+        "prefill: {replicas: 1, tensor_parallel: 8, pipeline_parallel: 2, hosts: {names: [a, b]}}",
     )
-    spec = spec.replace("decode: {replicas: 2, tensor_parallel: 4}", "decode: {replicas: 0, tensor_parallel: 8}")
+    spec = spec.replace("decode: {replicas: 2, tensor_parallel: 4}", DECODE_ON_C)
+    spec = spec.replace("  - {name: b, address: 10.0.0.2, gpus: 8}", HOST_C)
+    spec = spec.replace("kv_transfer: {kind: nixl}", NO_PP_LIMIT)  # vLLM 0.32's NixlConnector refuses a PP prefill
     d = compile_spec(load_text(spec, "s.yaml"))
     head, worker = d.process("prefill-0"), d.process("prefill-0-node1")
     assert head.http_port is not None and worker.http_port is None

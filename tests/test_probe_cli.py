@@ -49,8 +49,8 @@ def test_topology_one_host_to_file_and_text(tmp_path: Path) -> None:
 def test_topology_bad_input() -> None:
     _, _, exc = run("topology", str(SMI / "README.md"), "--output", "json")
     assert isinstance(exc, DisaggError) and "no GPU found in README.md" in str(exc)
-    _, _, exc = run("topology", str(SMI / "nvidia-smi-q-x_b200.xml"), "--output", "yaml")
-    assert isinstance(exc, DisaggError) and "expected json or text" in str(exc)
+    code, out, _ = run("topology", str(SMI / "nvidia-smi-q-x_b200.xml"), "--output", "yaml")
+    assert code == 2 and "'yaml' is not one of 'text', 'json'" in out
 
 
 def test_probe_local_without_gpu_fails_clearly(tmp_path: Path) -> None:

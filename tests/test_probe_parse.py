@@ -181,7 +181,7 @@ def test_xml_mig_and_old_ecc_format() -> None:
 def test_capture_errors() -> None:
     with pytest.raises(DisaggError, match="no GPU found"):
         host_from_files([SMI / "smi_q_fabric_snippets.txt"])
-    with pytest.raises(DisaggError, match="cannot read capture"):
+    with pytest.raises(DisaggError, match="capture: cannot read"):
         host_from_files([Path("/nonexistent/capture.xml")])
 
 

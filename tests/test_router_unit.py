@@ -37,7 +37,7 @@ def cfg(**kw: object) -> RouterConfig:
         "decode": [Upstream(name="d", url="http://d")],
     }
     base.update(kw)
-    return RouterConfig.model_validate(base)
+    return RouterConfig(**base)  # type: ignore[arg-type]
 
 
 def test_token_estimate_uses_chars_per_token() -> None:
@@ -200,3 +200,29 @@ def test_unhealthy_prefills_are_skipped_only_while_their_failure_is_recent() -> 
     assert r.decide({"prompt": "x"}, chat=False) == ("local_prefill", "no_healthy_prefill")
     p.failed_at = time.monotonic() - 3.0  # half-open: one is tried again
     assert r.decide({"prompt": "x"}, chat=False)[0] == "disaggregated"
+
+
+def test_config_round_trips_and_names_every_problem() -> None:
+    from disaggctl.router.config import ConfigError, parse_router_config
+
+    c = cfg(request_timeout_s=30, lmcache_notify_timeout_s=5)
+    assert c.request_timeout_s == 30.0 and type(c.request_timeout_s) is float  # JSON keeps writing 30.0
+    text = c.to_json()
+    assert '"request_timeout_s": 30.0' in text and text.index('"name"') < text.index('"model"')
+    assert parse_router_config(json.loads(text)) == c
+    with pytest.raises(ConfigError) as e:
+        parse_router_config({"model": "m", "kv_kind": "nixl", "prefill": [], "decode": [], "retires": 2})
+    assert e.value.problems == ["retires: unknown field (did you mean 'retries'?)"]
+    with pytest.raises(ConfigError) as e:
+        parse_router_config({"model": "m", "kv_kind": "lmcache", "prefill": [], "decode": [], "retries": -1})
+    assert e.value.problems == [
+        "retries: must not be negative, got -1",
+        "decode: needs at least one decode instance",
+        "lmcache_proxy_port: kv_kind lmcache needs the port the prefillers notify (pd_proxy_port)",
+    ]
+    with pytest.raises(ConfigError) as e:
+        parse_router_config({"model": "m", "kv_kind": "nixl", "prefill": [{"name": "p"}], "decode": [7]})
+    assert e.value.problems == [
+        "prefill[0].url: required field missing",
+        "decode[0]: expected a JSON object, got an integer (7)",
+    ]

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from disaggctl.inputs import OutputFormat, RoleName
+
 if TYPE_CHECKING:
     from disaggctl.deployment import DesiredState
     from disaggctl.loader import LoadedSpec
@@ -32,19 +34,18 @@ def _load(spec: Path, profiles: list[str]) -> LoadedSpec:
 def _topology(path: Path | None) -> TopologyFile | None:
     if path is None:
         return None
-    from disaggctl.errors import DisaggError
-    from disaggctl.topology import load_topology
+    from disaggctl.inputs import read_topology
 
-    try:
-        return load_topology(path)
-    except (OSError, ValueError) as e:
-        raise DisaggError(f"cannot read topology file {path}: {e}") from None
+    return read_topology(path)
 
 
 def _compile(loaded: LoadedSpec, topology: TopologyFile | None, allow_degraded: bool) -> DesiredState:
     from disaggctl.compile import compile_spec
+    from disaggctl.input_checks import desired_checks
 
-    return compile_spec(loaded, topology, allow_degraded=allow_degraded)
+    desired = compile_spec(loaded, topology, allow_degraded=allow_degraded)
+    desired_checks(loaded, desired)
+    return desired
 
 
 def _context(spec: Path, profiles: list[str], topology: Path | None, allow_degraded: bool, **kw: Any) -> OpsContext:
@@ -158,8 +159,11 @@ def validate(
     allow_degraded: bool = DEGRADED,
 ) -> None:
     """Check a spec (schema, cross-field rules and placement). Exit 2 with file:line:col on errors."""
+    from disaggctl.input_checks import render_check
+
     loaded = _load(spec, profile)
     desired = _compile(loaded, _topology(topology), allow_degraded)
+    render_check(loaded, desired)
     for w in desired.placement.warnings:
         typer.echo(f"warning: {w}", err=True)
     typer.echo(f"{spec}: OK ({len(desired.placement.instances)} instances, {len(desired.processes)} processes)")
@@ -185,14 +189,39 @@ def render(
     allow_degraded: bool = DEGRADED,
 ) -> None:
     """Write every artifact (units, batch scripts, LMCache YAML, router config) per host."""
+    from disaggctl.errors import DisaggError, SpecError
+    from disaggctl.input_checks import located_render_error
+    from disaggctl.inputs import output_dir, writing
     from disaggctl.render import render as do_render
     from disaggctl.render.output import write_rendered
 
+    output_dir(out, "render output folder")
     loaded = _load(spec, profile)
     desired = _compile(loaded, _topology(topology), allow_degraded)
-    rendered = do_render(desired, loaded.spec)  # secrets: placeholders (the values are written by apply only)
-    written = write_rendered(rendered, out)
+    try:  # secrets: placeholders (their values are written by apply only)
+        rendered = do_render(desired, loaded.spec)
+    except SpecError:
+        raise
+    except DisaggError as e:
+        raise located_render_error(loaded, e) from None
+    with writing(out, "render output folder"):
+        written = write_rendered(rendered, out)
     typer.echo(f"wrote {len(written)} files under {out}")
+
+
+def _check_plan_out(offline: bool, out_file: str | None) -> None:
+    """`plan -o FILE` saves what runs on the hosts now: refused with --offline; the file must be writable."""
+    if offline and out_file:
+        from disaggctl.errors import file_error
+
+        raise file_error(
+            out_file, "--out", "--offline cannot save a plan: a saved plan records what runs on the hosts now",
+            "run `disaggctl plan SPEC -o FILE` without --offline (--output json > FILE keeps the process list)",
+        )
+    if out_file:
+        from disaggctl.inputs import output_file
+
+        output_file(out_file, "plan file")
 
 
 def plan(
@@ -201,12 +230,13 @@ def plan(
     topology: Path | None = TOPOLOGY,
     allow_degraded: bool = DEGRADED,
     offline: bool = typer.Option(False, "--offline", help="Do not contact hosts: show what would run."),
-    output: str = typer.Option("text", "--output", help="text or json."),
+    output: OutputFormat = typer.Option(OutputFormat.text, "--output", help="text or json."),
     diff: bool = typer.Option(False, "--diff", help="Show unified diffs of changed files."),
     out_file: str | None = typer.Option(None, "--out", "-o", help="Save the plan to apply it later."),
     detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode", help="Exit 2 when there are changes."),
 ) -> None:
     """Show what would run and (unless --offline) what would change on the hosts."""
+    _check_plan_out(offline, out_file)
     if offline:
         loaded = _load(spec, profile)
         desired = _compile(loaded, _topology(topology), allow_degraded)
@@ -237,6 +267,10 @@ def apply(
         profile = list(meta.profiles) or profile
         topology = Path(meta.topology_file) if meta.topology_file else topology
 
+    elif plan_file is not None:
+        from disaggctl.targets.base import read_saved_plan
+
+        read_saved_plan(plan_file)
     ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
     raise typer.Exit(_backend(ctx).apply(ctx, plan_file))
 
@@ -246,7 +280,7 @@ def status(
     profile: list[str] = PROFILE,
     topology: Path | None = TOPOLOGY,
     allow_degraded: bool = DEGRADED,
-    output: str = typer.Option("text", "--output", help="text or json."),
+    output: OutputFormat = typer.Option(OutputFormat.text, "--output", help="text or json."),
 ) -> None:
     """Show each instance's state, health, GPUs, ports and drift from the spec."""
     ctx = _context(spec, profile, topology, allow_degraded, output=output)
@@ -267,17 +301,17 @@ def destroy(
 
 def logs(
     spec: Path = SPEC,
-    role: str | None = typer.Option(None, "--role", help="prefill, decode or router."),
-    instance: int | None = typer.Option(None, "--instance", help="Instance number within the role."),
+    role: RoleName | None = typer.Option(None, "--role", help="prefill, decode or router."),
+    instance: int | None = typer.Option(None, "--instance", min=0, help="Instance number within the role."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep following."),
-    lines: int = typer.Option(100, "--lines", "-n", help="Lines of history."),
+    lines: int = typer.Option(100, "--lines", "-n", min=0, help="Lines of history."),
     profile: list[str] = PROFILE,
     topology: Path | None = TOPOLOGY,
     allow_degraded: bool = DEGRADED,
 ) -> None:
     """Show (or follow) the logs of the deployment's processes."""
     ctx = _context(spec, profile, topology, allow_degraded)
-    raise typer.Exit(_backend(ctx).logs(ctx, role, instance, follow, lines))
+    raise typer.Exit(_backend(ctx).logs(ctx, role.value if role else None, instance, follow, lines))
 
 
 COMMANDS: list[Callable[..., None]] = [validate, schema, render, plan, apply, status, destroy, logs]

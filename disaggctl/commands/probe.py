@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from disaggctl.inputs import OutputFormat
+
 
 def _env(pairs: list[str]) -> dict[str, str]:
     from disaggctl.errors import DisaggError
@@ -35,18 +37,20 @@ def register(app: typer.Typer) -> None:
             list[str], typer.Option("--agent-env", help="NAME=VALUE set for the agent (repeatable).")
         ] = [],  # noqa: B006
         mode: Annotated[str, typer.Option("--mode", help="auto (NVML, else nvidia-smi), nvml or smi.")] = "auto",
-        timeout: Annotated[float, typer.Option("--timeout", help="Seconds per host.")] = 120.0,
+        timeout: Annotated[float, typer.Option("--timeout", min=0.001, max=86400, help="Seconds per host.")] = 120.0,
     ) -> None:
         """Probe GPUs, NVLink, NVL72 fabric and RDMA NICs of every host (NVML over SSH) into a topology file."""
         from rich.console import Console
 
         from disaggctl.errors import DisaggError
+        from disaggctl.inputs import output_file, write_text
         from disaggctl.probe import remote
         from disaggctl.probe.summary import print_host
         from disaggctl.topology import TopologyFile, dump_topology
 
         if mode not in ("auto", "nvml", "smi"):
             raise DisaggError(f"--mode {mode!r}: expected auto, nvml or smi")
+        output_file(out, "topology file")
         env = _env(agent_env)
         if local:
             results = [remote.probe_local(python=python, env=env, mode=mode, timeout=timeout)]
@@ -67,7 +71,7 @@ def register(app: typer.Typer) -> None:
             print_host(console, r.host, r.topology, r.error)
             if r.topology is not None:
                 topo_file.hosts[r.host] = r.topology
-        out.write_text(dump_topology(topo_file))
+        write_text(out, dump_topology(topo_file), "topology file")
         failed = [r.host for r in results if not r.ok]
         degraded = [r.host for r in results
                     if r.ok and r.topology and any(p.severity == "error" for p in r.topology.problems)]
@@ -83,22 +87,22 @@ def register(app: typer.Typer) -> None:
     @app.command("topology")
     def topology(
         files: Annotated[list[Path], typer.Argument(help="Captures: nvidia-smi -q -x XML, -q text, topo -m, ...")],
-        output: Annotated[str, typer.Option("--output", help="json or text.")] = "text",
+        output: Annotated[OutputFormat, typer.Option("--output", help="json or text.")] = OutputFormat.text,
         out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the topology JSON to this file.")] = None,
         host: Annotated[str | None, typer.Option("--host", help="One host of this name from all files.")] = None,
-        gpus: Annotated[int | None, typer.Option("--gpus", help="GPUs each host should have.")] = None,
+        gpus: Annotated[int | None, typer.Option("--gpus", min=1, max=1024, help="GPUs each host should have.")] = None,
     ) -> None:
         """Turn recorded nvidia-smi captures into a topology file (one host per file stem, or --host)."""
-        from disaggctl.errors import DisaggError
+        from disaggctl.inputs import output_file, write_text
         from disaggctl.probe.captures import topology_from_files
         from disaggctl.topology import dump_topology
 
-        if output not in ("json", "text"):
-            raise DisaggError(f"--output {output!r}: expected json or text")
+        if out is not None:
+            output_file(out, "topology file")
         topo_file = topology_from_files(files, host=host, expected_gpus=gpus)
         text = dump_topology(topo_file)
         if out is not None:
-            out.write_text(text)
+            write_text(out, text, "topology file")
         if output == "json":
             typer.echo(text, nl=False)
             return

@@ -13,7 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from disaggctl.errors import DisaggError
+from pydantic import ValidationError
+
+from disaggctl.errors import DisaggError, file_error
+from disaggctl.inputs import MAX_DATA_BYTES, read_bytes
 from disaggctl.probe import smi_text, smi_topo, smi_xml
 from disaggctl.probe.checks import detect_problems
 from disaggctl.probe.fields import finish_gpu, merge_host
@@ -55,13 +58,17 @@ def host_from_files(paths: Iterable[Path], expected_gpus: int | None = None) -> 
     """Merge the captures of one host into a HostTopology with its problems detected."""
     host: dict[str, Any] = {"gpus": []}
     names = []
+    read: list[str] = []
     for path in paths:
+        text = read_bytes(path, "capture", MAX_DATA_BYTES).decode(errors="replace")
         try:
-            text = path.read_text(errors="replace")
-        except OSError as e:
-            raise DisaggError(f"cannot read capture {path}: {e.strerror}") from None
-        merge_host(host, parse_capture_text(text, path.name))
+            merge_host(host, parse_capture_text(text, path.name))
+        except (DisaggError, ValueError, SyntaxError, KeyError, IndexError) as e:  # ET.ParseError is a SyntaxError
+            raise file_error(
+                str(path), "capture", f"cannot parse it: {e}", "give nvidia-smi -q -x, nvidia-smi -q or topo -m output"
+            ) from None
         names.append(path.name)
+        read.append(str(path))
     if not host["gpus"]:
         raise DisaggError(
             f"no GPU found in {', '.join(names)}",
@@ -69,7 +76,13 @@ def host_from_files(paths: Iterable[Path], expected_gpus: int | None = None) -> 
     for g in host["gpus"]:
         finish_gpu(g)
     host["source"] = "capture:" + ",".join(names)
-    topo = HostTopology.model_validate(host)
+    try:
+        topo = HostTopology.model_validate(host)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(str(x) for x in first["loc"])
+        hint = "is this an nvidia-smi capture?"
+        raise file_error(", ".join(read), "capture", f"{where}: {first['msg']}", hint) from None
     topo.problems = detect_problems(topo, expected_gpus)
     return topo
 

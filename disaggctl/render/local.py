@@ -97,6 +97,20 @@ def paths(state_dir: str) -> dict[str, Path]:
     }
 
 
+UNIX_SOCKET_MAX = 107  # bytes of a Unix socket path (sun_path is 108 with the NUL)
+
+
+def ipc_socket_example(base: str) -> str:
+    """The longest ZMQ IPC socket vLLM makes under `base` (vllm.utils.network_utils.get_open_zmq_ipc_path)."""
+    return f"{base}/{'0' * 8}-{'0' * 4}-{'0' * 4}-{'0' * 4}-{'0' * 12}"
+
+
+def short_rpc_dir(state_dir: str) -> str:
+    """Where vLLM's IPC sockets go when <state>/work/<process>/tmp is too long for them (docs/local.md)."""
+    digest = hashlib.sha256(state_dir.encode()).hexdigest()[:12]
+    return f"/tmp/dctl-{os.getuid()}-{digest}"
+
+
 def _resolve_bin(argv0: str) -> str:
     """A relative executable: the one next to this Python first (the venv disaggctl runs from), then PATH."""
     if "/" in argv0:
@@ -124,6 +138,8 @@ def proc_spec(
     if p.role is not Role.ROUTER:
         env.setdefault("TMPDIR", str(work / "tmp"))
         env.setdefault("VLLM_CACHE_ROOT", str(work / "cache"))
+        if len(ipc_socket_example(env["TMPDIR"]).encode()) > UNIX_SOCKET_MAX:
+            env.setdefault("VLLM_RPC_BASE_PATH", short_rpc_dir(state_dir))
     h = hashlib.sha256()
     for fname in sorted(p.files):
         h.update(fname.encode() + b"\0" + (file_contents or {}).get(fname, "").encode() + b"\0")

@@ -45,8 +45,8 @@ SCRIPT_NAME = "job.sbatch"
 STOP_TIMEOUT_S = 30  # per step: SIGTERM, then SIGKILL after this long
 MAX_GRACE_S = 120  # `--signal=B:TERM@<grace>`: time to shut down before the limit
 HANDOVER_S = 10  # walltime chaining: old and new router both serve this long after the endpoint switched
-SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./+-]+$")  # #SBATCH lines are not shell: no quoting possible there
-SAFE_MOUNT = re.compile(r"^[A-Za-z0-9_./:+@-]+$")
+SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+-]+")  # #SBATCH lines are not shell: no quoting possible there
+SAFE_MOUNT = re.compile(r"[A-Za-z0-9_./:+@-]+")
 ADDR_FLAGS = frozenset({"--master-addr", "--data-parallel-address", "--host", "--prometheus-host"})
 
 
@@ -254,13 +254,13 @@ def grace_s(limit_s: int) -> int:
 
 
 def _check_paths(spec: ClusterSpec, t: SlurmTarget) -> None:
-    if not SAFE_PATH.match(t.workdir):
+    if not SAFE_PATH.fullmatch(t.workdir):
         raise DisaggError(
             f"target.workdir: {t.workdir!r} cannot go on an #SBATCH line (no quoting there); "
             "use an absolute path of letters, digits and _ . / + -"
         )
     for m in t.container_mounts:
-        if not SAFE_MOUNT.match(m):
+        if not SAFE_MOUNT.fullmatch(m):
             raise DisaggError(f"target.container_mounts: {m!r} must be SRC:DST[:FLAGS] without spaces or commas")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from disaggctl.router.config import Policy, Upstream
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Instance:
     up: Upstream
     role: str  # "prefill" | "decode"
@@ -24,14 +24,14 @@ class Instance:
     last_error: str | None = None
     failures: int = field(default=0)
     failed_at: float = -1e9  # time.monotonic() of the last failed call (not health poll)
+    draining: bool = False  # taken out of rotation: no new requests, open ones finish
 
-    @property
-    def name(self) -> str:
-        return self.up.name
+    name: str = field(init=False)
+    url: str = field(init=False)  # base URL without a trailing "/"
 
-    @property
-    def url(self) -> str:
-        return self.up.url.rstrip("/")
+    def __post_init__(self) -> None:
+        self.name = self.up.name
+        self.url = self.up.url.rstrip("/")
 
 
 Picker = Callable[[Sequence[Instance]], Instance]
@@ -84,15 +84,19 @@ class Pool:
     def pick(self, exclude: Sequence[Instance] = ()) -> Instance | None:
         """Choose among healthy instances not yet tried; if none is healthy, try the untried
         unhealthy ones too (health is polled, so it can be stale)."""
-        untried = [i for i in self.instances if i not in exclude]
+        if not exclude:  # the common case, kept cheap
+            healthy = [i for i in self.instances if i.healthy and not i.draining]
+            if healthy:
+                return self.pick_from(healthy)
+        untried = [i for i in self.instances if not i.draining and i not in exclude]
         if not untried:
             return None
         healthy = [i for i in untried if i.healthy]
         return self.pick_from(healthy or untried)
 
     def min_in_flight(self) -> int:
-        healthy = [i.in_flight for i in self.instances if i.healthy]
+        healthy = [i.in_flight for i in self.instances if i.healthy and not i.draining]
         return min(healthy) if healthy else 0
 
     def any_healthy(self) -> bool:
-        return any(i.healthy for i in self.instances)
+        return any(i.healthy and not i.draining for i in self.instances)

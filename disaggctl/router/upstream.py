@@ -26,15 +26,21 @@ class UpstreamError(OSError):
     """Connect error, timeout, or a connection lost before the response was complete."""
 
 
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 class Response:
     """One response, filled by its connection; the body is read whole or chunk by chunk."""
 
-    def __init__(self, conn: Connection, timeout: float) -> None:
+    def __init__(self, conn: Connection, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
         self.conn = conn
         self.timeout = timeout  # the longest wait for the next bytes of the body
+        self.loop = loop
         self.status = 0
         self.headers: dict[str, str] = {}
-        self.head = asyncio.get_running_loop().create_future()
+        self.head: asyncio.Future[None] = loop.create_future()
         self.parts: deque[bytes] = deque()
         self.buffered = 0
         self.done = False
@@ -165,14 +171,16 @@ class Response:
     # ---- read by the router
 
     async def _more(self) -> None:
-        self.waiter = asyncio.get_running_loop().create_future()
+        # a plain timer, not asyncio.timeout(): this runs per body part of every stream
+        waiter = self.waiter = self.loop.create_future()
+        timer = self.loop.call_later(self.timeout, _expire, waiter)
         try:
-            async with asyncio.timeout(self.timeout):
-                await self.waiter
+            await waiter
         except TimeoutError:
             self.conn.close()
             raise UpstreamError(f"no response bytes for {self.timeout} s") from None
         finally:
+            timer.cancel()
             self.waiter = None
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -276,7 +284,7 @@ class HostPool:
         self.port = port
         self.connect_timeout = connect_timeout
         self.idle: deque[Connection] = deque()
-        self.host_header = f"{host}:{port}".encode()
+        self.host_header = f"{host}:{port}"
 
     def put(self, conn: Connection) -> None:
         if len(self.idle) < MAX_IDLE:
@@ -313,6 +321,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.pools: dict[str, tuple[HostPool, str]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def _pool(self, base: str) -> tuple[HostPool, str]:
         got = self.pools.get(base)
@@ -336,23 +345,24 @@ class Client:
         """Send a request; returns once the status line and headers arrived. Call
         `read()`/`iter_chunks()` for the body and `release()` when done."""
         pool, prefix = self._pool(base)
-        head = [f"{method} {prefix}{path} HTTP/1.1\r\n".encode(), b"Host: ", pool.host_header, b"\r\n"]
-        for k, v in (headers or {}).items():
-            head.append(f"{k}: {v}\r\n".encode())
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        lines = "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) if headers else ""
         if body or method == "POST":
-            head.append(f"Content-Length: {len(body)}\r\n".encode())
-        head.append(b"\r\n")
-        data = b"".join(head) + body
+            lines += f"Content-Length: {len(body)}\r\n"
+        data = f"{method} {prefix}{path} HTTP/1.1\r\nHost: {pool.host_header}\r\n{lines}\r\n".encode() + body
         limit = timeout or self.read_timeout
         for attempt in (0, 1):
             conn, reused = await pool.get()
-            resp = Response(conn, limit)
+            resp = Response(conn, limit, loop)
             conn.resp = resp
             assert conn.transport is not None
             conn.transport.write(data)
+            # a plain timer, not asyncio.timeout(): cheaper, and this runs for every upstream call
+            timer = loop.call_later(limit, _expire, resp.head)
             try:
-                async with asyncio.timeout(limit):
-                    await resp.head
+                await resp.head
             except TimeoutError:
                 conn.close()
                 raise UpstreamError(f"no answer from {pool.host}:{pool.port} within {limit} s") from None
@@ -364,6 +374,8 @@ class Client:
             except BaseException:  # cancelled (the client went away): this connection is mid-request
                 conn.close()
                 raise
+            finally:
+                timer.cancel()
             return resp
         raise AssertionError("unreachable")
 

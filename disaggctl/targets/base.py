@@ -13,7 +13,6 @@ instance by instance); the details are what the target needs to refuse a stale s
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -114,16 +113,16 @@ def write_saved_plan(path: str, saved: SavedPlan) -> None:
 
 
 def read_saved_plan(path: str | Path) -> SavedPlan:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise DisaggError(f"cannot read plan file {path}: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
-        raise DisaggError(f"{path} is not a saved plan; create one with `disaggctl plan SPEC -o FILE`")
+    """A saved plan, bounded and located like every input file; a wrong shape names the field."""
+    from pydantic import ValidationError
+
+    from disaggctl.inputs import model_issues, read_saved_plan_data
+
+    data = read_saved_plan_data(path)
     try:
         return SavedPlan.model_validate(data)
-    except ValueError as e:
-        raise DisaggError(f"{path}: not a disaggctl plan ({str(e).splitlines()[0]})") from None
+    except ValidationError as e:
+        raise model_issues(e, str(path), "saved plan") from None
 
 
 def stale_reasons(saved: SavedPlan, fresh: SavedPlan) -> list[str]:

@@ -156,7 +156,7 @@ class Supervisor:
     def start(self, spec: ProcSpec) -> None:
         st = self.states.setdefault(spec.name, ProcState(spec.name))
         Path(spec.cwd).mkdir(parents=True, exist_ok=True)
-        for key in ("TMPDIR", "VLLM_CACHE_ROOT"):
+        for key in ("TMPDIR", "VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH"):
             if key in spec.env:
                 Path(spec.env[key]).mkdir(parents=True, exist_ok=True)
         Path(spec.log).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,197 @@
+"""The request paths shared by every connector: local prefill on a decode instance, the
+prefill call, the NIXL / shared-storage two-step hand-off, and relaying the decode answer to
+the client (JSON whole, SSE chunk by chunk, a mid-stream failure as an error event)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from disaggctl.router import front
+from disaggctl.router.bodies import (
+    JSON_CT,
+    NIXL_PREFILL_PARAMS,
+    JSONError,
+    dumps,
+    error_body,
+    loads,
+    prefill_body,
+    with_field,
+)
+from disaggctl.router.calls import Upcall, Upstreams, UpstreamUnavailable
+from disaggctl.router.config import RouterConfig
+from disaggctl.router.decide import DISAGG, LOCAL
+from disaggctl.router.metrics import RouterMetrics
+from disaggctl.router.policies import Instance
+from disaggctl.router.upstream import UpstreamError
+
+log = logging.getLogger("disaggctl.router")
+SSE_CT = "text/event-stream"
+
+
+@dataclass(slots=True)
+class Ctx:
+    """One client request as the paths need it."""
+
+    request: front.Request
+    chat: bool
+    endpoint: str  # "chat" | "completions" (metrics label)
+    raw: bytes  # the client's body
+    body: dict[str, Any]  # parsed
+    rid: str  # X-Request-Id, sent to prefill and decode
+    headers: dict[str, str]  # for upstream calls
+    t0: float
+
+    @property
+    def path(self) -> str:
+        return "/v1/chat/completions" if self.chat else "/v1/completions"
+
+
+class Handoff:
+    def __init__(self, cfg: RouterConfig, ups: Upstreams, metrics: RouterMetrics) -> None:
+        self.cfg = cfg
+        self.ups = ups
+        self.metrics = metrics
+        self._warned_no_params = False
+
+    async def local(self, ctx: Ctx, reason: str, only: Instance | None = None) -> front.Reply:
+        """Send the client's body unchanged to a decode instance (it prefills locally)."""
+        self.metrics.request(ctx.endpoint, LOCAL, reason)
+        up = await self.ups.call(self.ups.decode, ctx.path, ctx.raw, ctx.headers, only=only)
+        return await self.relay(ctx, up, LOCAL)
+
+    async def prefill_call(self, ctx: Ctx, path: str, body: dict[str, Any]) -> tuple[Instance, int, bytes]:
+        """POST `body` to a prefill instance and read the whole answer; (instance, status, bytes)."""
+        up = await self.ups.call(self.ups.prefill, path, dumps(body), ctx.headers)
+        try:
+            return up.inst, up.resp.status, await up.resp.read()
+        except UpstreamError as e:
+            self.ups.fail(up.inst, str(e))
+            raise UpstreamUnavailable("prefill", [(up.inst, str(e))]) from None
+        finally:
+            up.close()
+
+    async def prefill_json(self, ctx: Ctx, path: str, pbody: dict[str, Any]) -> tuple[Instance, int, Any, bytes]:
+        """Run a prefill call; returns (instance, status, parsed JSON or None, raw bytes)."""
+        inst, status, data = await self.prefill_call(ctx, path, pbody)
+        parsed = None
+        if status == 200:
+            try:
+                parsed = loads(data)
+            except JSONError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                err = f"answered 200 with a body that is not a JSON object: {data[:100]!r}"
+                self.ups.fail(inst, err)
+                raise UpstreamUnavailable("prefill", [(inst, err)])
+        return inst, status, parsed, data
+
+    async def two_step(self, ctx: Ctx) -> front.Reply:
+        """NIXL and shared storage: prefill with max_tokens 1, then decode with the original body
+        (plus the prefill's kv_transfer_params for NIXL), same X-Request-Id."""
+        pbody = prefill_body(ctx.body)
+        nixl = self.cfg.kv_kind == "nixl"
+        if nixl:
+            pbody["kv_transfer_params"] = NIXL_PREFILL_PARAMS
+        try:
+            pinst, status, parsed, data = await self.prefill_json(ctx, ctx.path, pbody)
+        except UpstreamUnavailable as e:
+            log.warning("%s; prefilling on decode instead", e)
+            return await self.local(ctx, "prefill_failed")
+        if status != 200 or parsed is None:
+            # the prefill refused the request (4xx): the client's request is at fault; pass it on
+            self.metrics.error("prefill_rejected", status)
+            return front.Response(status=status, body=data, content_type=JSON_CT)
+        self.metrics.request(ctx.endpoint, DISAGG, "long_prompt")
+        dbody = self.nixl_decode_body(ctx, pinst, parsed) if nixl else ctx.raw
+        up = await self.ups.call(self.ups.decode, ctx.path, dbody, ctx.headers)
+        return await self.relay(ctx, up, DISAGG)
+
+    def nixl_decode_body(self, ctx: Ctx, pinst: Instance, parsed: dict[str, Any]) -> bytes:
+        """The client's bytes with the prefill's kv_transfer_params appended."""
+        ktp = parsed.get("kv_transfer_params")
+        if not ktp:
+            if not self._warned_no_params:
+                log.warning(
+                    "prefill %s returned no kv_transfer_params: is it a kv_producer? decode will recompute the prompt",
+                    pinst.name,
+                )
+                self._warned_no_params = True
+            return ctx.raw
+        if "kv_transfer_params" in ctx.body:
+            return dumps(dict(ctx.body, kv_transfer_params=ktp))
+        return with_field(ctx.raw, "kv_transfer_params", ktp)
+
+    # ------------------------------------------------------------------ answers
+
+    async def relay(self, ctx: Ctx, up: Upcall, path: str) -> front.Reply:
+        """Forward the decode answer: JSON as is, SSE chunk by chunk; a mid-stream failure ends
+        the stream with an error event (the status line is already sent)."""
+        resp = up.resp
+        try:
+            ctype = resp.headers.get("content-type", JSON_CT)
+            if not ctype.startswith(SSE_CT):
+                try:
+                    data = await resp.read()
+                except UpstreamError as e:
+                    self.ups.fail(up.inst, str(e))
+                    raise UpstreamUnavailable(up.inst.role, [(up.inst, str(e))]) from None
+                self.metrics.observe_ttft(path, time.perf_counter() - ctx.t0)
+                if resp.status >= 400:
+                    self.metrics.error("decode_rejected", resp.status)
+                return front.Response(
+                    status=resp.status, body=data, headers={"Content-Type": ctype, "X-Request-Id": ctx.rid}
+                )
+            out = front.StreamResponse(
+                status=resp.status,
+                headers={"Content-Type": ctype, "Cache-Control": "no-cache", "X-Request-Id": ctx.rid},
+            )
+            await out.prepare(ctx.request)
+            return await self.pump(ctx, out, up, resp.iter_chunks(), path)
+        finally:
+            up.close()
+
+    async def pump(
+        self,
+        ctx: Ctx,
+        out: front.StreamResponse,
+        up: Upcall,
+        parts: AsyncIterator[bytes],
+        ttft_path: str | None,
+        convert: Callable[[bytes], bytes] | None = None,
+    ) -> front.StreamResponse:
+        """Copy an upstream SSE body to the client. An upstream failure ends the stream with an
+        error event; a client that went away just ends it (the upstream is not to blame).
+        `ttft_path`: observe the time to the first chunk under this path label."""
+        try:
+            async for chunk in parts:
+                if ttft_path is not None:
+                    self.metrics.observe_ttft(ttft_path, time.perf_counter() - ctx.t0)
+                    ttft_path = None
+                if convert is not None:
+                    chunk = convert(chunk)
+                if chunk:
+                    await out.write(chunk)
+        except UpstreamError as e:
+            await self.stream_failed(out, up.inst, e)
+            return out
+        except ConnectionError:  # the client disconnected; closing the upstream aborts generation
+            self.metrics.error("client_disconnected", 499)
+            return out
+        with contextlib.suppress(ConnectionError):
+            await out.write_eof()
+        return out
+
+    async def stream_failed(self, out: front.StreamResponse, inst: Instance, e: BaseException) -> None:
+        err = str(e) or type(e).__name__
+        self.ups.fail(inst, err)
+        self.metrics.error("stream_interrupted", 502)
+        msg = f"{inst.role} instance {inst.name} ({inst.url}) failed mid-stream: {err}"
+        event = error_body(502, msg, "UpstreamStreamError")
+        with contextlib.suppress(ConnectionError):
+            await out.write(b"data: " + dumps(event) + b"\n\ndata: [DONE]\n\n")
+            await out.write_eof()
