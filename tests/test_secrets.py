@@ -226,6 +226,11 @@ def test_local_apply_gives_the_value_to_engines_only(tmp_path: Path, standin_vll
         now = {n: int((state / "run" / f"{n}.pid").read_text()) for n in pids}
         assert now["router"] == pids["router"] and now["decode-0"] != pids["decode-0"]
         assert f"{NAME}={new}".encode() in _proc_env(now["decode-0"])
+        # status needs no values: no false "secrets changed" without them
+        for e in (env2, {k: v for k, v in env.items() if k != NAME}):
+            r = _run("status", str(spec), env=e)
+            assert r.returncode == 0 and "changed" not in r.stdout, r.stdout + r.stderr
+            outputs.append(r.stdout)
         # a missing value: a named error before anything changes
         r = _run("plan", str(spec), env={k: v for k, v in env.items() if k != NAME})
         assert r.returncode == 2 and f"{NAME} not set in your environment" in r.stdout + r.stderr

@@ -8,6 +8,7 @@ SIGHUP it: only changed processes restart) -> wait for every /health -> canary t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -506,7 +507,7 @@ def status_report(ctx: OpsContext) -> StatusReport:
     if old is None:
         return StatusReport(deployed=False, healthy=False, notes=[f"no {paths(state_dir)['table']}"], **common)
     states = _proc_states(state_dir)
-    drift = {a.process: a for a in diff(old, table(ctx.desired, _target(ctx)), sup is not None)
+    drift = {a.process: a for a in diff(old, _wanted(ctx, old), sup is not None)
              if a.action in (Action.CREATE, Action.UPDATE, Action.DELETE)}  # fmt: skip
     rows: list[ProcessStatus] = []
     for p in old.processes:
@@ -532,6 +533,18 @@ def status_report(ctx: OpsContext) -> StatusReport:
     ok = sup is not None and all(r.running and r.healthy is not False for r in rows)
     notes = [] if sup else ["the supervisor is not running: `disaggctl apply` starts it"]
     return StatusReport(deployed=True, healthy=ok, processes=rows, notes=notes, **common)
+
+
+def _wanted(ctx: OpsContext, old: Table) -> Table:
+    """The table the spec wants, for status: with the operator's secrets when they are set, else the
+    deployed rows' secrets hash (status does not need the values to report drift elsewhere)."""
+    try:
+        return table(ctx.desired, _target(ctx), operator_values(ctx.spec))
+    except DisaggError:
+        want = table(ctx.desired, _target(ctx))
+        deployed = {p.name: p.secrets_sha for p in old.processes}
+        procs = [dataclasses.replace(p, secrets_sha=deployed.get(p.name, p.secrets_sha)) for p in want.processes]
+        return dataclasses.replace(want, processes=procs)
 
 
 def _remove_owned(state_dir: str) -> int:
