@@ -519,11 +519,14 @@ def test_secrets_reach_the_engines_only_through_a_private_file(slurm_ns: dict[st
         for argv in (["scontrol", "show", "job", "-d", job_id], ["scontrol", "write", "batch_script", job_id, "-"]):
             outputs.append(subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout)
             assert outputs[-1].strip(), argv
-        for args in (["plan", str(spec)], ["plan", str(spec), "--output", "json"], ["status", str(spec)],
+        saved = tmp_path / "saved.plan"
+        for args in (["plan", str(spec)], ["plan", str(spec), "--output", "json"],
+                     ["plan", str(spec), "-o", str(saved)], ["status", str(spec)],
                      ["logs", str(spec)], ["render", str(spec), "-o", str(tmp_path / "out")]):
             r = run(*args)
             outputs.append(r.stdout + r.stderr)
             assert r.returncode == 0, outputs[-1]
+        outputs.append(saved.read_text())
         for text in outputs:
             assert canary not in text
         for f in [*(JOBS / name).rglob("*"), *(tmp_path / "out").rglob("*")]:
