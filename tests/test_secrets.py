@@ -233,7 +233,7 @@ def test_local_apply_gives_the_value_to_engines_only(tmp_path: Path, standin_vll
             outputs.append(r.stdout)
         # a missing value: a named error before anything changes
         r = _run("plan", str(spec), env={k: v for k, v in env.items() if k != NAME})
-        assert r.returncode == 2 and f"{NAME} not set in your environment" in r.stdout + r.stderr
+        assert r.returncode == 1 and f"{NAME} not set in your environment" in r.stderr, r.stdout + r.stderr
         for text in [*outputs, saved.read_text()]:
             assert CANARY not in text
         for f in state.rglob("*"):
