@@ -242,3 +242,33 @@ def test_local_apply_gives_the_value_to_engines_only(tmp_path: Path, standin_vll
     finally:
         _run("destroy", str(spec), "-y", env=env)
     assert not (state / "secrets.env").exists()
+
+
+def test_slurm_launchers_source_the_file_engines_only(tmp_path: Path) -> None:
+    """The launchers as the job runs them (bash, no Slurm needed): an engine's process gets the value from
+    the private file, the router's does not; a missing file stops the step with exit 96, naming the file."""
+    rec = tmp_path / "fake"
+    rec.write_text('#!/bin/bash\nprintf "%s|%s\\n" "$0" "${DCTL_TEST_SECRET-unset}" >> "$DCTL_REC"\n')
+    rec.chmod(0o755)
+    text = _text("slurm").replace("workdir: /tmp/dctl-sec", f"workdir: {tmp_path}/jobs\n  vllm_bin: {rec}\n"
+                                                           f"  python_bin: {rec}")
+    loaded = load_text(text, "sec.yaml")
+    rendered = render(compile_spec(loaded), loaded.spec)
+    run_dir = tmp_path / "jobs" / "sec" / "run"
+    run_dir.mkdir(parents=True)
+    for f in rendered.files:
+        if "/run/" in f.path:
+            (run_dir / Path(f.path).name).write_text(f.content)
+    out = tmp_path / "rec.txt"
+    env = {"PATH": os.environ["PATH"], "DCTL_REC": str(out), **{f"DCTL_ADDR_{i}": "127.0.0.1" for i in range(3)}}
+    r = subprocess.run(["bash", str(run_dir / "decode-0.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 96 and "private/secrets.env is missing" in r.stderr, r.stderr
+    sf.write_private(tmp_path / "jobs" / "sec" / "private" / "secrets.env", sf.file_text(list(VALUES), VALUES))
+    for name in ("decode-0", "prefill-0", "router"):
+        r = subprocess.run(["bash", str(run_dir / f"{name}.sh")], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    got = [line.split("|")[1] for line in out.read_text().splitlines()]
+    assert got == [CANARY, CANARY, "unset"]
+    script = tmp_path / "job.sbatch"
+    script.write_text(next(f.content for f in rendered.files if f.path.endswith("job.sbatch")))
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
