@@ -162,6 +162,15 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def known_values(spec: ClusterSpec) -> list[str]:
+    """The secret values this operator has (for redacting quoted output); none when they are not set."""
+    try:
+        return list(operator_values(spec).values())
+    except DisaggError:
+        env = os.environ
+        return [env[k] for k in names(spec) if k in env]
+
+
 def redact(text: str, values: Iterable[str]) -> str:
     """`text` with every secret value replaced (for log lines and error messages that quote output)."""
     for v in sorted((v for v in values if len(v) >= 4), key=len, reverse=True):

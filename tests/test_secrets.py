@@ -272,3 +272,12 @@ def test_slurm_launchers_source_the_file_engines_only(tmp_path: Path) -> None:
     script = tmp_path / "job.sbatch"
     script.write_text(next(f.content for f in rendered.files if f.path.endswith("job.sbatch")))
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+def test_quoted_output_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log tails quoted in errors (a failed Slurm job, a failed local engine) pass through redact()."""
+    spec = _loaded("local").spec
+    monkeypatch.setenv(NAME, CANARY)
+    monkeypatch.delenv("OTHER_SECRET", raising=False)  # one missing: the ones that are set still count
+    text = f"env: {NAME}={CANARY} PATH=/bin"
+    assert sf.redact(text, sf.known_values(spec)) == f"env: {NAME}={sf.REDACTED} PATH=/bin"

@@ -29,7 +29,7 @@ from disaggctl.errors import DisaggError
 from disaggctl.health import HealthError, HealthProgress
 from disaggctl.render.local import ProcSpec, Table, paths, render, table
 from disaggctl.secrets import FILE_NAME as SECRETS_FILE
-from disaggctl.secrets import operator_values, write_private
+from disaggctl.secrets import known_values, operator_values, redact, write_private
 from disaggctl.spec import LocalTarget
 from disaggctl.targets import OpsContext
 from disaggctl.targets.base import (
@@ -485,7 +485,8 @@ def _explain_failure(ctx: OpsContext, tbl: Table, e: HealthError, restarts0: Map
     c = ctx.console
     c.print(f"[red]health check failed[/]: {e}")
     if e.name in {p.name for p in tbl.processes}:
-        c.print(f"last lines of {tbl.proc(e.name).log}:\n{_tail(Path(tbl.proc(e.name).log))}")
+        tail = redact(_tail(Path(tbl.proc(e.name).log)), known_values(ctx.spec))  # a process may print its env
+        c.print(f"last lines of {tbl.proc(e.name).log}:\n{tail}")
     for name, st in _proc_states(tbl.state_dir).items():
         # a process that died during the check explains a failed canary better than the canary does
         if int(st.get("restarts") or 0) > restarts0.get(name, 0) or st.get("state") == "failed":

@@ -206,6 +206,7 @@ class SlurmBackend:
         self._sleep = sleep
         self._clock = clock
         self._poll_s = poll_s
+        self._secret_values: list[str] = []  # set by apply: redacted from quoted job output
 
     # ---- helpers
 
@@ -249,6 +250,7 @@ class SlurmBackend:
         from disaggctl.targets.ui import Phases
 
         run = self._runner_factory(ctx.spec)
+        self._secret_values = secret_files.known_values(ctx.spec)
         script, digest = self._script(ctx)
         p = compute_plan(digest, list_jobs(run, job_name(ctx.spec)))
         observed = p.to_json()["observed"]
@@ -399,6 +401,7 @@ class SlurmBackend:
             job = show_job(run, job.job_id) or job
         lines = cli.relevant_lines(job_output(run, job))
         detail = "\n".join(f"    {ln}" for ln in lines) or "    (the output file is empty)"
+        detail = secret_files.redact(detail, self._secret_values)  # a process that printed its environment
         raise DisaggError(f"{message}; from {job.stdout or 'its output file'}:\n{detail}")
 
     def check_health(self, ctx: OpsContext, endpoint: str, urls: dict[str, str], phases: Phases | None = None) -> None:
