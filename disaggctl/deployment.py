@@ -11,6 +11,7 @@ compared, and tested without SSH, Slurm or a GPU.
 from __future__ import annotations
 
 import hashlib
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -144,7 +145,8 @@ class DesiredState(Data):
     compat: CompatReport | None = None  # fingerprints per instance and the KV transfer plan
 
     def on_host(self, host: str) -> list[Process]:
-        return [p for p in self.processes if p.host == host]
+        """The processes on `host`, in `processes` order (indexed once: O(1) per call)."""
+        return list(_grouped(self, "processes", self.processes).get(host, ()))
 
     def process(self, name: str) -> Process:
         for p in self.processes:
@@ -185,4 +187,24 @@ class Rendered(Data):
     units: dict[str, list[str]] = Field(default_factory=dict)  # host -> unit/step names in start order
 
     def for_host(self, host: str) -> list[RenderedFile]:
-        return [f for f in self.files if f.host == host]
+        """The files for `host`, in `files` order (indexed once: O(1) per call)."""
+        return list(_grouped(self, "files", self.files).get(host, ()))
+
+
+_HostItem = TypeVar("_HostItem", Process, RenderedFile)
+
+
+def _grouped(model: BaseModel, field: str, items: list[_HostItem]) -> dict[str, list[_HostItem]]:
+    """`items` grouped by `.host`, cached in the model's __dict__ next to the fields (not a field:
+    dumps, equality and hashing ignore it). The cache remembers the list it was built from, so a
+    `model_copy(update=...)` with a new list, or a list that grew, is indexed again."""
+    key = f"_by_host_{field}"
+    cached = model.__dict__.get(key)
+    if cached is None or cached[0] is not items or cached[1] != len(items):
+        index: dict[str, list[_HostItem]] = {}
+        for item in items:
+            index.setdefault(item.host, []).append(item)
+        cached = (items, len(items), index)
+        model.__dict__[key] = cached
+    result: dict[str, list[_HostItem]] = cached[2]
+    return result

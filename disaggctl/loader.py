@@ -102,7 +102,7 @@ class _Builder:
         self.file = file
         self.pos = pos
         self.nodes = 0
-        self.constructor = yaml.SafeLoader("")
+        self.constructor = yaml.constructor.SafeConstructor()
 
     def build(self, node: yaml.Node, path: Path_) -> Any:
         loc = _loc(self.file, node.start_mark)

@@ -13,6 +13,7 @@ Rules (in order of preference, see docs/architecture.md):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,12 +62,15 @@ class HostState:
     free: list[int]  # free GPU indices, ascending
     links_known: bool = True  # False: no NVLink data at all, every pair is assumed connected
     ports: dict[int, str] = field(default_factory=dict)
+    gpus: dict[int, Gpu] = field(init=False, repr=False)  # by index (the first GPU of an index wins)
+
+    def __post_init__(self) -> None:
+        self.gpus = {}
+        for g in self.topo.gpus:
+            self.gpus.setdefault(g.index, g)
 
     def gpu(self, index: int) -> Gpu:
-        for g in self.topo.gpus:
-            if g.index == index:
-                return g
-        raise KeyError(index)
+        return self.gpus[index]
 
     def take_port(self, base: int, owner: str, count: int = 1, stride: int = 1) -> int:
         """The first port >= base where `count` ports (base, base+stride, ...) are all free."""
@@ -89,6 +93,7 @@ def host_topologies(loaded: LoadedSpec, topology: TopologyFile | None) -> dict[s
     issues = IssueList()
     hw = spec.hardware
     memory = int(hw.hbm_gb * 1e9 / MIB) if hw.hbm_gb else None
+    made: dict[tuple[int, str | None, str | None, int | None], HostTopology] = {}
     for i, h in enumerate(spec.hosts):
         if topology is not None and h.name in topology.hosts:
             out[h.name] = topology.hosts[h.name]
@@ -126,7 +131,10 @@ def host_topologies(loaded: LoadedSpec, topology: TopologyFile | None) -> dict[s
         gpu_type = h.gpu or hw.gpu
         arch = "blackwell" if is_blackwell(gpu_type, hw.arch) else ("hopper" if gpu_type else None)
         mem = _type_memory_mib(h.gpu) if h.gpu is not None and h.gpu != hw.gpu else memory
-        out[h.name] = from_count(count, name=gpu_type.value if gpu_type else None, memory_mib=mem, architecture=arch)
+        key = (count, gpu_type.value if gpu_type else None, arch, mem)
+        if key not in made:  # hosts alike share one (read-only) topology: 2304 hosts, a handful of shapes
+            made[key] = from_count(count, name=key[1], memory_mib=mem, architecture=arch)
+        out[h.name] = made[key]
     if issues.issues:
         raise loaded.error(issues.issues)
     return out
@@ -226,6 +234,7 @@ class _Ctx:
     hosts: list[HostState]
     issues: IssueList
     warnings: list[str]
+    problems: dict[tuple[int, int | None], list[Problem]] = field(default_factory=dict)  # by (id(topo), GPUs)
 
 
 def _candidates(ctx: _Ctx, pool: Pool) -> list[HostState]:
@@ -240,92 +249,186 @@ def _candidates(ctx: _Ctx, pool: Pool) -> list[HostState]:
     return out
 
 
-def _place_instance(pool: Pool, cands: list[HostState]) -> list[tuple[HostState, list[int]]] | None:
-    total = pool.gpus_per_replica
-    tp = pool.tensor_parallel
-    allowed = set(pool.hosts.gpus) or None
-    # one host
-    for st in cands:
-        picked = _pick_gpus(st, total, allowed)
-        if picked is not None:
-            return [(st, picked)]
-    # several hosts: n nodes with total/n GPUs each, all in one NVLink domain when TP spans hosts
-    # (and always inside one NVL72 clique)
-    for nodes in range(2, total + 1):
-        if total % nodes:
-            continue
-        per = total // nodes
-        if per < tp and (tp % per):
-            continue
-        if per >= tp and per % tp:
-            continue
-        domains: dict[str, list[HostState]] = {}
+Slots = list[tuple[HostState, list[int]]]
+
+
+class _Hosts:
+    """Hosts in spec order for a test that, once false, stays false (GPUs are only ever taken
+    during placement): hosts found failing it are dropped rather than scanned on every instance."""
+
+    def __init__(self, hosts: list[HostState], alive: Callable[[HostState], bool]) -> None:
+        self.hosts = hosts
+        self.alive = alive
+        self.start = 0  # hosts before it failed the test
+
+    def scan(self) -> Iterator[HostState]:
+        hosts, alive = self.hosts, self.alive
+        while self.start < len(hosts) and not alive(hosts[self.start]):
+            self.start += 1
+        dead = 0
+        try:
+            for i in range(self.start, len(hosts)):
+                if alive(hosts[i]):
+                    yield hosts[i]
+                else:
+                    dead += 1
+        finally:
+            if dead > 32 and dead * 8 > len(hosts) - self.start:  # many dead ones inside: compact
+                self.hosts = [st for st in hosts[self.start :] if alive(st)]
+                self.start = 0
+
+
+class _PoolFit:
+    """First fit of one pool's instances, in O(hosts) for the whole pool instead of per instance.
+
+    The answer is the one of trying every candidate host for every instance: hosts in spec order,
+    NVLink domains in the order of their first host with a free GPU. What makes it fast: a host with
+    fewer free GPUs than asked for is skipped for good (free GPUs only shrink), and a host whose GPU
+    choice failed is not asked again until its free GPUs change.
+    """
+
+    def __init__(self, pool: Pool, cands: list[HostState]) -> None:
+        self.pool = pool
+        self.allowed = set(pool.hosts.gpus) or None
+        self.with_free = _Hosts(cands, lambda st: bool(st.free))
+        self.shared_free = _Hosts(cands, lambda st: bool(st.free) and not st.domain.startswith("host:"))
+        self.cands = cands
+        self.domains: dict[str, list[HostState]] = {}
         for st in cands:
-            domains.setdefault(st.domain, []).append(st)
-        groups = list(domains.values())
-        if per >= tp and all(d.startswith("host:") for d in domains):
-            groups = [cands]  # HGX nodes: PP/DP may cross hosts, TP stays inside each host
-        for group in groups:
-            chosen: list[tuple[HostState, list[int]]] = []
-            for st in group:
-                picked = _pick_gpus(st, per, allowed)
-                if picked is not None:
-                    chosen.append((st, picked))
-                    if len(chosen) == nodes:
-                        return chosen
-    return None
+            self.domains.setdefault(st.domain, []).append(st)
+        self.fits: dict[tuple[str | None, int], _Hosts] = {}  # (domain or all, GPUs) -> hosts with as many
+        self.failed: dict[tuple[int, int], int] = {}  # (host index, GPUs) -> its free count when that failed
+
+    def _avail(self, st: HostState) -> int:
+        return len(st.free) if self.allowed is None else sum(1 for g in st.free if g in self.allowed)
+
+    def _fitting(self, domain: str | None, count: int) -> _Hosts:
+        key = (domain, count)
+        if key not in self.fits:
+            hosts = self.cands if domain is None else self.domains[domain]
+            self.fits[key] = _Hosts(hosts, lambda st: self._avail(st) >= count)
+        return self.fits[key]
+
+    def _pick(self, st: HostState, count: int) -> list[int] | None:
+        key = (st.index, count)
+        if self.failed.get(key) == len(st.free):
+            return None  # the same free GPUs as when it failed: the same answer
+        picked = _pick_gpus(st, count, self.allowed)
+        if picked is None:
+            self.failed[key] = len(st.free)
+        return picked
+
+    def _first(self, hosts: _Hosts, nodes: int, per: int) -> Slots | None:
+        chosen: Slots = []
+        for st in hosts.scan():
+            picked = self._pick(st, per)
+            if picked is not None:
+                chosen.append((st, picked))
+                if len(chosen) == nodes:
+                    return chosen
+        return None
+
+    def place_one(self) -> Slots | None:
+        """Hosts and GPUs for the next instance (None when it does not fit)."""
+        total, tp = self.pool.gpus_per_replica, self.pool.tensor_parallel
+        one = self._first(self._fitting(None, total), 1, total)
+        if one is not None:
+            return one
+        # several hosts: n nodes with total/n GPUs each, all in one NVLink domain when TP spans hosts
+        # (and always inside one NVL72 clique)
+        for nodes in range(2, total + 1):
+            per = total // nodes
+            if total % nodes or (per < tp and tp % per) or (per >= tp and per % tp):
+                continue
+            chosen = self._several(nodes, per, tp)
+            if chosen is not None:
+                return chosen
+        return None
+
+    def _several(self, nodes: int, per: int, tp: int) -> Slots | None:
+        if per >= tp and next(self.shared_free.scan(), None) is None:
+            return self._first(self._fitting(None, per), nodes, per)  # HGX: TP inside each host
+        seen: set[str] = set()
+        for st in self.with_free.scan():
+            if st.domain not in seen:
+                seen.add(st.domain)
+                chosen = self._first(self._fitting(st.domain, per), nodes, per)
+                if chosen is not None:
+                    return chosen
+        return None
 
 
 def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_degraded: bool = False) -> Placement:
     """Place every instance of the spec. Raises SpecError (with file:line:col) when it cannot."""
     spec = loaded.spec
     topos = host_topologies(loaded, topology)
-    issues = IssueList()
-    warnings: list[str] = []
-    states: list[HostState] = []
+    ctx = _Ctx(spec, [], IssueList(), [])
     selected = _selected_hosts(spec)
-    for i, h in enumerate(spec.hosts):
-        topo = topos[h.name]
-        problems = _problems(topo, h.gpus)
-        bad: set[int] = set()
-        host_bad = False
-        for p in problems:
-            text = f"host {h.name}: {p.message}"
-            if p.severity != "error" or allow_degraded:
-                warnings.append(text)
-                continue
-            if p.gpu is None and (h.name not in selected or p.code == "no_gpus"):
-                # a host no pool selects (a login or router host), or one without GPUs: it simply
-                # gets no instances; the router may still run there
-                host_bad = True
-                warnings.append(text + " (no instances placed there)")
-                continue
-            if p.gpu is not None:
-                bad.add(p.gpu)
-                warnings.append(text + " (GPU skipped)")
-            else:
-                host_bad = True
-                issues.add(
-                    ("hosts", i),
-                    f"host {h.name} is degraded: {p.message}",
-                    "fix the host, drop it from the spec, or pass --allow-degraded",
-                )
-        free = [] if host_bad else sorted(g.index for g in topo.gpus if g.index not in bad)
-        known = _links_known(topo)
-        if not known:
-            warnings.append(
-                f"host {h.name}: the topology has no NVLink data; assuming all its GPUs are "
-                "NVLink peers (probe the host, or add a `nvidia-smi topo -m` capture)"
-            )
-        states.append(HostState(h, i, topo, _domain(h, topo), free, known))
-    ctx = _Ctx(spec, states, issues, warnings)
+    ctx.hosts = [
+        _host_state(ctx, i, h, topos[h.name], h.name in selected, allow_degraded) for i, h in enumerate(spec.hosts)
+    ]
     _check_nvfp4(ctx)
-    by_name = {s.spec.name: s for s in states}
-    router_state = by_name.get(spec.router_host)
+    router_state = {s.spec.name: s for s in ctx.hosts}.get(spec.router_host)
     if router_state is None:
-        issues.raise_if_any()
+        ctx.issues.raise_if_any()
         raise loaded.error([Issue(("router", "host"), f"router host {spec.router_host!r} is not declared")])
-    # fixed ports first: the router's, the metrics port, LMCache's proxy port
+    _reserve_fixed_ports(ctx, router_state)
+    instances = [inst for role in (Role.PREFILL, Role.DECODE) for inst in _place_pool(ctx, role)]
+    _check_fit(ctx, instances)
+    if ctx.issues.issues:
+        raise loaded.error(ctx.issues.issues)
+    kv = spec.kv_transfer
+    return Placement(
+        name=spec.name,
+        instances=instances,
+        router_host=router_state.spec.name,
+        router_address=router_state.spec.addr,
+        router_port=spec.router.port,
+        lmcache_proxy_port=kv.proxy_port if isinstance(kv, LmcacheTransfer) else None,
+        ports={s.spec.name: dict(sorted(s.ports.items())) for s in ctx.hosts if s.ports},
+        warnings=ctx.warnings,
+    )
+
+
+def _host_state(ctx: _Ctx, i: int, h: Host, topo: HostTopology, selected: bool, allow_degraded: bool) -> HostState:
+    """A host's free GPUs: the probe's problems skip GPUs (or the whole host) unless allow_degraded."""
+    bad: set[int] = set()
+    host_bad = False
+    key = (id(topo), h.gpus)
+    if key not in ctx.problems:
+        ctx.problems[key] = _problems(topo, h.gpus)
+    for p in ctx.problems[key]:
+        text = f"host {h.name}: {p.message}"
+        if p.severity != "error" or allow_degraded:
+            ctx.warnings.append(text)
+        elif p.gpu is None and (not selected or p.code == "no_gpus"):
+            # a host no pool selects (a login or router host), or one without GPUs: it simply
+            # gets no instances; the router may still run there
+            host_bad = True
+            ctx.warnings.append(text + " (no instances placed there)")
+        elif p.gpu is not None:
+            bad.add(p.gpu)
+            ctx.warnings.append(text + " (GPU skipped)")
+        else:
+            host_bad = True
+            ctx.issues.add(
+                ("hosts", i),
+                f"host {h.name} is degraded: {p.message}",
+                "fix the host, drop it from the spec, or pass --allow-degraded",
+            )
+    free = [] if host_bad else sorted(g.index for g in topo.gpus if g.index not in bad)
+    known = _links_known(topo)
+    if not known:
+        ctx.warnings.append(
+            f"host {h.name}: the topology has no NVLink data; assuming all its GPUs are "
+            "NVLink peers (probe the host, or add a `nvidia-smi topo -m` capture)"
+        )
+    return HostState(h, i, topo, _domain(h, topo), free, known)
+
+
+def _reserve_fixed_ports(ctx: _Ctx, router_state: HostState) -> None:
+    """The router's port, its metrics port and LMCache's proxy port, before any instance's."""
+    spec = ctx.spec
     fixed: list[tuple[int, str, tuple[str | int, ...]]] = [(spec.router.port, "router", ("router", "port"))]
     if spec.router.metrics_port is not None:
         fixed.append((spec.router.metrics_port, "router metrics", ("router", "metrics_port")))
@@ -334,7 +437,7 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
         fixed.append((kv.proxy_port, "lmcache proxy", ("kv_transfer", "proxy_port")))
     for port, owner, path in fixed:
         if port in router_state.ports:
-            issues.add(
+            ctx.issues.add(
                 path,
                 f"port {port} on host {router_state.spec.name} is already used by {router_state.ports[port]}",
                 "give every process on a host its own port",
@@ -342,40 +445,29 @@ def place(loaded: LoadedSpec, topology: TopologyFile | None = None, *, allow_deg
         else:
             router_state.ports[port] = owner
 
+
+def _place_pool(ctx: _Ctx, role: Role) -> list[Instance]:
+    """The pool's instances, first fit; the first one that does not fit is an issue (and the last)."""
+    pool = ctx.spec.pool(role)
+    cands = _candidates(ctx, pool)
+    needed = pool.replicas * pool.gpus_per_replica
+    available = sum(len(s.free) for s in cands)
+    fit = _PoolFit(pool, cands)
     instances: list[Instance] = []
-    for role in (Role.PREFILL, Role.DECODE):
-        pool = spec.pool(role)
-        needed = pool.replicas * pool.gpus_per_replica
-        cands = _candidates(ctx, pool)
-        available = sum(len(s.free) for s in cands)
-        for r in range(pool.replicas):
-            cands = [st for st in cands if st.free]  # first fit: full hosts drop out
-            slots = _place_instance(pool, cands)
-            if slots is None:
-                placed = sum(1 for i in instances if i.role is role)
-                issues.add(
-                    (role.value, "replicas"),
-                    f"cannot place {role.value} instance {r} ({pool.gpus_per_replica} GPUs: TP "
-                    f"{pool.tensor_parallel} x PP {pool.pipeline_parallel} x DP {pool.data_parallel}); "
-                    f"{placed} of {pool.replicas} placed, {available} free GPUs for {needed} needed",
-                    "add hosts or GPUs, lower replicas or parallelism, or widen the pool's host selector "
-                    "(a TP group needs NVLink-connected GPUs in one domain)",
-                )
-                break
-            instances.append(_make_instance(ctx, role, pool, r, slots))
-    _check_fit(ctx, instances)
-    if issues.issues:
-        raise loaded.error(issues.issues)
-    return Placement(
-        name=spec.name,
-        instances=instances,
-        router_host=router_state.spec.name,
-        router_address=router_state.spec.addr,
-        router_port=spec.router.port,
-        lmcache_proxy_port=kv.proxy_port if isinstance(kv, LmcacheTransfer) else None,
-        ports={s.spec.name: dict(sorted(s.ports.items())) for s in states if s.ports},
-        warnings=warnings,
-    )
+    for r in range(pool.replicas):
+        slots = fit.place_one()
+        if slots is None:
+            ctx.issues.add(
+                (role.value, "replicas"),
+                f"cannot place {role.value} instance {r} ({pool.gpus_per_replica} GPUs: TP "
+                f"{pool.tensor_parallel} x PP {pool.pipeline_parallel} x DP {pool.data_parallel}); "
+                f"{len(instances)} of {pool.replicas} placed, {available} free GPUs for {needed} needed",
+                "add hosts or GPUs, lower replicas or parallelism, or widen the pool's host selector "
+                "(a TP group needs NVLink-connected GPUs in one domain)",
+            )
+            break
+        instances.append(_make_instance(ctx, role, pool, r, slots))
+    return instances
 
 
 def _selected_hosts(spec: ClusterSpec) -> set[str]:
@@ -402,7 +494,7 @@ def _problems(topo: HostTopology, expected: int | None) -> list[Problem]:
     return found + [p for p in topo.problems if (p.code, p.gpu) not in seen]
 
 
-def _make_instance(ctx: _Ctx, role: Role, pool: Pool, r: int, slots: list[tuple[HostState, list[int]]]) -> Instance:
+def _make_instance(ctx: _Ctx, role: Role, pool: Pool, r: int, slots: Slots) -> Instance:
     spec = ctx.spec
     name = f"{role.value}-{r}"
     for st, gpus in slots:
@@ -462,7 +554,7 @@ def _make_instance(ctx: _Ctx, role: Role, pool: Pool, r: int, slots: list[tuple[
     )
 
 
-def _common_port(slots: list[tuple[HostState, list[int]]], base: int, owner: str, count: int) -> int:
+def _common_port(slots: Slots, base: int, owner: str, count: int) -> int:
     """A port block free on every node of a multi-node instance (vLLM uses one value for all)."""
     port = base
     while True:

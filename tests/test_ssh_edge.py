@@ -285,11 +285,25 @@ def _ssh_sessions_to(ip: str) -> int:
     return len(r.stdout.splitlines())
 
 
+def _settled_sessions_to(ip: str, timeout_s: float = 10.0) -> int:
+    """The count once it held still for 0.5 s: an earlier test's jump session may still be closing."""
+    deadline = time.monotonic() + timeout_s
+    last, since = _ssh_sessions_to(ip), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = _ssh_sessions_to(ip)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= 0.5:
+            break
+    return last
+
+
 def test_hosts_behind_a_bastion_share_one_login_to_it(bastion_hosts: TestHosts) -> None:
     """N hosts through one jump host: one SSH session to the jump host, not N (sshd's MaxStartups)."""
     assert bastion_hosts.jump is not None
     j1 = bastion_hosts.jump[1]
-    before = _ssh_sessions_to(j1)
+    before = _settled_sessions_to(j1)
     res = run_on_hosts([_target(bastion_hosts, n, "deploy") for n in bastion_hosts.names()],
                        lambda c: (c.run(["hostname"]).out.strip(), _ssh_sessions_to(j1)))
     assert {h: r.value[0] for h, r in res.items() if r.value} == {n: n for n in bastion_hosts.names()}

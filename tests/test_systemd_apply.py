@@ -25,7 +25,8 @@ from disaggctl.loader import load_text
 from disaggctl.ssh import Connection, SshTarget, connect
 from disaggctl.targets import OpsContext
 from disaggctl.targets.base import StalePlan
-from disaggctl.targets.systemd.backend import PUSH_SCRIPT, SystemdBackend
+from disaggctl.targets.systemd.backend import OBSERVE_SCRIPT, PUSH_SCRIPT, SystemdBackend, observe
+from disaggctl.targets.systemd.changes import Observed
 from tests.plugins.infra import TestHosts
 
 pytestmark = pytest.mark.infra
@@ -244,6 +245,48 @@ def test_05_stopped_unit_is_drift_and_reapply_starts_it(deployed: Env) -> None:
     assert env.backend.apply(env.ctx(), None) == 0, env.text
     assert "not running (inactive/dead)" in env.text
     assert env.show("s2", "disaggctl-sysd-decode-1.service", "ActiveState") == "active"
+
+
+def _unit_facts(env: Env, host: str) -> tuple[dict[str, tuple[object, ...]], dict[str, tuple[object, ...]], str]:
+    """(plan's observe, status's observe, the plan observe's raw output) of one host's services."""
+    c = env.backend._ctx(env.ctx())
+    with env.conn(host) as conn:
+        fast, full = observe(conn, c), observe(conn, c, full=True)
+        paths = [f.path for f in c.rendered.for_host(host)]
+        raw = conn.run(["sh", "-c", OBSERVE_SCRIPT, "observe", "fast", c.state_dir, *paths]).out
+
+    def facts(o: Observed) -> dict[str, tuple[object, ...]]:
+        return {
+            u: (f.load_state, f.active_state, f.sub_state, f.main_pid, f.need_reload, f.cmdline)
+            for u, f in o.units.items()
+            if u.endswith(".service")
+        }
+
+    return facts(fast), facts(full), raw
+
+
+def test_05b_plan_reads_running_units_from_the_cgroup_with_systemctls_answer(deployed: Env) -> None:
+    env = deployed
+    unit = "disaggctl-sysd-router.service"
+    fast, full, raw = _unit_facts(env, "s1")
+    assert fast == full and set(fast) == set(UNITS["s1"])
+    assert all(f[:3] == ("loaded", "active", "running") and not f[4] for f in fast.values())
+    assert "@@state\n" in raw and "@@show" not in raw  # no systemctl at all on a converged host
+    # a unit file newer than the last reload: systemd now wants a reload; the cgroup cannot say
+    # so, the plan asks systemctl for that unit and gets systemd's answer
+    env.sh("s1", "touch", f"/etc/systemd/system/{unit}")
+    try:
+        fast, full, raw = _unit_facts(env, "s1")
+        assert fast == full and fast[unit][4] is True
+        assert f"Id={unit}" in raw and raw.count("Id=") == 1
+        assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 2
+        assert "unit file on disk differs from the loaded unit" in env.text
+        # a drop-in folder that applies to the units (prefix drop-in): systemctl for all of them
+        env.sh("s1", "sh", "-c", "systemctl daemon-reload && mkdir -p /run/systemd/system/disaggctl-.service.d")
+        fast, full, raw = _unit_facts(env, "s1")
+        assert fast == full and raw.count("Id=") == len(UNITS["s1"])
+    finally:
+        env.sh("s1", "sh", "-c", "rmdir /run/systemd/system/disaggctl-.service.d; systemctl daemon-reload")
 
 
 def test_06_saved_plan_is_refused_when_a_host_changed(deployed: Env) -> None:

@@ -4,14 +4,23 @@
 The deployment is one stand-in server per host, built as a DesiredState by hand (the vLLM
 compile is not what this measures) and applied by the real systemd backend: observe, plan,
 pending manifest, atomic uploads, daemon-reload + enable, start, /health gate, final manifest.
-Usage: dctl_once.py HOSTS_JSON SYSHOSTS_BASE
+Usage: dctl_once.py HOSTS_JSON SYSHOSTS_BASE [SPANS_JSON]
+
+With SPANS_JSON, the time of each phase on each host is written there (see phases.py): the
+backend's own functions, wrapped here, nothing changed in them.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
+import time
+
+T_MAIN = time.time()
+
+import atexit  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 
@@ -24,6 +33,9 @@ from disaggctl.spec import Role  # noqa: E402
 from disaggctl.targets import OpsContext  # noqa: E402
 from disaggctl.targets.systemd.backend import SystemdBackend  # noqa: E402
 
+atexit.register(gc.freeze)  # as disaggctl.cli does: no collector walk over every object at exit
+
+T_IMPORTED = time.time()
 hosts = [tuple(h) for h in json.loads(Path(sys.argv[1]).read_text())]
 base = Path(sys.argv[2])
 ssh = f'{{key: "{base}/client_key", known_hosts: "{base}/known_hosts", strict_host_keys: true}}'
@@ -70,4 +82,12 @@ desired = DesiredState(
 )
 console = Console(stderr=True, force_terminal=False)
 ctx = OpsContext(loaded=loaded, desired=desired, console=console, yes=True)
+if len(sys.argv) > 3:
+    from phases import Recorder
+
+    rec = Recorder(T_MAIN, T_IMPORTED)
+    rec.instrument()
+    rc = SystemdBackend().apply(ctx, None)
+    rec.write(Path(sys.argv[3]))
+    sys.exit(rc)
 sys.exit(SystemdBackend().apply(ctx, None))

@@ -136,11 +136,17 @@ def write_hosts_file(hosts: list[tuple[str, str]]) -> Path:
     return p
 
 
-def run_disaggctl(hosts: list[tuple[str, str]]) -> None:
-    cmd = [sys.executable, str(HERE / "dctl_once.py"), str(write_hosts_file(hosts)), str(SYS_BASE)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+SPANS: dict[tuple[str, int], list[dict[str, object]]] = {}  # (phase, hosts) -> one record per run
+
+
+def run_disaggctl(hosts: list[tuple[str, str]], phase: str) -> None:
+    spans = WORK / "spans.json"
+    spans.unlink(missing_ok=True)
+    cmd = [sys.executable, str(HERE / "dctl_once.py"), str(write_hosts_file(hosts)), str(SYS_BASE), str(spans)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, BENCH_T0=repr(time.time())))
     if r.returncode:
         raise SystemExit(f"disaggctl failed:\n{r.stdout}\n{r.stderr}")
+    SPANS.setdefault((phase, len(hosts)), []).append(json.loads(spans.read_text()))
 
 
 def run_floor(hosts: list[tuple[str, str]]) -> None:
@@ -268,7 +274,7 @@ def main() -> None:
     all_hosts = hosts_up(max(sizes))
     runners = {
         "floor": run_floor,
-        "disaggctl": run_disaggctl,
+        "disaggctl": run_disaggctl,  # called with the phase (records its spans)
         "ansible": lambda h: run_ansible(h, a.ansible_venv),
         "pyinfra": lambda h: run_pyinfra(h, a.pyinfra_venv),
     }
@@ -281,7 +287,10 @@ def main() -> None:
                     reset(hosts)
                     for phase in ("first", "noop"):
                         t0 = time.perf_counter()
-                        runners[tool](hosts)
+                        if tool == "disaggctl":
+                            run_disaggctl(hosts, phase)
+                        else:
+                            runners[tool](hosts)
                         dt = time.perf_counter() - t0
                         results.setdefault(tool, {}).setdefault(phase, {}).setdefault(n, []).append(dt)
                         print(f"  {tool:<10} {n:>3} hosts {phase:<5} {dt:7.2f} s", flush=True)
@@ -290,7 +299,9 @@ def main() -> None:
         if not a.keep:
             hosts_down()
     if a.json:
-        a.json.write_text(json.dumps(results, indent=2))
+        a.json.write_text(
+            json.dumps({"results": results, "spans": {f"{k[0]}/{k[1]}": v for k, v in SPANS.items()}}, indent=2)
+        )
     print()
     print(f"median wall time, s ({a.repeats} runs; {os.cpu_count()} cores)")
     print(f"{'tool':<10} {'phase':<6}" + "".join(f"{n:>9}h" for n in sizes) + "   ratio to floor")
@@ -308,6 +319,11 @@ def main() -> None:
                 + " ".join(f"{r:.2f}x" for r in ratios)
             )
     if "disaggctl" in results:
+        from phases import summarize
+
+        for (phase, n), runs in sorted(SPANS.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            print(f"\ndisaggctl {phase}, {n} hosts: where the time goes")
+            print("\n".join(summarize(runs, results["disaggctl"][phase][n])))
         print()
         for other in ("ansible", "pyinfra"):
             if other in results:

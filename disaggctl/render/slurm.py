@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from disaggctl import secrets as secret_files
 from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
@@ -40,6 +40,9 @@ from disaggctl.quoting import shell_word
 from disaggctl.render.templates import environment
 from disaggctl.spec import ClusterSpec, Role, SlurmTarget
 from disaggctl.versions import VLLM_VERSION
+
+if TYPE_CHECKING:
+    import jinja2  # only the annotations; templates.environment imports it when rendering
 
 SCRIPT_NAME = "job.sbatch"
 STOP_TIMEOUT_S = 30  # per step: SIGTERM, then SIGKILL after this long
@@ -63,40 +66,61 @@ class Var:
 Piece = str | Var
 
 
-def _alternation(addrs: dict[str, str]) -> str:
-    return "|".join(re.escape(a) for a in sorted(addrs, key=len, reverse=True))
+class SlotAddresses(Mapping[str, str]):
+    """Slot address -> the variable that holds it at run time, with the regex that finds them in
+    text compiled once (render_slurm looks through every argv word, env value and file)."""
+
+    def __init__(self, addrs: Mapping[str, str]) -> None:
+        self._vars = dict(addrs)
+        self.pattern = _address_pattern(self._vars) if self._vars else None
+
+    def __getitem__(self, addr: str) -> str:
+        return self._vars[addr]
+
+    def __contains__(self, addr: object) -> bool:
+        return addr in self._vars
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._vars)
+
+    def __len__(self) -> int:
+        return len(self._vars)
 
 
-def split_text(text: str, addrs: dict[str, str]) -> list[Piece]:
-    """Split `text` where a slot address appears as a host: a URL host (`://ADDR` then `:`, `/` or end),
-    a whole JSON string (`"ADDR"`) or a whole YAML value (`key: ADDR` at the end of a line).
-
-    Only these contexts are replaced, never a bare substring: a host called `models` must not
-    turn the model path `/models/x` into a variable.
-    """
-    if not addrs:
-        return [text] if text else []
-    alt = _alternation(addrs)
-    pattern = re.compile(
+def _address_pattern(addrs: Mapping[str, str]) -> re.Pattern[str]:
+    alt = "|".join(re.escape(a) for a in sorted(addrs, key=len, reverse=True))
+    return re.compile(
         rf"(?<=://)(?:{alt})(?=[:/]|$)"
         rf'|(?<=")(?:{alt})(?=")'
         rf"|(?<=: )(?:{alt})$"
         rf"|(?<=: ')(?:{alt})(?=')",
         re.MULTILINE,
     )
+
+
+def split_text(text: str, addrs: Mapping[str, str]) -> list[Piece]:
+    """Split `text` where a slot address appears as a host: a URL host (`://ADDR` then `:`, `/` or end),
+    a whole JSON string (`"ADDR"`) or a whole YAML value (`key: ADDR` at the end of a line).
+
+    Only these contexts are replaced, never a bare substring: a host called `models` must not
+    turn the model path `/models/x` into a variable.
+    """
+    slots = addrs if isinstance(addrs, SlotAddresses) else SlotAddresses(addrs)
+    if slots.pattern is None:
+        return [text] if text else []
     pieces: list[Piece] = []
     pos = 0
-    for m in pattern.finditer(text):
+    for m in slots.pattern.finditer(text):
         if m.start() > pos:
             pieces.append(text[pos : m.start()])
-        pieces.append(Var(addrs[m.group(0)]))
+        pieces.append(Var(slots[m.group(0)]))
         pos = m.end()
     if pos < len(text):
         pieces.append(text[pos:])
     return pieces
 
 
-def split_value(value: str, addrs: dict[str, str]) -> list[Piece]:
+def split_value(value: str, addrs: Mapping[str, str]) -> list[Piece]:
     """An environment value or an argv word: the whole value is an address, or URL hosts inside it."""
     if value in addrs:
         return [Var(addrs[value])]
@@ -123,7 +147,7 @@ def _check_line(value: str, what: str) -> str:
     return value
 
 
-def argv_words(argv: list[str], addrs: dict[str, str]) -> str:
+def argv_words(argv: list[str], addrs: Mapping[str, str]) -> str:
     """The argv as shell words; the word after an address flag (ADDR_FLAGS: --master-addr, --host ...) is one."""
     words: list[str] = []
     for i, a in enumerate(argv):
@@ -290,7 +314,11 @@ def secrets_path(cfg_dir: str) -> str:
     return f"{cfg_dir}/private/{secret_files.FILE_NAME}"
 
 
-def _launcher(p: Process, addrs: dict[str, str], secrets: str | None = None) -> str:
+def _secrets_word(desired: DesiredState, t: SlurmTarget) -> str | None:
+    return shell_word(secrets_path(desired.config_dir)) if t.secrets else None
+
+
+def _launcher(p: Process, addrs: Mapping[str, str], secrets: str | None = None) -> str:
     env = []
     for k, v in p.env.items():
         if k == "CUDA_VISIBLE_DEVICES":
@@ -312,9 +340,29 @@ def render_slurm(desired: DesiredState, spec: ClusterSpec) -> Rendered:
     """The batch script (submitted with sbatch) plus, for reading, the launchers it writes."""
     t = slurm_target(spec)
     _check_paths(spec, t)
-    cfg_dir = desired.config_dir
     hosts = desired.hosts
     comp_of = {h: i for i, h in enumerate(hosts)}
+    addrs = _slot_addresses(desired, hosts, comp_of)
+    multi = len(hosts) > 1
+    components = _components(desired, spec, t, hosts, multi)
+    files = _file_writes(desired, hosts, addrs)
+    steps, launchers, launcher_texts = _steps(desired, t, addrs, comp_of, multi)
+    endpoint, urls = _endpoints(desired, addrs)
+    job = _Job(desired, spec, t, multi, components, files, launchers, steps, endpoint, urls)
+    # The hash names the rendered script (without itself): `plan` compares it with the running job's comment.
+    digest = hashlib.sha256(job.script("").encode()).hexdigest()[:16]
+    cfg_dir = desired.config_dir
+    out = [RenderedFile(host="slurm", path=f"{cfg_dir}/{SCRIPT_NAME}", content=job.script(digest), mode=0o755)]
+    if t.secrets:  # a placeholder: apply writes the values there, on the submit host, before sbatch
+        out.append(RenderedFile(host="slurm", path=secrets_path(cfg_dir), content=secret_files.file_text(
+            t.secrets, None), mode=0o600, secret=True))
+    out += [RenderedFile(host=p.host, path=f"{cfg_dir}/run/{p.name}.sh", content=text, mode=0o755)
+            for p, text in launcher_texts]
+    return Rendered(target="slurm", files=out, units={"slurm": [s.name for s in steps]})
+
+
+def _slot_addresses(desired: DesiredState, hosts: list[str], comp_of: dict[str, int]) -> SlotAddresses:
+    """Each host's address -> DCTL_ADDR_<its component>: plain names or IPv4, one host per address."""
     addrs: dict[str, str] = {}
     for p in desired.processes:
         if ":" in p.address or "[" in p.address:
@@ -324,8 +372,11 @@ def render_slurm(desired: DesiredState, spec: ClusterSpec) -> Rendered:
         if prev != f"DCTL_ADDR_{comp_of[p.host]}":
             raise DisaggError(f"hosts {p.host!r} and {hosts[int(prev.rsplit('_', 1)[1])]!r} share the address "
                               f"{p.address!r}; under Slurm every host is its own node slot")
-    multi = len(hosts) > 1
+    return SlotAddresses(addrs)
 
+
+def _components(desired: DesiredState, spec: ClusterSpec, t: SlurmTarget, hosts: list[str],
+                multi: bool) -> list[Component]:
     components = []
     for i, h in enumerate(hosts):
         procs = desired.on_host(h)
@@ -337,27 +388,38 @@ def render_slurm(desired: DesiredState, spec: ClusterSpec) -> Rendered:
             directives=_directives(spec, t, len(procs), gpus),
             summary=f"{', '.join(roles)}: {', '.join(p.name for p in procs)}; {gpus} GPU(s)",
         ))
+    return components
 
+
+def _file_writes(desired: DesiredState, hosts: list[str], addrs: SlotAddresses) -> list[FileWrite]:
+    """The config files, written once into the shared job folder (the same name must mean the same file)."""
+    cfg_dir = desired.config_dir
     files: list[FileWrite] = []
     seen: dict[str, str] = {}
+    written: set[str] = set()
     for h in hosts:
         for f in desired.files.get(h, []):
             if seen.setdefault(f.name, f.content) != f.content:
                 raise DisaggError(f"two hosts need different files named {f.name!r}; under Slurm "
                                   f"{cfg_dir} is shared by every node")
-            if any(w.path == shell_word(f"{cfg_dir}/{f.name}") for w in files):
+            path = shell_word(f"{cfg_dir}/{f.name}")
+            if path in written:
                 continue
-            files.append(FileWrite(shell_word(f"{cfg_dir}/{f.name}"), f"{f.mode:o}",
-                                   shell_args(split_text(f.content, addrs))))
+            written.add(path)
+            files.append(FileWrite(path, f"{f.mode:o}", shell_args(split_text(f.content, addrs))))
+    return files
 
+
+def _steps(desired: DesiredState, t: SlurmTarget, addrs: SlotAddresses, comp_of: dict[str, int],
+           multi: bool) -> tuple[list[Step], list[FileWrite], list[tuple[Process, str]]]:
+    """One srun step per process in start order, with the launcher script each one runs."""
+    cfg_dir = desired.config_dir
     container = _container(t, cfg_dir)
-    secret_names = secret_files.names(spec)
-    secrets = shell_word(secrets_path(cfg_dir)) if secret_names else None
     launchers: list[FileWrite] = []
     launcher_texts: list[tuple[Process, str]] = []
     steps: list[Step] = []
     for p in sorted(desired.processes, key=lambda p: p.start_order):
-        text = _launcher(p, addrs, secrets)
+        text = _launcher(p, addrs, _secrets_word(desired, t))
         launcher_texts.append((p, text))
         path = f"{cfg_dir}/run/{p.name}.sh"
         launchers.append(FileWrite(shell_word(path), "755", shell_args([text])))
@@ -372,45 +434,54 @@ def render_slurm(desired: DesiredState, spec: ClusterSpec) -> Rendered:
             health_host=f'"${{DCTL_ADDR_{k}}}"' if p.http_port is not None else None,
             health_port=p.http_port,
         ))
-    engines = [s for s in steps if s.role != Role.ROUTER.value]
-    routers = [s for s in steps if s.role == Role.ROUTER.value]
-    # Stop: router first (no new requests), then prefill, then decode (they hold the KV in flight).
-    rank = {Role.ROUTER.value: 0, Role.PREFILL.value: 1, Role.DECODE.value: 2}
-    stop_order = [s.name for s in sorted(steps, key=lambda s: rank[s.role])]
+    return steps, launchers, launcher_texts
 
+
+def _endpoints(desired: DesiredState, addrs: SlotAddresses) -> tuple[str, list[str]]:
+    """The router's URL (the job's endpoint) and every `url.<process>=<url>` (shell words)."""
     router = next((p for p in desired.processes if p.role is Role.ROUTER), None)
     if router is None or router.http_port is None:
         raise DisaggError("the deployment has no router process; Slurm jobs publish the router as the endpoint")
     endpoint = shell_concat([*split_text(f"http://{router.address}", addrs), f":{router.http_port}"])
     urls = [shell_concat([f"url.{p.name}=", *split_text(f"http://{p.address}", addrs), f":{p.http_port}"])
             for p in desired.processes if p.http_port is not None]
+    return endpoint, urls
 
-    limit_s = time_limit_s(t.time_limit)
-    grace = grace_s(limit_s)
-    after = max(60, limit_s - t.successor.lead_minutes * 60)
 
-    def job(hash_: str) -> str:
+@dataclass(frozen=True)
+class _Job:
+    """What the batch script is made of; `script(hash)` lays it out."""
+
+    desired: DesiredState
+    spec: ClusterSpec
+    t: SlurmTarget
+    multi: bool
+    components: list[Component]
+    files: list[FileWrite]
+    launchers: list[FileWrite]
+    steps: list[Step]
+    endpoint: str  # shell word with variables
+    urls: list[str]
+
+    def script(self, hash_: str) -> str:
+        desired, spec, t, steps = self.desired, self.spec, self.t, self.steps
+        # Stop: router first (no new requests), then prefill, then decode (they hold the KV in flight).
+        rank = {Role.ROUTER.value: 0, Role.PREFILL.value: 1, Role.DECODE.value: 2}
+        limit_s = time_limit_s(t.time_limit)
         ctx = JobContext(
-            version=VLLM_VERSION, name=spec.name, job_name=job_name(spec), hash=hash_, dir=shell_word(cfg_dir),
-            output=f"{cfg_dir}/slurm-%j.out", grace_s=grace, stop_timeout_s=STOP_TIMEOUT_S,
-            startup_timeout_s=int(spec.health.startup_timeout_s), interval_s=spec.health.interval_s,
-            components=components, files=files, launchers=launchers, steps=steps, engines=engines,
-            routers=routers, stop_order=stop_order, endpoint=endpoint, urls=urls,
-            successor=t.successor.enabled, successor_after_s=after, handover_s=HANDOVER_S,
-            exclude=f",{t.exclude}" if t.exclude else "", multi=multi, secrets=secrets,
+            version=VLLM_VERSION, name=spec.name, job_name=job_name(spec), hash=hash_,
+            dir=shell_word(desired.config_dir), output=f"{desired.config_dir}/slurm-%j.out", grace_s=grace_s(limit_s),
+            stop_timeout_s=STOP_TIMEOUT_S, startup_timeout_s=int(spec.health.startup_timeout_s),
+            interval_s=spec.health.interval_s, components=self.components, files=self.files,
+            launchers=self.launchers, steps=steps, engines=[s for s in steps if s.role != Role.ROUTER.value],
+            routers=[s for s in steps if s.role == Role.ROUTER.value],
+            stop_order=[s.name for s in sorted(steps, key=lambda s: rank[s.role])],
+            endpoint=self.endpoint, urls=self.urls, successor=t.successor.enabled,
+            successor_after_s=max(60, limit_s - t.successor.lead_minutes * 60), handover_s=HANDOVER_S,
+            exclude=f",{t.exclude}" if t.exclude else "", multi=self.multi,
+            secrets=_secrets_word(desired, t),
         )
         return _env().get_template("job.sbatch.j2").render(c=ctx)
-
-    # The hash names the rendered script (without itself): `plan` compares it with the running job's comment.
-    digest = hashlib.sha256(job("").encode()).hexdigest()[:16]
-    script = job(digest)
-    out = [RenderedFile(host="slurm", path=f"{cfg_dir}/{SCRIPT_NAME}", content=script, mode=0o755)]
-    if secret_names:  # a placeholder: apply writes the values there, on the submit host, before sbatch
-        out.append(RenderedFile(host="slurm", path=secrets_path(cfg_dir), content=secret_files.file_text(
-            secret_names, None), mode=0o600, secret=True))
-    out += [RenderedFile(host=p.host, path=f"{cfg_dir}/run/{p.name}.sh", content=text, mode=0o755)
-            for p, text in launcher_texts]
-    return Rendered(target="slurm", files=out, units={"slurm": [s.name for s in steps]})
 
 
 def script_of(rendered: Rendered) -> RenderedFile:

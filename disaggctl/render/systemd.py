@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from disaggctl import secrets as secret_files
 from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
@@ -25,6 +24,9 @@ from disaggctl.errors import DisaggError
 from disaggctl.quoting import QuotingError, systemd_env, systemd_exec, systemd_value
 from disaggctl.render.templates import environment
 from disaggctl.spec import ClusterSpec, Role, SystemdTarget
+
+if TYPE_CHECKING:
+    import jinja2  # only the annotations; templates.environment imports it when rendering
 
 UNIT_DIR = "/etc/systemd/system"
 SECRETS_FILE = secret_files.FILE_NAME

@@ -39,8 +39,6 @@ from disaggctl.targets.base import (
     plan_meta,
     select_processes,
 )
-from disaggctl.targets.gate import HealthGate
-from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit
 from disaggctl.targets.systemd.changes import (
     HostPlan,
     Observed,
@@ -62,21 +60,53 @@ from disaggctl.targets.systemd.manifest import (
     spec_hash,
     state_path,
 )
+from disaggctl.unitstate import UNIT_STATE_SCRIPT
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from disaggctl.spec import ClusterSpec
     from disaggctl.targets import OpsContext
+    from disaggctl.targets.gate import HealthGate
+    from disaggctl.targets.status import StatusReport
     from disaggctl.targets.ui import Phases
 
 T = TypeVar("T")
 
 # Reads everything a plan needs in one round trip, with few processes (it runs on every host on
-# every plan): $1 the deployment's state folder, then the paths the spec wants; the paths the
-# manifest owns are added from $1/owned. Sections are parsed by changes.parse_observe.
-OBSERVE_SCRIPT = r"""
-d=$1; shift
+# every plan): $1 "fast" or "full", $2 the deployment's state folder, then the paths the spec
+# wants; the paths the manifest owns are added from $2/owned. Sections are parsed by
+# changes.parse_observe.
+#
+# Unit states: "full" (status) asks `systemctl show` for every unit. "fast" (plan, apply,
+# destroy) asks systemd only where the cheap answer could differ from its answer:
+# - a .target unit, or a service whose unit file is absent: not asked (a plan does not read
+#   their state: the file is created, the target only groups the deployment);
+# - a service whose main process runs and whose unit file systemd provably loaded (`_fresh`:
+#   the file is older than the deployment's last daemon-reload, stamped in $2/reloaded by
+#   PUSH_SCRIPT, and no unit file or drop-in elsewhere on systemd's unit path can apply to it):
+#   read from its cgroup (unitstate.UNIT_STATE_SCRIPT; no systemctl, no D-Bus) - active/running,
+#   MainPID, its command line, NeedDaemonReload=no;
+# - every other service (not running, failed, waiting to restart, reload pending or unknown):
+#   `systemctl show`, as in "full".
+OBSERVE_SCRIPT = (
+    "_us() {\n"
+    + UNIT_STATE_SCRIPT
+    + "}\n"
+    + r"""
+# shellcheck disable=SC3013 # -ot: dash, bash and busybox sh all have it
+_fresh() {
+  [ -f "$d/reloaded" ] && [ "/etc/systemd/system/$1" -ot "$d/reloaded" ] || return 1
+  for x in $SHADOW; do [ -e "$x/$1" ] && return 1; done
+  for n in $DROPINS; do
+    case $n in
+      "$1.d"|service.d) return 1 ;;
+      *-.service.d) case $1 in "${n%.service.d}"*) return 1 ;; esac ;;
+    esac
+  done
+  return 0
+}
+mode=$1; d=$2; shift 2
 printf '@@manifest\n'
 if [ -f "$d/manifest.json" ]; then
   while IFS= read -r l || [ -n "$l" ]; do printf '%s\n' "$l"; done < "$d/manifest.json"
@@ -94,11 +124,41 @@ for p in "$@"; do
 done
 printf '@@sha\n'; [ $# -gt 0 ] && sha256sum -- "$@" 2>/dev/null
 printf '@@mode\n'; [ $# -gt 0 ] && stat -c '%a %n' -- "$@" 2>/dev/null
-if [ -n "$units" ] && command -v systemctl >/dev/null 2>&1; then
+slow=$units
+if [ -n "$units" ] && [ "$mode" = fast ]; then
+  SHADOW="/etc/systemd/system.control /run/systemd/system.control /run/systemd/transient
+    /run/systemd/generator.early /run/systemd/system /run/systemd/generator /usr/local/lib/systemd/system
+    /usr/lib/systemd/system /lib/systemd/system /run/systemd/generator.late"
+  DROPINS=""
+  for x in /etc/systemd/system $SHADOW; do
+    for dd in "$x"/*.d; do [ -d "$dd" ] && DROPINS="$DROPINS ${dd##*/}"; done
+  done
+  set -f
+  slow=""; cheap=""
+  for u in $units; do
+    case $u in *.service) ;; *) continue ;; esac
+    [ -f "/etc/systemd/system/$u" ] || continue
+    if _fresh "$u"; then cheap="$cheap $u"; else slow="$slow $u"; fi
+  done
+  if [ -n "$cheap" ]; then
+    # shellcheck disable=SC2086 # unit names carry no spaces
+    st=$(_us $cheap)
+    printf '@@state\n%s\n' "$st"
+    ifs=$IFS; IFS='
+'
+    for l in $st; do
+      r=${l#* }; r=${r#* }
+      [ "${r%% *}" = 0 ] && slow="$slow ${l%% *}"
+    done
+    IFS=$ifs
+  fi
+  set +f
+fi
+if [ -n "$slow" ] && command -v systemctl >/dev/null 2>&1; then
   printf '@@show\n'
   # shellcheck disable=SC2086 # unit names carry no spaces (prefix, deployment and process names are checked)
   show=$(systemctl show --property=Id,LoadState,ActiveState,SubState,MainPID,NRestarts,UnitFileState,NeedDaemonReload \
-    -- $units)
+    -- $slow)
   printf '%s\n\n@@cmdlines\n' "$show"
   # a for loop over the lines, not `printf | while read`: a pipeline forks two subshells
   ifs=$IFS; IFS='
@@ -113,11 +173,12 @@ if [ -n "$units" ] && command -v systemctl >/dev/null 2>&1; then
 fi
 printf '@@end\n'
 """
+)
 
 # The whole "files" step of one host in one round trip. Arguments: folders to create, units to
 # stop and disable, destination paths (their contents arrive as a tar on stdin, members named
 # after each destination's temporary sibling `.NAME.dctl-tmp`, with their modes), paths to
-# remove, units to enable; lists end with "--"; then "reload" or "-"; then the units to (re)start,
+# remove, units to enable; lists end with "--"; then "reload", "reload:STAMP" or "-"; then the units to (re)start,
 # in order, after the reload (a unit that fails names itself on stderr, exit 75). tar writes every temporary
 # file next to its destination (creating missing folders), then each is renamed into place: each
 # file lands atomically. Destinations are renamed in order, so the pending manifest (listed
@@ -139,7 +200,8 @@ enable=""; while [ "$1" != -- ]; do enable="$enable $1"; shift; done; shift
 # enable reloads systemd by itself unless told not to; one reload (~0.4 s of CPU) is enough
 # shellcheck disable=SC2086
 [ -n "$enable" ] && systemctl enable --no-reload -q -- $enable
-[ "$1" = reload ] && systemctl daemon-reload
+# reload:STAMP - the observe script's proof that systemd loaded every unit file older than STAMP
+case $1 in reload*) systemctl daemon-reload; [ "${1#reload:}" = "$1" ] || : > "${1#reload:}" ;; esac
 shift
 for u in "$@"; do
   systemctl restart -- "$u" || { printf '\n@@failed %s\n' "$u" >&2; exit 75; }
@@ -163,9 +225,11 @@ def push(
     enable: Sequence[str] = (),
     reload: bool = False,
     start: Sequence[str] = (),
+    stamp: str | None = None,
 ) -> None:
     """One command: mkdir, stop+disable, atomic writes (with modes), removals, enable, daemon-reload,
-    then (re)start `start` in order; a unit that fails to start raises ApplyError with its journal."""
+    then (re)start `start` in order; a unit that fails to start raises ApplyError with its journal.
+    `stamp`: a file touched right after the reload (the observe script's proof of what is loaded)."""
     # GNU tar skips members with ".." in their names: hand it (and mv) lexically normal paths
     files = [(posixpath.normpath(path), data, mode) for path, data, mode in files]
     # tar creates the folders of the files it writes; mkdir only those that receive none
@@ -178,7 +242,8 @@ def push(
             info.size, info.mode, info.mtime = len(data), mode, 0
             tar.addfile(info, io.BytesIO(data))
     argv = ["sh", "-c", PUSH_SCRIPT, "push", *mk, "--", *stop, "--", *(f[0] for f in files), "--"]
-    argv += [*remove, "--", *enable, "--", "reload" if reload else "-", *start]
+    token = (f"reload:{stamp}" if stamp else "reload") if reload else "-"
+    argv += [*remove, "--", *enable, "--", token, *start]
     r = conn.run(argv, input=buf.getvalue() if files else None, sudo=True, timeout=300 + 600 * len(start))
     if r.rc == 75 and "\n@@failed " in r.err:
         err, _, unit = r.err.rpartition("\n@@failed ")
@@ -319,15 +384,23 @@ class Hosts:
         self.close()
 
 
-def observe(conn: Connection, ctx: Context) -> Observed:
+def reload_stamp(ctx: Context) -> str:
+    """Touched after each daemon-reload of an apply: systemd loaded every unit file older than it."""
+    return f"{ctx.state_dir}/reloaded"
+
+
+def observe(conn: Connection, ctx: Context, full: bool = False) -> Observed:
+    """full: every unit's state from `systemctl show` (status); else from the cgroup where that
+    gives systemd's answer (OBSERVE_SCRIPT)."""
     paths = [f.path for f in ctx.rendered.for_host(conn.name)]
-    r = conn.run(["sh", "-c", OBSERVE_SCRIPT, "observe", ctx.state_dir, *paths], sudo=True, timeout=120)
+    mode = "full" if full else "fast"
+    r = conn.run(["sh", "-c", OBSERVE_SCRIPT, "observe", mode, ctx.state_dir, *paths], sudo=True, timeout=120)
     if r.rc != 0:
         raise SshError(conn.name, f"observe failed (exit {r.rc}): {r.err.strip()[:300]}")
     return parse_observe(conn.name, r.out)
 
 
-def observe_all(hosts: Hosts, ctx: Context) -> dict[str, Observed]:
+def observe_all(hosts: Hosts, ctx: Context, full: bool = False) -> dict[str, Observed]:
     """Observe every declared host, each as soon as its connection is up."""
 
     def one(name: str) -> Observed:
@@ -335,7 +408,7 @@ def observe_all(hosts: Hosts, ctx: Context) -> dict[str, Observed]:
         if isinstance(conn, str):
             return Observed(name, error=conn)
         try:
-            return observe(conn, ctx)
+            return observe(conn, ctx, full)
         except Exception as e:  # one host's failure is reported, the others go on
             return Observed(name, error=str(e))
 
@@ -435,6 +508,7 @@ def push_files(conn: Connection, ctx: Context, hp: HostPlan, obs: Observed, star
         enable=[u.unit for u in hp.units_with(Action.CREATE)],
         reload=unit_changed or bool(hp.units_with(Action.CREATE)),
         start=start,
+        stamp=reload_stamp(ctx),
     )
 
 
@@ -535,6 +609,8 @@ class SystemdBackend:
                 push_files(conn, c, plan.host(conn.name), observed[conn.name], start=units)
 
         _raise_first(hosts.map([h.host for h in changed], files), "files")
+        from disaggctl.targets.gate import HealthGate  # a no-op apply never gets here
+
         gate = HealthGate(c.spec, c.desired)
         for i, (order, units_of) in enumerate(todo):
             role = _ROLE_NAME.get(order, f"order {order}")
@@ -595,7 +671,7 @@ class SystemdBackend:
     def _health(self, c: Context, hosts: Hosts, plan: Plan, phases: Phases) -> None:
         """After any (re)start: the router sees its upstreams, then the canary through it."""
         from disaggctl.health import HealthError
-        from disaggctl.targets.gate import canary_summary
+        from disaggctl.targets.gate import HealthGate, canary_summary
 
         if not any(h.units_with(Action.CREATE, Action.RESTART) for h in plan.hosts):
             return
@@ -618,9 +694,11 @@ class SystemdBackend:
     # ----- status
 
     def status(self, ctx: OpsContext) -> int:
+        from disaggctl.targets.status import print_status, status_exit
+
         with self._hosts(ctx) as hosts:
             c = self._ctx(ctx)  # rendered while the connections come up
-            observed = observe_all(hosts, c)
+            observed = observe_all(hosts, c, full=True)  # restarts, load state: systemctl show
         report = status_report(c, observed, compute_plan(c, observed))
         print_status(ctx, report)
         return status_exit(report)
@@ -755,6 +833,7 @@ def remove_owned(conn: Connection, c: Context, obs: Observed) -> None:
 
 def status_report(c: Context, observed: Mapping[str, Observed], plan: Plan) -> StatusReport:
     from disaggctl.health import http_probe
+    from disaggctl.targets.status import ProcessStatus, StatusReport
 
     rows: list[ProcessStatus] = []
     for p in c.desired.processes:

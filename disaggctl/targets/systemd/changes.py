@@ -27,6 +27,7 @@ from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
 from disaggctl.targets.base import Action, ProcessAction
 from disaggctl.targets.systemd.manifest import Manifest, parse_manifest
+from disaggctl.unitstate import parse_unit_states
 
 PLAN_VERSION = 1
 UNIT_DIR = "/etc/systemd/system/"
@@ -81,8 +82,10 @@ def parse_observe(host: str, text: str) -> Observed:
 
     Sections: @@manifest (JSON), @@paths (every path of interest), @@sha (sha256sum lines),
     @@mode (`stat -c '%a %n'` lines), @@show (`systemctl show` blocks, blank-line separated,
-    each with Id=), @@cmdlines ("PID base64-of-/proc/PID/cmdline"), @@end.
-    A path listed but absent from @@sha is missing on the host.
+    each with Id=), @@cmdlines ("PID base64-of-/proc/PID/cmdline"), @@state (unitstate lines of
+    the services read from their cgroup, whose unit file systemd loaded at the last reload), @@end.
+    A path listed but absent from @@sha is missing on the host. A unit in both @@state and @@show
+    (not running) takes systemctl's answer.
     """
     obs = Observed(host)
     section = ""
@@ -92,8 +95,9 @@ def parse_observe(host: str, text: str) -> Observed:
     paths: list[str] = []
     blocks: list[dict[str, str]] = [{}]
     cmdlines: dict[int, list[str]] = {}
+    state_lines: list[str] = []
     for line in text.split("\n"):
-        if line.startswith("@@") and line[2:] in ("manifest", "paths", "sha", "mode", "show", "cmdlines", "end"):
+        if line.startswith("@@") and line[2:] in _SECTIONS:
             section = line[2:]
             continue
         if section == "manifest":
@@ -116,6 +120,9 @@ def parse_observe(host: str, text: str) -> Observed:
         elif section == "cmdlines" and line:
             pid_text, _, b64 = line.partition(" ")
             cmdlines[int(pid_text)] = _decode_cmdline(b64)
+        elif section == "state" and line:
+            state_lines.append(line)
+    obs.units.update(_cgroup_facts(state_lines))
     for path in paths:
         obs.files[path] = FileFact(sha.get(path), modes.get(path) if path in sha else None)
     for b in blocks:
@@ -136,6 +143,25 @@ def parse_observe(host: str, text: str) -> Observed:
         )
     obs.manifest = parse_manifest("\n".join(manifest_lines).strip() or None)
     return obs
+
+
+_SECTIONS = ("manifest", "paths", "sha", "mode", "show", "cmdlines", "state", "end")
+
+
+def _cgroup_facts(lines: list[str]) -> dict[str, UnitFact]:
+    """Running services read from their cgroup: what `systemctl show` says of them (the observe
+    script sends only units whose loaded unit file is the one on disk, so NeedDaemonReload=no).
+    NRestarts is not read (only `status` shows it, and it asks systemctl)."""
+    units = [line.partition(" ")[0] for line in lines]
+    out: dict[str, UnitFact] = {}
+    for u, st in parse_unit_states("\n".join(lines), units).items():
+        if st.running:
+            out[u] = UnitFact(
+                unit=u, load_state="loaded", active_state="active", sub_state="running", main_pid=st.main_pid,
+                unit_file_state="enabled" if st.enabled else "disabled",
+                cmdline=list(st.cmdline) if st.cmdline is not None else None,
+            )  # fmt: skip
+    return out
 
 
 def _decode_cmdline(b64: str) -> list[str]:

@@ -1,0 +1,50 @@
+"""`disaggctl render --out DIR`: every file at DIR/<host>/<path>, with its content and mode, again and again."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from disaggctl.deployment import Rendered, RenderedFile
+from disaggctl.render.output import write_rendered
+
+
+def _rendered(content: str) -> Rendered:
+    return Rendered(
+        target="systemd",
+        files=[
+            RenderedFile(host="a", path="/etc/systemd/system/x.service", content=content),
+            RenderedFile(host="a", path="/etc/dctl/run.sh", content="#!/bin/sh\n", mode=0o755),
+            RenderedFile(host="b", path="/etc/dctl/secrets.env", content="K=\"é\"\n", mode=0o600, secret=True),
+        ],
+    )
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_writes_every_file_with_its_mode_under_a_strict_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        written = write_rendered(_rendered("[Unit]\n"), tmp_path)
+    finally:
+        os.umask(old)
+    assert written == [
+        tmp_path / "a/etc/systemd/system/x.service",
+        tmp_path / "a/etc/dctl/run.sh",
+        tmp_path / "b/etc/dctl/secrets.env",
+    ]
+    assert written[0].read_text() == "[Unit]\n" and _mode(written[0]) == 0o644
+    assert _mode(written[1]) == 0o755
+    assert written[2].read_text(encoding="utf-8") == 'K="é"\n' and _mode(written[2]) == 0o600
+
+
+def test_writing_again_replaces_changed_files_and_leaves_no_temporaries(tmp_path: Path) -> None:
+    write_rendered(_rendered("old\n"), tmp_path)
+    unit = tmp_path / "a/etc/systemd/system/x.service"
+    os.chmod(unit, 0o600)
+    write_rendered(_rendered("new\n"), tmp_path)
+    assert unit.read_text() == "new\n" and _mode(unit) == 0o644
+    assert not list(tmp_path.rglob("*.tmp"))
