@@ -167,7 +167,7 @@ def serve_args(
     argv = [vllm_bin, "serve", m.path]
     headless = node.node_rank > 0
     if not headless:
-        argv += ["--host", spec.engine.host_bind, "--port", str(inst.http_port)]
+        argv += ["--host", spec.engine.host_bind or node.address, "--port", str(inst.http_port)]
         # per-request KV evidence for the canary (health.run_pair_canary): usage.prompt_tokens_details
         argv.append("--enable-prompt-tokens-details")
     argv += ["--served-model-name", m.name]
@@ -278,7 +278,7 @@ def router_config(spec: ClusterSpec, placement: Placement) -> RouterConfig:
     lm = isinstance(spec.kv_transfer, LmcacheTransfer)
     return RouterConfig(
         name=spec.name,
-        bind=r.bind,
+        bind=r.bind or placement.router_address,
         port=r.port,
         model=spec.model.name,
         kv_kind=spec.kv_transfer.kind,
@@ -290,7 +290,8 @@ def router_config(spec: ClusterSpec, placement: Placement) -> RouterConfig:
         max_prefill_queue=r.max_prefill_queue,
         request_timeout_s=r.request_timeout_s,
         retries=r.retries,
-        lmcache_proxy_bind="0.0.0.0" if lm else None,
+        # the address the prefillers are given as pd_proxy_host, unless the spec says otherwise
+        lmcache_proxy_bind=(r.notify_bind or placement.router_address) if lm else None,
         lmcache_proxy_port=placement.lmcache_proxy_port if lm else None,
         admin=_router_admin(spec, placement),
     )
@@ -327,14 +328,15 @@ def router_process(spec: ClusterSpec, placement: Placement, cfg_dir: str) -> tup
             "--decode-policy",
             r.decode_policy,
             "--host",
-            r.bind,
+            r.bind or placement.router_address,
             "--port",
             str(r.port),
             "--request-timeout-secs",
             str(int(r.request_timeout_s)),
         ]
         if r.metrics_port is not None:
-            argv += ["--prometheus-port", str(r.metrics_port)]
+            metrics_host = r.metrics_bind or r.bind or placement.router_address
+            argv += ["--prometheus-host", metrics_host, "--prometheus-port", str(r.metrics_port)]
     else:
         cfg = router_config(spec, placement)
         files.append(ConfigFile(name="router.json", content=cfg.to_json()))

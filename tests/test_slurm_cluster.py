@@ -200,7 +200,8 @@ def test_apply_status_plan_destroy(slurm_ns: dict[str, str]) -> None:
         out.truncate(0)
         out.seek(0)
         assert backend.logs(ctx, "decode", 0, follow=False, lines=50) == 0
-        assert "standin engine tiny listening on 0.0.0.0:8100" in out.getvalue(), out.getvalue()
+        # vllm serve --host: the node's own address (found at run time), not every interface
+        assert "standin engine tiny listening on 10.202.0." in out.getvalue(), out.getvalue()
         assert backend.logs(ctx, None, None, follow=False, lines=50) == 0
         assert "READY: endpoint" in out.getvalue()
         # a saved plan applies while nothing changed
@@ -483,3 +484,55 @@ def test_lmcache_pd_under_slurm(slurm_ns: dict[str, str]) -> None:
     finally:
         backend.destroy(ctx)
     assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
+
+
+def test_secrets_reach_the_engines_only_through_a_private_file(slurm_ns: dict[str, str], tmp_path: Path) -> None:
+    """target.secrets under Slurm, through the real CLI: the value is in the engines' environment (they source
+    <job folder>/private/secrets.env, 0600, written before sbatch), not in the router's, the batch shell's or
+    any command line; not in the script, `scontrol show job`, the job folder, plan/status/logs output; the
+    file is gone after destroy."""
+    name = unique("sls")
+    canary = f"canary{uuid.uuid4().hex}"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(name, slurm_ns["vllm"], extra_target="  secrets: [DCTL_TEST_SECRET]"))
+    env = dict(os.environ, DCTL_TEST_SECRET=canary, COLUMNS="200")
+    cli_argv = [str(VENV_PY), "-m", "disaggctl.cli"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli_argv, *args], capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL, env=env)
+
+    secret_file = JOBS / name / "private" / "secrets.env"
+    outputs: list[str] = []
+    try:
+        r = run("apply", str(spec), "-y")
+        outputs.append(r.stdout + r.stderr)
+        assert r.returncode == 0, outputs[-1]
+        assert oct(secret_file.stat().st_mode & 0o777) == "0o600"
+        assert oct(secret_file.parent.stat().st_mode & 0o777) == "0o700"
+        holders = procs_with_env(canary)
+        cmdlines = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in holders}
+        engines = [pid for pid, cmd in cmdlines.items() if f"/models/{name}" in cmd]
+        assert len(engines) >= 2 and set(engines) == set(holders), cmdlines  # prefill + decode, nobody else
+        assert procs_with(f"{JOBS}/{name}/router.json") and not procs_with(canary)
+        job_id = list_jobs(LocalRunner(), f"disaggctl-{name}")[0].job_id
+        for argv in (["scontrol", "show", "job", "-d", job_id], ["scontrol", "write", "batch_script", job_id, "-"]):
+            outputs.append(subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout)
+            assert outputs[-1].strip(), argv
+        saved = tmp_path / "saved.plan"
+        for args in (["plan", str(spec)], ["plan", str(spec), "--output", "json"],
+                     ["plan", str(spec), "-o", str(saved)], ["status", str(spec)],
+                     ["logs", str(spec)], ["render", str(spec), "-o", str(tmp_path / "out")]):
+            r = run(*args)
+            outputs.append(r.stdout + r.stderr)
+            assert r.returncode == 0, outputs[-1]
+        outputs.append(saved.read_text())
+        for text in outputs:
+            assert canary not in text
+        for f in [*(JOBS / name).rglob("*"), *(tmp_path / "out").rglob("*")]:
+            if f.is_file() and f != secret_file:
+                assert canary.encode() not in f.read_bytes(), f
+    finally:
+        r = run("destroy", str(spec), "-y")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not secret_file.exists()

@@ -200,6 +200,10 @@ def test_02_apply_starts_everything_and_passes_the_canary(clean: Env) -> None:
     pid = env.show("s1", "disaggctl-sysd-decode-0.service", "MainPID")
     environ = env.sh("s1", "cat", f"/proc/{pid}/environ").split("\0")
     assert 'DCTL_TEST_TOKEN=tok "$1" %n' in environ
+    # ... to the engines only: the router's unit has no EnvironmentFile, its process no token
+    router_pid = env.show("s1", "disaggctl-sysd-router.service", "MainPID")
+    assert not [e for e in env.sh("s1", "cat", f"/proc/{router_pid}/environ").split("\0") if "DCTL_TEST_TOKEN" in e]
+    assert 'tok "$1"' not in env.sh("s1", "sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '")
     manifest = json.loads(env.sh("s2", "cat", "/var/lib/disaggctl/sysd/manifest.json"))
     assert manifest["units"] == UNITS["s2"] and not manifest["pending"]
     assert "/etc/disaggctl/sysd/secrets.env" in manifest["files"]

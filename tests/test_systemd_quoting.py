@@ -230,5 +230,6 @@ def test_newlines_are_rejected_with_a_clear_error(bad: str) -> None:
     procs = [p.model_copy(update={"argv": [*p.argv, bad]}) if p.name == "prefill-0" else p for p in desired.processes]
     with pytest.raises(DisaggError, match="process prefill-0 on s1: argument must not contain a newline"):
         render_systemd(desired.model_copy(update={"processes": procs}), spec, {"HF_TOKEN": "x"})  # type: ignore[arg-type]
-    with pytest.raises(DisaggError, match=r"target\.secrets: environment variable HF_TOKEN must not contain"):
-        render_systemd(desired, spec, {"HF_TOKEN": bad})  # type: ignore[arg-type]
+    with pytest.raises(DisaggError, match=r"target\.secrets: the value of HF_TOKEN contains a newline") as e:
+        render_systemd(desired, spec, {"HF_TOKEN": "sekrit" + bad})  # type: ignore[arg-type]
+    assert "sekrit" not in str(e.value)  # a secret's value is never shown

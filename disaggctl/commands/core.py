@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -201,9 +200,8 @@ def render(
     output_dir(out, "render output folder")
     loaded = _load(spec, profile)
     desired = _compile(loaded, _topology(topology), allow_degraded)
-    secrets = {k: os.environ.get(k, "") for k in getattr(loaded.spec.target, "secrets", [])}
-    try:
-        rendered = do_render(desired, loaded.spec, secrets)
+    try:  # secrets: placeholders (their values are written by apply only)
+        rendered = do_render(desired, loaded.spec)
     except SpecError:
         raise
     except DisaggError as e:

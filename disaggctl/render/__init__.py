@@ -24,7 +24,7 @@ def render(desired: DesiredState, spec: ClusterSpec, secrets: Mapping[str, str] 
     if spec.target.kind == "systemd":
         result: Rendered = func(desired, spec, secrets)
     elif spec.target.kind == "local":
-        result = func(desired, spec.target)
+        result = func(desired, spec.target, secrets)
     else:
         result = func(desired, spec)
     return result

@@ -7,6 +7,8 @@
     <state>/run/supervisor.pid    the supervisor; <state>/run/supervisor.json its view of the processes
     <state>/work/<process>/       TMPDIR and VLLM_CACHE_ROOT of each process: vLLM instances on one
                                   machine must not share compile caches or temp files
+    <state>/secrets.env           target.secrets, mode 0600 (disaggctl.secrets): the supervisor reads it
+                                  when it starts an engine; the table holds names only, never values
 
 Pure: DesiredState in, RenderedFile list out; the paths and `~` are resolved here so that the
 supervisor runs exactly what the table says.
@@ -19,9 +21,11 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from disaggctl import secrets as secret_files
 from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.spec import LocalTarget, Role
 
@@ -45,6 +49,8 @@ class ProcSpec:
     health_url: str | None
     start_order: int
     files_sha: str = ""  # hash of the config files it reads: a changed router.json restarts the router
+    secrets: bool = False  # reads the deployment's secrets file (engines only)
+    secrets_sha: str = ""  # keyed hash of the secret values (disaggctl.secrets.digest): a change restarts it
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ class Table:
     restart_delay_s: float = 1.0  # times the restart number: 1 s, 2 s, 3 s ...
     stop_timeout_s: float = 20.0  # SIGTERM, then SIGKILL after this
     version: int = TABLE_VERSION
+    secret_names: list[str] = field(default_factory=list)  # kept out of every process's inherited environment
+    secrets_file: str | None = None  # <state>/secrets.env when the target has secrets
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -119,7 +127,10 @@ def _expand(arg: str) -> str:
     return os.path.expanduser(arg) if arg.startswith("~/") or arg == "~" else arg
 
 
-def proc_spec(p: Process, state_dir: str, file_contents: dict[str, str] | None = None) -> ProcSpec:
+def proc_spec(
+    p: Process, state_dir: str, file_contents: dict[str, str] | None = None, secrets_sha: str | None = None
+) -> ProcSpec:
+    """secrets_sha: None when the deployment has no secrets, else the digest of their values."""
     pth = paths(state_dir)
     work = pth["work"] / p.name
     argv = [_resolve_bin(p.argv[0]), *(_expand(a) for a in p.argv[1:])]
@@ -145,24 +156,32 @@ def proc_spec(p: Process, state_dir: str, file_contents: dict[str, str] | None =
         health_url=p.health_url,
         start_order=p.start_order,
         files_sha=h.hexdigest()[:16] if p.files else "",
+        secrets=secrets_sha is not None and secret_files.needs(p),
+        secrets_sha=(secrets_sha or "") if secret_files.needs(p) else "",
     )
 
 
-def table(desired: DesiredState, target: LocalTarget) -> Table:
+def table(desired: DesiredState, target: LocalTarget, secrets: Mapping[str, str] | None = None) -> Table:
+    """secrets: the values (plan/apply: their digest goes into the engines' rows), None when not known."""
     state_dir = desired.config_dir
     contents = {cf.name: cf.content for cfs in desired.files.values() for cf in cfs}
-    procs = [proc_spec(p, state_dir, contents) for p in sorted(desired.processes, key=lambda p: p.start_order)]
+    names = list(target.secrets)
+    sha = (secret_files.digest(desired.name, secrets) if secrets else "") if names else None
+    procs = [proc_spec(p, state_dir, contents, sha) for p in sorted(desired.processes, key=lambda p: p.start_order)]
     return Table(
         name=desired.name,
         state_dir=state_dir,
         restart_on_crash=target.restart_on_crash,
         max_restarts=target.max_restarts,
         processes=procs,
+        secret_names=names,
+        secrets_file=str(Path(state_dir) / secret_files.FILE_NAME) if names else None,
     )
 
 
-def render(desired: DesiredState, target: LocalTarget) -> Rendered:
-    """The files of the state folder: config files and the process table."""
+def render(desired: DesiredState, target: LocalTarget, secrets: Mapping[str, str] | None = None) -> Rendered:
+    """The files of the state folder: config files, the secrets file (placeholders without values) and
+    the process table."""
     state_dir = desired.config_dir
     files: list[RenderedFile] = []
     host = desired.hosts[0] if desired.hosts else "localhost"
@@ -172,6 +191,9 @@ def render(desired: DesiredState, target: LocalTarget) -> Rendered:
             if any(f.path == path for f in files):
                 continue
             files.append(RenderedFile(host=host, path=path, content=cf.content, mode=cf.mode))
-    tbl = table(desired, target)
+    tbl = table(desired, target, secrets)
+    if tbl.secrets_file:
+        files.append(RenderedFile(host=host, path=tbl.secrets_file, mode=0o600, secret=True,
+                                  content=secret_files.file_text(tbl.secret_names, secrets)))
     files.append(RenderedFile(host=host, path=str(paths(state_dir)["table"]), content=tbl.to_json()))
     return Rendered(target="local", files=files, units={host: [p.name for p in tbl.processes]})

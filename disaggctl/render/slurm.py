@@ -17,6 +17,12 @@ address is written as the concatenation `'http://'"${DCTL_ADDR_1}"':8200'` (sing
 literals around a double-quoted variable), so no other character is ever interpreted by bash.
 Config files (LMCache YAML, router JSON) are written by the script itself with `printf '%s'`
 into the job's folder, which must be on a filesystem shared by the nodes (as on every Slurm site).
+
+Secrets (target.secrets) never pass through the script: `disaggctl apply` writes them to
+<config_dir>/private/secrets.env (folder 0700, file 0600) before sbatch; each engine's launcher
+sources that file, the router's does not; the batch shell removes it when the job ends (unless
+a successor job took over, which removes it at its own end). The rendered output carries a
+placeholder file at that path.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from disaggctl import secrets as secret_files
 from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
 from disaggctl.quoting import shell_word
@@ -43,7 +50,7 @@ MAX_GRACE_S = 120  # `--signal=B:TERM@<grace>`: time to shut down before the lim
 HANDOVER_S = 10  # walltime chaining: old and new router both serve this long after the endpoint switched
 SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+-]+")  # #SBATCH lines are not shell: no quoting possible there
 SAFE_MOUNT = re.compile(r"[A-Za-z0-9_./:+@-]+")
-ADDR_FLAGS = frozenset({"--master-addr", "--data-parallel-address"})
+ADDR_FLAGS = frozenset({"--master-addr", "--data-parallel-address", "--host", "--prometheus-host"})
 
 
 # --------------------------------------------------------------------------- addresses -> variables
@@ -141,7 +148,7 @@ def _check_line(value: str, what: str) -> str:
 
 
 def argv_words(argv: list[str], addrs: Mapping[str, str]) -> str:
-    """The argv as shell words; the word after --master-addr/--data-parallel-address is an address."""
+    """The argv as shell words; the word after an address flag (ADDR_FLAGS: --master-addr, --host ...) is one."""
     words: list[str] = []
     for i, a in enumerate(argv):
         _check_line(a, "an argument")
@@ -213,6 +220,7 @@ class JobContext:
     handover_s: int
     exclude: str  # the spec's exclude list, for the successor ("" or ",list")
     multi: bool  # more than one component (a heterogeneous job)
+    secrets: str | None = None  # shell word: the secrets file the batch shell removes at the end
 
 
 @dataclass(frozen=True)
@@ -223,6 +231,7 @@ class LaunchContext:
     gpus: str  # "0,1" placement indices, "" for none
     env: list[str]  # NAME=shell-word
     argv: str
+    secrets: str | None = None  # shell word: the secrets file this launcher sources (engines only)
 
 
 def _env() -> jinja2.Environment:
@@ -300,7 +309,16 @@ def _container(t: SlurmTarget, cfg_dir: str) -> list[str]:
     return [f"--container-image={t.container_image}", f"--container-mounts={','.join(mounts)}"]
 
 
-def _launcher(p: Process, addrs: Mapping[str, str]) -> str:
+def secrets_path(cfg_dir: str) -> str:
+    """Where `disaggctl apply` puts the job's secrets (its private folder in the job folder)."""
+    return f"{cfg_dir}/private/{secret_files.FILE_NAME}"
+
+
+def _secrets_word(desired: DesiredState, t: SlurmTarget) -> str | None:
+    return shell_word(secrets_path(desired.config_dir)) if t.secrets else None
+
+
+def _launcher(p: Process, addrs: Mapping[str, str], secrets: str | None = None) -> str:
     env = []
     for k, v in p.env.items():
         if k == "CUDA_VISIBLE_DEVICES":
@@ -310,6 +328,7 @@ def _launcher(p: Process, addrs: Mapping[str, str]) -> str:
     ctx = LaunchContext(
         name=p.name, role=p.role.value, host=p.host, gpus=",".join(str(g) for g in p.gpus),
         env=env, argv=argv_words(p.argv, addrs),
+        secrets=secrets if secrets and secret_files.needs(p) else None,
     )
     return _env().get_template("launch.sh.j2").render(c=ctx)
 
@@ -334,6 +353,9 @@ def render_slurm(desired: DesiredState, spec: ClusterSpec) -> Rendered:
     digest = hashlib.sha256(job.script("").encode()).hexdigest()[:16]
     cfg_dir = desired.config_dir
     out = [RenderedFile(host="slurm", path=f"{cfg_dir}/{SCRIPT_NAME}", content=job.script(digest), mode=0o755)]
+    if t.secrets:  # a placeholder: apply writes the values there, on the submit host, before sbatch
+        out.append(RenderedFile(host="slurm", path=secrets_path(cfg_dir), content=secret_files.file_text(
+            t.secrets, None), mode=0o600, secret=True))
     out += [RenderedFile(host=p.host, path=f"{cfg_dir}/run/{p.name}.sh", content=text, mode=0o755)
             for p, text in launcher_texts]
     return Rendered(target="slurm", files=out, units={"slurm": [s.name for s in steps]})
@@ -397,7 +419,7 @@ def _steps(desired: DesiredState, t: SlurmTarget, addrs: SlotAddresses, comp_of:
     launcher_texts: list[tuple[Process, str]] = []
     steps: list[Step] = []
     for p in sorted(desired.processes, key=lambda p: p.start_order):
-        text = _launcher(p, addrs)
+        text = _launcher(p, addrs, _secrets_word(desired, t))
         launcher_texts.append((p, text))
         path = f"{cfg_dir}/run/{p.name}.sh"
         launchers.append(FileWrite(shell_word(path), "755", shell_args([text])))
@@ -457,6 +479,7 @@ class _Job:
             endpoint=self.endpoint, urls=self.urls, successor=t.successor.enabled,
             successor_after_s=max(60, limit_s - t.successor.lead_minutes * 60), handover_s=HANDOVER_S,
             exclude=f",{t.exclude}" if t.exclude else "", multi=self.multi,
+            secrets=_secrets_word(desired, t),
         )
         return _env().get_template("job.sbatch.j2").render(c=ctx)
 

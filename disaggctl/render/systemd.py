@@ -3,7 +3,9 @@
     <prefix>-<deployment>-<process>.service   one per process (decode, prefill, router, workers)
     <prefix>-<deployment>.target              per host: groups the deployment's services there
     <config_dir>/<file>                       LMCache YAML, router JSON (DesiredState.files)
-    <config_dir>/secrets.env                  target.secrets, mode 0600, hidden in diffs
+    <config_dir>/secrets.env                  target.secrets, mode 0600, hidden in diffs; only on hosts
+                                              that run an engine, attached to engine units only
+                                              (disaggctl.secrets; a placeholder when rendered offline)
 
 jinja2 only lays out the text; every value that reaches a unit goes through disaggctl.quoting
 (systemd's ExecStart= is not a shell). The template context is typed (dataclasses), and
@@ -16,9 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from disaggctl import secrets as secret_files
 from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
-from disaggctl.quoting import QuotingError, env_file_line, systemd_env, systemd_exec, systemd_value
+from disaggctl.quoting import QuotingError, systemd_env, systemd_exec, systemd_value
 from disaggctl.render.templates import environment
 from disaggctl.spec import ClusterSpec, Role, SystemdTarget
 
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     import jinja2  # only the annotations; templates.environment imports it when rendering
 
 UNIT_DIR = "/etc/systemd/system"
-SECRETS_FILE = "secrets.env"
+SECRETS_FILE = secret_files.FILE_NAME
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,11 @@ def _unit(p: Process, desired: DesiredState, t: SystemdTarget, has_secrets: bool
             exec_start=systemd_exec(p.argv),
             working_dir=systemd_value(desired.config_dir),
             environment=[systemd_env(k, v) for k, v in p.env.items()],
-            environment_file=systemd_value(f"{desired.config_dir}/{SECRETS_FILE}") if has_secrets else None,
+            environment_file=(
+                systemd_value(f"{desired.config_dir}/{SECRETS_FILE}")
+                if has_secrets and secret_files.needs(p)
+                else None
+            ),
             user=t.run_as,
             start_timeout_s=t.start_timeout_s,
             cpu_affinity=_cpus(p.cpus) if t.numa_bind and p.role is not Role.ROUTER else None,
@@ -126,18 +133,8 @@ def _unit(p: Process, desired: DesiredState, t: SystemdTarget, has_secrets: bool
 
 
 def secrets_file(names: list[str], values: Mapping[str, str] | None) -> str:
-    """The EnvironmentFile. Without values (offline render) the names are listed with empty values."""
-    lines = ["# disaggctl secrets: copied from the operator's environment at apply time"]
-    for name in names:
-        if values is not None and name not in values:
-            raise DisaggError(
-                f"target.secrets: {name} is not set in your environment; export it before `disaggctl apply`"
-            )
-        try:
-            lines.append(env_file_line(name, values[name] if values is not None else ""))
-        except QuotingError as e:
-            raise DisaggError(f"target.secrets: {e}") from None
-    return "\n".join(lines) + "\n"
+    """The EnvironmentFile. Without values (render -o, destroy, logs) every value is a placeholder."""
+    return secret_files.file_text(names, values)
 
 
 def render_systemd(desired: DesiredState, spec: ClusterSpec, secrets: Mapping[str, str] | None = None) -> Rendered:
@@ -151,7 +148,7 @@ def render_systemd(desired: DesiredState, spec: ClusterSpec, secrets: Mapping[st
         cfg_dir = desired.config_dir
         for cf in sorted(desired.files.get(host, []), key=lambda f: f.name):
             files.append(RenderedFile(host=host, path=f"{cfg_dir}/{cf.name}", content=cf.content, mode=cf.mode))
-        if secret_text is not None:
+        if secret_text is not None and any(secret_files.needs(p) for p in desired.on_host(host)):
             files.append(
                 RenderedFile(host=host, path=f"{cfg_dir}/{SECRETS_FILE}", content=secret_text, mode=0o600, secret=True)
             )

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
 import struct
 from typing import Any
 
@@ -88,6 +90,18 @@ def _array(b: bytes, i: int, n: int) -> tuple[list[Any], int]:
     return out, i
 
 
+def zmq_bind_endpoint(host: str, port: int) -> tuple[str, bool]:
+    """ZMQ binds an IP address (or an interface), not a DNS name: a host name is resolved here.
+    Returns the endpoint and whether it is IPv6 (the socket needs ZMQ_IPV6 then)."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        ip = ipaddress.ip_address(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0])
+    if ip.version == 6:
+        return f"tcp://[{ip}]:{port}", True
+    return f"tcp://{ip}:{port}", False
+
+
 class Notifications:
     """Binds the ZMQ PULL socket and resolves waiters when enough notifications arrived."""
 
@@ -109,7 +123,10 @@ class Notifications:
             raise RuntimeError("kv_kind lmcache needs pyzmq in the router's Python (pip install pyzmq)") from e
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.bind(f"tcp://{self.bind}:{self.port}")
+        endpoint, v6 = zmq_bind_endpoint(self.bind, self.port)
+        if v6:
+            self._sock.setsockopt(zmq.IPV6, 1)
+        self._sock.bind(endpoint)
         self._task = asyncio.create_task(self._loop())
 
     async def close(self) -> None:

@@ -65,7 +65,9 @@ class Router:
     async def start(self) -> None:
         if self.cfg.kv_kind == "lmcache":
             assert self.cfg.lmcache_proxy_port is not None  # the config requires it for lmcache
-            self.notifications = Notifications(self.cfg.lmcache_proxy_bind or "0.0.0.0", self.cfg.lmcache_proxy_port)
+            # no separate address given: the router's own (never every interface unless bind says so)
+            bind = self.cfg.lmcache_proxy_bind or self.cfg.bind
+            self.notifications = Notifications(bind, self.cfg.lmcache_proxy_port)
             await self.notifications.start()
             self.lmcache = LMCacheFlow(self.handoff, self.notifications)
         if self.admin is not None:

@@ -8,6 +8,7 @@ SIGHUP it: only changed processes restart) -> wait for every /health -> canary t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,6 +28,8 @@ from disaggctl.deployment import DesiredState, Rendered
 from disaggctl.errors import DisaggError
 from disaggctl.health import HealthError, HealthProgress
 from disaggctl.render.local import ProcSpec, Table, paths, render, table
+from disaggctl.secrets import FILE_NAME as SECRETS_FILE
+from disaggctl.secrets import known_values, operator_values, redact, write_private
 from disaggctl.spec import LocalTarget
 from disaggctl.targets import OpsContext
 from disaggctl.targets.base import (
@@ -82,8 +85,9 @@ def deployed_table(state_dir: str) -> Table | None:
 
 
 def _why(old: ProcSpec, new: ProcSpec) -> str:
-    changed = [f for f in ("argv", "env", "files_sha", "cwd", "log", "http_port") if getattr(old, f) != getattr(new, f)]
-    names = {"files_sha": "config file", "argv": "command line", "env": "environment"}
+    changed = [f for f in ("argv", "env", "files_sha", "secrets", "secrets_sha", "cwd", "log", "http_port")
+               if getattr(old, f) != getattr(new, f)]  # fmt: skip
+    names = {"files_sha": "config file", "argv": "command line", "env": "environment", "secrets_sha": "secrets"}
     return ", ".join(names.get(f, f) for f in changed) + " changed"
 
 
@@ -205,8 +209,10 @@ def preflight(desired: DesiredState, tbl: Table, old: Table | None, running: boo
 # --------------------------------------------------------------------------- supervisor
 
 
-def start_supervisor(state_dir: str) -> int:
+def start_supervisor(state_dir: str, drop: Sequence[str] = ()) -> int:
+    """drop: variables kept out of the supervisor's environment (target.secrets: engines read the file)."""
     pth = paths(state_dir)
+    env = {k: v for k, v in os.environ.items() if k not in set(drop)}
     pth["logs"].mkdir(parents=True, exist_ok=True)
     with open(pth["supervisor_log"], "ab") as log:
         proc = subprocess.Popen(
@@ -216,6 +222,7 @@ def start_supervisor(state_dir: str) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # detached: outlives this CLI and its terminal
             close_fds=True,
+            env=env,
         )
     deadline = time.monotonic() + SUPERVISOR_START_S
     while time.monotonic() < deadline:
@@ -311,9 +318,9 @@ class LocalBackend:
     """Backend protocol implementation: the host is this machine, a unit is a row of the supervisor's
     process table; the flow is the shared one of targets.base."""
 
-    def _observe(self, ctx: OpsContext, rendered: Rendered) -> _Observed:
+    def _observe(self, ctx: OpsContext, rendered: Rendered, secrets: Mapping[str, str]) -> _Observed:
         state_dir = ctx.desired.config_dir
-        new = table(ctx.desired, _target(ctx))
+        new = table(ctx.desired, _target(ctx), secrets)
         old = deployed_table(state_dir)
         running = supervisor_pid(state_dir) is not None
         failed = _failed(state_dir)
@@ -335,15 +342,17 @@ class LocalBackend:
         return SavedPlan(meta=plan_meta(ctx, "local", digest), changed=o.changed, actions=o.actions, target=details)
 
     def plan(self, ctx: OpsContext, out_file: str | None, detailed_exitcode: bool) -> int:
-        o = self._observe(ctx, render(ctx.desired, _target(ctx)))
+        values = operator_values(ctx.spec)
+        o = self._observe(ctx, render(ctx.desired, _target(ctx), values), values)
         show = lambda: _print_plan(ctx, o.state_dir, o.actions, o.files, o.roll_lines())  # noqa: E731
         return finish_plan(ctx, self._saved(ctx, o), show, out_file, detailed_exitcode)
 
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
         from disaggctl.targets.ui import Phases
 
-        rendered = render(ctx.desired, _target(ctx))
-        o = self._observe(ctx, rendered)
+        values = operator_values(ctx.spec)
+        rendered = render(ctx.desired, _target(ctx), values)
+        o = self._observe(ctx, rendered, values)
         base = o.old.to_json() if o.old else None
         check_saved_plan(plan_file, self._saved(ctx, o), lambda s: _stale(s, base))
         _print_plan(ctx, o.state_dir, o.actions, o.files, o.roll_lines())
@@ -418,7 +427,7 @@ class LocalBackend:
         with phases.step("local", "start supervisor"):
             if supervisor_pid(o.state_dir) is not None:
                 stop_supervisor(o.state_dir)
-            pid = start_supervisor(o.state_dir)
+            pid = start_supervisor(o.state_dir, drop=o.new.secret_names)
         ctx.console.print(f"supervisor started (pid {pid}); logs in {paths(o.state_dir)['logs']}")
 
     def _write(self, rendered: Rendered, state_dir: str, table_too: bool = True) -> None:
@@ -431,6 +440,9 @@ class LocalBackend:
                 continue
             p = Path(f.path)
             p.parent.mkdir(parents=True, exist_ok=True)
+            if f.secret:
+                write_private(p, f.content)  # 0600 from the first byte
+                continue
             write_atomic(p, f.content)
             os.chmod(p, f.mode)
 
@@ -560,7 +572,8 @@ def _explain_failure(ctx: OpsContext, tbl: Table, e: HealthError, restarts0: Map
     c = ctx.console
     c.print(f"[red]health check failed[/]: {e}")
     if e.name in {p.name for p in tbl.processes}:
-        c.print(f"last lines of {tbl.proc(e.name).log}:\n{_tail(Path(tbl.proc(e.name).log))}")
+        tail = redact(_tail(Path(tbl.proc(e.name).log)), known_values(ctx.spec))  # a process may print its env
+        c.print(f"last lines of {tbl.proc(e.name).log}:\n{tail}")
     for name, st in _proc_states(tbl.state_dir).items():
         # a process that died during the check explains a failed canary better than the canary does
         if int(st.get("restarts") or 0) > restarts0.get(name, 0) or st.get("state") == "failed":
@@ -582,7 +595,7 @@ def status_report(ctx: OpsContext) -> StatusReport:
     if old is None:
         return StatusReport(deployed=False, healthy=False, notes=[f"no {paths(state_dir)['table']}"], **common)
     states = _proc_states(state_dir)
-    drift = {a.process: a for a in diff(old, table(ctx.desired, _target(ctx)), sup is not None)
+    drift = {a.process: a for a in diff(old, _wanted(ctx, old), sup is not None)
              if a.action in (Action.CREATE, Action.UPDATE, Action.DELETE)}  # fmt: skip
     rows: list[ProcessStatus] = []
     for p in old.processes:
@@ -627,6 +640,18 @@ def _checks(ctx: OpsContext, tbl: Table, states: Mapping[str, Mapping[str, Any]]
     return scrape_and_check(urls, router_metrics, fps, http_fetch)
 
 
+def _wanted(ctx: OpsContext, old: Table) -> Table:
+    """The table the spec wants, for status: with the operator's secrets when they are set, else the
+    deployed rows' secrets hash (status does not need the values to report drift elsewhere)."""
+    try:
+        return table(ctx.desired, _target(ctx), operator_values(ctx.spec))
+    except DisaggError:
+        want = table(ctx.desired, _target(ctx))
+        deployed = {p.name: p.secrets_sha for p in old.processes}
+        procs = [dataclasses.replace(p, secrets_sha=deployed.get(p.name, p.secrets_sha)) for p in want.processes]
+        return dataclasses.replace(want, processes=procs)
+
+
 def _remove_owned(state_dir: str) -> int:
     """Exactly what disaggctl wrote: config files, the table, run/ and work/; logs stay."""
     import shutil
@@ -634,7 +659,8 @@ def _remove_owned(state_dir: str) -> int:
     pth = paths(state_dir)
     n = 0
     # the names compile gives ConfigFiles (router.json, lmcache-<instance>.yaml) and the table
-    for f in [pth["table"], Path(state_dir) / "router.json", *Path(state_dir).glob("lmcache-*.yaml")]:
+    owned = [pth["table"], Path(state_dir) / "router.json", Path(state_dir) / SECRETS_FILE]
+    for f in [*owned, *Path(state_dir).glob("lmcache-*.yaml")]:
         if f.exists():
             f.unlink()
             n += 1

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
+from disaggctl import secrets as secret_files
+from disaggctl.errors import DisaggError
 from disaggctl.render.local import ProcSpec, Table, paths
 
 STOP_TIMEOUT_S = 20.0
@@ -158,8 +160,13 @@ class Supervisor:
             if key in spec.env:
                 Path(spec.env[key]).mkdir(parents=True, exist_ok=True)
         Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.update(spec.env)
+        try:
+            env = self._env(spec)
+        except (OSError, DisaggError) as e:  # the messages name the file, never a value
+            self.log(f"{spec.name}: cannot read its secrets: {e}")
+            st.state, st.pid, st.last_exit, st.started_at = "failed", None, 126, time.time()
+            self.save()
+            return
         with open(spec.log, "ab") as log:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
             log.write(f"=== disaggctl {stamp}: start {spec.name} (restart {st.restarts})\n".encode())
@@ -185,6 +192,16 @@ class Supervisor:
         st.state, st.pid, st.started_at, st.restart_at = "running", child.pid, time.time(), None
         self.log(f"{spec.name}: started pid {child.pid}")
         self.save()
+
+    def _env(self, spec: ProcSpec) -> dict[str, str]:
+        """The inherited environment without the secret names, the row's environment, and, for an engine,
+        the secrets file's values (read at every start: a restart sees what the last apply wrote)."""
+        env = {k: v for k, v in os.environ.items() if k not in set(self.table.secret_names)}
+        env.update(spec.env)
+        if spec.secrets and self.table.secrets_file:
+            path = Path(self.table.secrets_file)
+            env.update(secret_files.parse(path.read_text(), str(path)))
+        return env
 
     def stop(self, name: str, timeout_s: float = STOP_TIMEOUT_S) -> None:
         child = self.children.pop(name, None)

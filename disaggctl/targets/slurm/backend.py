@@ -21,8 +21,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from disaggctl import secrets as secret_files
 from disaggctl.errors import DisaggError
-from disaggctl.render.slurm import STOP_TIMEOUT_S, job_name, render_slurm, script_hash, script_of, slurm_target
+from disaggctl.render.slurm import (
+    STOP_TIMEOUT_S,
+    job_name,
+    render_slurm,
+    script_hash,
+    script_of,
+    secrets_path,
+    slurm_target,
+)
 from disaggctl.targets.base import (
     Action,
     ProcessAction,
@@ -197,6 +206,7 @@ class SlurmBackend:
         self._sleep = sleep
         self._clock = clock
         self._poll_s = poll_s
+        self._secret_values: list[str] = []  # set by apply: redacted from quoted job output
 
     # ---- helpers
 
@@ -240,6 +250,7 @@ class SlurmBackend:
         from disaggctl.targets.ui import Phases
 
         run = self._runner_factory(ctx.spec)
+        self._secret_values = secret_files.known_values(ctx.spec)
         script, digest = self._script(ctx)
         p = compute_plan(digest, list_jobs(run, job_name(ctx.spec)))
         observed = p.to_json()["observed"]
@@ -290,6 +301,8 @@ class SlurmBackend:
         if not confirm(ctx, "Cancel these jobs?"):
             return 1
         self._stop_jobs(ctx, run, [j.job_id for j in jobs])
+        if secret_files.names(ctx.spec):
+            remove_job_secrets(run, ctx.desired.config_dir)  # the job's EXIT trap did, unless it was killed
         self._say(ctx, "Destroyed.")
         return 0
 
@@ -319,7 +332,11 @@ class SlurmBackend:
     def submit(self, ctx: OpsContext, run: Runner, script: str) -> str:
         cfg_dir = ctx.desired.config_dir
         _check(run.run(["mkdir", "-p", "--", cfg_dir]), ["mkdir", "-p", cfg_dir], run.where)
-        argv = cli.sbatch_argv()
+        names = secret_files.names(ctx.spec)
+        if names:
+            write_job_secrets(run, cfg_dir, secret_files.file_text(names, secret_files.operator_values(ctx.spec)))
+        # sbatch exports the submitting environment into the job: never the operator's secrets
+        argv = cli.sbatch_argv(env_drop=names)
         r = _check(run.run(argv, input=script.encode()), argv, run.where)
         job_id = cli.parse_sbatch(r.out)
         self._say(ctx, f"submitted job {job_id} ({job_name(ctx.spec)}) via {run.where}")
@@ -384,6 +401,7 @@ class SlurmBackend:
             job = show_job(run, job.job_id) or job
         lines = cli.relevant_lines(job_output(run, job))
         detail = "\n".join(f"    {ln}" for ln in lines) or "    (the output file is empty)"
+        detail = secret_files.redact(detail, self._secret_values)  # a process that printed its environment
         raise DisaggError(f"{message}; from {job.stdout or 'its output file'}:\n{detail}")
 
     def check_health(self, ctx: OpsContext, endpoint: str, urls: dict[str, str], phases: Phases | None = None) -> None:
@@ -428,6 +446,23 @@ class SlurmBackend:
             if self._clock() - start > timeout_s:
                 return False
             self._sleep(self._poll_s)
+
+
+def write_job_secrets(run: Runner, cfg_dir: str, text: str) -> None:
+    """The job's secrets file, 0600 in a 0700 folder on the submit host (shared storage): the values go
+    through stdin, never argv; written to a temp file and renamed."""
+    path = secrets_path(cfg_dir)
+    script = ('umask 077; d=$(dirname -- "$1"); mkdir -p -- "$d" && chmod 700 -- "$d" && '
+              'cat > "$1.tmp.$$" && chmod 600 -- "$1.tmp.$$" && mv -f -- "$1.tmp.$$" "$1"')
+    argv = ["sh", "-c", script, "sh", path]
+    r = run.run(argv, input=text.encode())
+    if not r.ok:  # the message is the shell's, about the path: never the values
+        raise DisaggError(f"cannot write the job's secrets file {path} on {run.where} (exit {r.rc}): "
+                          f"{(r.err or r.out).strip()}")
+
+
+def remove_job_secrets(run: Runner, cfg_dir: str) -> None:
+    run.run(["rm", "-f", "--", secrets_path(cfg_dir)])
 
 
 def saved_plan(ctx: OpsContext, p: PlanResult) -> SavedPlan:

@@ -39,9 +39,13 @@ class SlurmOutputError(ValueError):
 # --------------------------------------------------------------------------- argv builders
 
 
-def sbatch_argv(extra: list[str] | None = None, script: str | None = None) -> list[str]:
-    """`sbatch --parsable [extra...] [script]`; without a script path sbatch reads it from stdin."""
-    return ["sbatch", "--parsable", *(extra or []), *([script] if script else [])]
+def sbatch_argv(
+    extra: list[str] | None = None, script: str | None = None, env_drop: list[str] | None = None
+) -> list[str]:
+    """`sbatch --parsable [extra...] [script]`; without a script path sbatch reads it from stdin.
+    env_drop: variables removed from sbatch's environment first (`env -u`): sbatch exports it into the job."""
+    drop = [w for name in (env_drop or []) for w in ("-u", name)]
+    return [*(["env", *drop] if drop else []), "sbatch", "--parsable", *(extra or []), *([script] if script else [])]
 
 
 def sbatch_test_argv(script: str) -> list[str]:

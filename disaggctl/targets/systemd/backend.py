@@ -15,7 +15,6 @@ starts while the spec renders.
 from __future__ import annotations
 
 import io
-import os
 import posixpath
 import sys
 import tarfile
@@ -299,8 +298,10 @@ def build_context(spec: ClusterSpec, desired: DesiredState, secrets: Mapping[str
 
 
 def operator_secrets(spec: ClusterSpec) -> dict[str, str]:
-    t = systemd_target(spec)
-    return {k: os.environ[k] for k in t.secrets if k in os.environ}
+    """The operator's values (environment, then target.secrets_file); a missing one is an error."""
+    from disaggctl.secrets import operator_values
+
+    return operator_values(spec)
 
 
 # --------------------------------------------------------------------------- connections

@@ -25,4 +25,4 @@ export VLLM_NIXL_SIDE_CHANNEL_HOST="${DCTL_ADDR_1}"
 export VLLM_NIXL_SIDE_CHANNEL_PORT=5600
 export UCX_TLS=rc,cuda_copy
 # shellcheck disable=SC2088  # every argument is passed byte for byte, a leading ~ included
-exec vllm serve /lustre/models/Llama-3.1-70B-Instruct-FP8 --host 0.0.0.0 --port 8100 --enable-prompt-tokens-details --served-model-name llama-3.1-70b --tensor-parallel-size 4 --max-model-len 16384 --quantization fp8 --max-num-batched-tokens 8192 --max-num-seqs 128 --kv-transfer-config '{"kv_connector":"NixlConnector","kv_role":"kv_producer","kv_buffer_device":"cuda","kv_connector_extra_config":{"backends":["UCX"]}}'
+exec vllm serve /lustre/models/Llama-3.1-70B-Instruct-FP8 --host "${DCTL_ADDR_1}" --port 8100 --enable-prompt-tokens-details --served-model-name llama-3.1-70b --tensor-parallel-size 4 --max-model-len 16384 --quantization fp8 --max-num-batched-tokens 8192 --max-num-seqs 128 --kv-transfer-config '{"kv_connector":"NixlConnector","kv_role":"kv_producer","kv_buffer_device":"cuda","kv_connector_extra_config":{"backends":["UCX"]}}'
