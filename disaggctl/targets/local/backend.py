@@ -642,10 +642,13 @@ def _remove_owned(state_dir: str) -> int:
     """Exactly what disaggctl wrote: config files, the table, run/ and work/; logs stay."""
     import shutil
 
+    from disaggctl.compile import ROUTER_ADMIN_TOKEN
+
     pth = paths(state_dir)
     n = 0
-    # the names compile gives ConfigFiles (router.json, lmcache-<instance>.yaml) and the table
-    for f in [pth["table"], Path(state_dir) / "router.json", *Path(state_dir).glob("lmcache-*.yaml")]:
+    # the names compile gives ConfigFiles (router.json, lmcache-<instance>.yaml), the table, the admin token
+    token = Path(state_dir) / ROUTER_ADMIN_TOKEN
+    for f in [pth["table"], Path(state_dir) / "router.json", *Path(state_dir).glob("lmcache-*.yaml"), token]:
         if f.exists():
             f.unlink()
             n += 1
