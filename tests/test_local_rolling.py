@@ -103,9 +103,65 @@ def test_2p2d_change_rolls_decode_first_with_zero_failed_requests(tmp_path: Path
         write_spec(tmp_path, standin_vllm, 2, env="{FOO: '1'}", revision="v2")
         r = cli("plan", str(spec))
         assert "rolling order (cohorts)" in r.stdout, r.stdout
-        assert "the router cannot drain" in r.stdout  # no admin API yet: the generations would mix
+        assert "drained through the router's admin API" in r.stdout, r.stdout
+        assert "the router cannot drain" not in r.stdout
     finally:
         cli("destroy", str(spec), "-y")
+
+
+class AdminWatch:
+    """Polls the router's GET /admin/instances (token from the file apply made) while running;
+    records every (instance, state) it sees."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.url = f"http://127.0.0.1:{json.loads((tmp / 'ports.json').read_text())[1] + 1}/admin/instances"
+        self.token = (tmp / "state" / "router-admin.token").read_text().strip()
+        self.seen: set[tuple[str, str]] = set()
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            req = urllib.request.Request(self.url, headers={"Authorization": f"Bearer {self.token}"})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    for i in json.loads(r.read())["instances"]:
+                        self.seen.add((i["name"], i["state"]))
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                self.errors.append(str(e))
+
+    def __enter__(self) -> AdminWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self.stop.set()
+        self.thread.join(15)
+
+
+def test_1p1d_change_drains_through_admin_api_with_zero_failed_requests(tmp_path: Path, standin_vllm: str) -> None:  # noqa: F811
+    spec = write_spec(tmp_path, standin_vllm, 1)
+    try:
+        r = cli("apply", str(spec), "-y")
+        assert r.returncode == 0, r.stdout + r.stderr
+        tok = tmp_path / "state" / "router-admin.token"
+        assert tok.stat().st_mode & 0o777 == 0o600
+        token = tok.read_text().strip()
+        assert len(token) >= 32 and token not in r.stdout + r.stderr
+        write_spec(tmp_path, standin_vllm, 1, env="{FOO: '1'}")
+        with Load(_router_url(tmp_path)) as load, AdminWatch(tmp_path) as watch:
+            r = cli("apply", str(spec), "-y", timeout=240)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "drained through the router's admin API" in r.stdout, r.stdout
+        assert token not in r.stdout + r.stderr
+        assert tok.read_text().strip() == token  # a re-apply keeps the token
+        for name in ("decode-0", "prefill-0"):
+            assert {(name, "draining"), (name, "drained")} & watch.seen, watch.seen
+        assert load.ok > 20 and load.failed == [], load.failed[:5]
+    finally:
+        cli("destroy", str(spec), "-y")
+    assert not (tmp_path / "state" / "router-admin.token").exists()
 
 
 def test_1p1d_fingerprint_change_says_it_cannot_roll_and_apply_asks(tmp_path: Path, standin_vllm: str) -> None:  # noqa: F811

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -81,6 +83,7 @@ class AdminRotation:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     description: str = field(default="")
+    read_token: Callable[[], str] | None = None  # the token, read on the first call when `token` is empty
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -88,6 +91,8 @@ class AdminRotation:
             self.description = f"drained through the router's admin API at {self.base_url}"
 
     def _call(self, method: str, path: str, body: Mapping[str, object] | None = None) -> tuple[int, object]:
+        if not self.token and self.read_token is not None:
+            self.token = self.read_token()
         req = urllib.request.Request(
             self.base_url + path,
             data=json.dumps(body).encode() if body is not None else None,
@@ -168,20 +173,37 @@ def router_has_fallback(metrics_url: str, timeout_s: float = 2.0) -> bool:
     return FALLBACK_METRIC in text
 
 
-def rotation_for(spec: ClusterSpec, desired: DesiredState) -> Rotation:
-    """The admin API where the spec's builtin router has one (`router.admin`), else NoRotation."""
+def rotation_for(
+    spec: ClusterSpec,
+    desired: DesiredState,
+    read_token: Callable[[str], str] | None = None,
+    remote_router: bool = False,
+) -> Rotation:
+    """The builtin router's admin API as compile puts it in the router config (admin_bind, the
+    allocated admin port, the token file in the config folder), else NoRotation. The token is read
+    (`read_token(path)`: locally by default, over SSH on systemd) on the first admin call, not at plan time."""
+    from disaggctl.compile import _router_admin
+
     fallback = spec.router.kind == "builtin" and router_has_fallback(desired.router_url.rstrip("/") + "/metrics")
-    admin = getattr(spec.router, "admin", None)  # added to the router config with the router's admin API
-    if spec.router.kind != "builtin" or admin is None:
+    admin = _router_admin(spec, desired.placement) if spec.router.kind == "builtin" else None
+    if admin is None or not admin.token_file:
         return NoRotation(fallback=fallback)
-    host = str(getattr(admin, "host", "127.0.0.1") or "127.0.0.1")
-    token_file = getattr(admin, "token_file", None)
+    host = admin.host
+    if remote_router and host in ("127.0.0.1", "::1", "localhost"):
+        # the admin listener serves the router host's loopback only: this machine cannot reach it
+        # (no tunnel yet); set router.admin_bind to an address the operator reaches to drain
+        return NoRotation(fallback=fallback)
+    if host in ("0.0.0.0", "::"):  # listening everywhere: reach it at the router host's address
+        host = desired.placement.router_address or "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{admin.port}"
+    return AdminRotation(url, "", fallback=fallback, read_token=partial(read_token or _read_local, admin.token_file))
+
+
+def _read_local(path: str) -> str:
     try:
-        token = Path(str(token_file)).expanduser().read_text().strip() if token_file else ""
+        return Path(path).expanduser().read_text().strip()
     except OSError as e:
-        raise DisaggError(f"router.admin.token_file: cannot read {token_file}: {e}") from None
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{getattr(admin, 'port', 0)}"
-    return AdminRotation(url, token, fallback=fallback)
+        raise DisaggError(f"router admin token {path}: cannot read: {e.strerror or e}") from None
 
 
 def fingerprinter(spec: ClusterSpec, desired: DesiredState) -> Callable[[str, list[str]], str]:
@@ -303,3 +325,30 @@ class RolloutRunner:
             except HealthError as e:
                 raise HealthError(e.name, f"canary after restarting {name}: {e.detail}") from e
             self.say(f"  canary {res.request_id} via {p} -> {d}: KV of {res.kv_tokens:g} tokens for this request")
+
+
+def ensure_admin_token(path: Path) -> bool:
+    """The router admin token (local target): a random one written 0600 before the router starts,
+    kept when the file exists so re-applies leave it alone. True when it was made now."""
+    import secrets
+
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return True
+
+
+# systemd target, run on the router host as root: `sh -c ADMIN_TOKEN_SCRIPT token PATH`. The token
+# never leaves the host through argv or output; the file is made only when missing (umask 077).
+ADMIN_TOKEN_SCRIPT = r"""
+set -eu
+umask 077
+[ -e "$1" ] && exit 0
+mkdir -p -- "$(dirname -- "$1")"
+tmp="$1.new.$$"
+head -c 32 /dev/urandom | base64 | tr -d '\n=' | tr '+/' '-_' > "$tmp"
+mv -- "$tmp" "$1"
+"""

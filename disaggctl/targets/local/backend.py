@@ -49,6 +49,7 @@ from disaggctl.targets.rollout import (
     ALL_AT_ONCE,
     RolloutRunner,
     Rotation,
+    ensure_admin_token,
     roll_text,
     rollable,
     rollout_problems,
@@ -314,6 +315,15 @@ class _Observed:
         return roll_text(self.roll, self.rotation)
 
 
+def _admin_token(ctx: OpsContext) -> None:
+    """The builtin router's admin token in its config folder, made once, before the router starts."""
+    from disaggctl.compile import _router_admin
+
+    admin = _router_admin(ctx.spec, ctx.desired.placement) if ctx.spec.router.kind == "builtin" else None
+    if admin is not None and admin.token_file:
+        ensure_admin_token(Path(admin.token_file))
+
+
 class LocalBackend:
     """Backend protocol implementation: the host is this machine, a unit is a row of the supervisor's
     process table; the flow is the shared one of targets.base."""
@@ -371,6 +381,7 @@ class LocalBackend:
         with Phases(ctx.console) as phases:
             with phases.step("local", "files"):
                 self._write(rendered, o.state_dir, table_too=o.roll is None)
+                _admin_token(ctx)
             if o.roll is not None:
                 if not self._roll(ctx, o, phases):
                     return 1
@@ -656,10 +667,13 @@ def _remove_owned(state_dir: str) -> int:
     """Exactly what disaggctl wrote: config files, the table, run/ and work/; logs stay."""
     import shutil
 
+    from disaggctl.compile import ROUTER_ADMIN_TOKEN
+
     pth = paths(state_dir)
     n = 0
-    # the names compile gives ConfigFiles (router.json, lmcache-<instance>.yaml) and the table
-    owned = [pth["table"], Path(state_dir) / "router.json", Path(state_dir) / SECRETS_FILE]
+    # the names compile gives ConfigFiles (router.json, lmcache-<instance>.yaml), the table, the admin token
+    token = Path(state_dir) / ROUTER_ADMIN_TOKEN
+    owned = [pth["table"], Path(state_dir) / "router.json", Path(state_dir) / SECRETS_FILE, token]
     for f in [*owned, *Path(state_dir).glob("lmcache-*.yaml")]:
         if f.exists():
             f.unlink()

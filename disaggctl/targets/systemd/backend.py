@@ -585,7 +585,7 @@ class SystemdBackend:
                 plan_file, saved_plan(ctx, c, plan), lambda s: stale_reasons(load_plan(s.target, "plan"), plan)
             )
             print_plan(console, plan)
-            roll = _rolling(ctx, c, plan, observed)
+            roll = _rolling(ctx, c, plan, observed, _remote_token(hosts, c))
             _print_roll(console, roll)
             if not plan.changed:
                 return 0
@@ -628,6 +628,8 @@ class SystemdBackend:
                 push_files(conn, c, plan.host(conn.name), observed[conn.name], start=units)
 
         _raise_first(hosts.map([h.host for h in changed], files), "files")
+        if c.spec.router.kind == "builtin":  # before the router (a later start phase) reads it
+            _make_token(hosts, c)
         from disaggctl.targets.gate import HealthGate  # a no-op apply never gets here
 
         gate = HealthGate(c.spec, c.desired)
@@ -849,14 +851,52 @@ def start_phases(
 
 
 def _rolling(
-    ctx: OpsContext, c: Context, plan: Plan, observed: Mapping[str, Observed]
+    ctx: OpsContext,
+    c: Context,
+    plan: Plan,
+    observed: Mapping[str, Observed],
+    read_token: Callable[[str], str] | None = None,
 ) -> tuple[SystemdRoll, Rotation] | None:
     """The rolling plan of the running instances this change restarts, and how they leave rotation."""
     from disaggctl.targets.rollout import rotation_for
     from disaggctl.targets.systemd.rolling import systemd_roll
 
     roll = systemd_roll(c.spec, c.desired, plan, observed, c.unit_of)
-    return (roll, rotation_for(c.spec, c.desired)) if roll else None
+    return (roll, rotation_for(c.spec, c.desired, read_token, remote_router=True)) if roll else None
+
+
+def _make_token(hosts: Hosts, c: Context) -> None:
+    from disaggctl.compile import _router_admin
+
+    admin = _router_admin(c.spec, c.desired.placement)
+    # a loopback admin listener on a remote router host is not used by rollouts (rotation_for): no token
+    if admin is not None and admin.token_file and admin.host not in ("127.0.0.1", "::1", "localhost"):
+        _remote_token(hosts, c)(admin.token_file)
+
+
+def _remote_token(hosts: Hosts, c: Context) -> Callable[[str], str]:
+    """Reads the router admin token over the router host's SSH connection; made there first (umask
+    077, only when missing: not a rendered file, so plans stay stable). Never printed."""
+    from disaggctl.targets.rollout import ADMIN_TOKEN_SCRIPT
+
+    host = c.desired.placement.router_host
+
+    def read(path: str) -> str:
+        def one(conn: Connection) -> str:
+            r = conn.run(["sh", "-c", ADMIN_TOKEN_SCRIPT, "token", path], sudo=True, timeout=30)
+            if r.rc != 0:
+                raise SshError(conn.name, f"router admin token {path}: exit {r.rc}: {r.err.strip()[:200]}")
+            data = conn.get(path)
+            if not data:
+                raise SshError(conn.name, f"router admin token {path}: missing")
+            return data.decode().strip()
+
+        got = hosts.map([host], one)[host]
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    return read
 
 
 def _print_roll(console: Console, roll: tuple[SystemdRoll, Rotation] | None) -> None:
@@ -910,6 +950,9 @@ def remove_owned(conn: Connection, c: Context, obs: Observed) -> None:
     units = [*m.units, *([m.target_unit] if m.target_unit else [])]
     push(conn, [], stop=units, remove=m.owned_paths(), reload=True)
     conn.run(["rm", "-rf", "--", c.state_dir], sudo=True)
+    from disaggctl.compile import ROUTER_ADMIN_TOKEN  # made at apply time, not in the manifest
+
+    conn.run(["rm", "-f", "--", f"{c.desired.config_dir}/{ROUTER_ADMIN_TOKEN}"], sudo=True)
     conn.run(["rmdir", "--ignore-fail-on-non-empty", "--", c.desired.config_dir], sudo=True)
 
 
