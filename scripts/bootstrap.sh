@@ -32,7 +32,7 @@ echo 'import platform, ctypes; platform.machine() == "x86_64" and ctypes.CDLL(No
 # config loader (LMCacheConnectorV1 cannot transfer on the CPU).
 "${PIP[@]}" --no-deps nixl==1.5.1 nixl-cu12==1.5.1 lmcache==0.5.6
 "${PIP[@]}" sortedcontainers aiofile aiofiles
-"${PIP[@]}" -e '.[dev,nvml]' vllm-router
+"${PIP[@]}" -e '.[dev,nvml,router-fast]' vllm-router
 rm -f "$VENV"/.disaggctl-bootstrap-*
 touch "$stamp"
 echo "bootstrap: $VENV ready in $((SECONDS - t0)) s"
