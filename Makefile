@@ -37,6 +37,10 @@ bench: install
 	$(PY) bench/router/run.py
 	$(PY) bench/apply_fanout/run.py
 	$(PY) bench/input_bounds/run.py
+	$(PY) bench/cli_start/run.py
+	$(PY) bench/sizing_reference/run.py
+	$(PY) bench/unit_state/run.py
+	$(PY) bench/rolling_change/run.py
 
 clean-demo:
 	$(VENV)/bin/disaggctl destroy examples/local-cpu.yaml -y
