@@ -187,7 +187,7 @@ def test_02_apply_starts_everything_and_passes_the_canary(clean: Env) -> None:
     env = clean
     rc = env.backend.apply(env.ctx(), None)
     assert rc == 0, env.text
-    assert "canary:" in env.text and "Apply complete" in env.text
+    assert "canary " in env.text and "decode received the KV" in env.text and "Apply complete" in env.text
     for h, units in UNITS.items():
         for u in units:
             assert env.show(h, u, "ActiveState") == "active", (h, u)

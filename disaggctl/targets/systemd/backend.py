@@ -861,8 +861,16 @@ def _rolling(
     from disaggctl.targets.rollout import rotation_for
     from disaggctl.targets.systemd.rolling import systemd_roll
 
+    if not ROLLING_ON_SYSTEMD:  # see ROLLING_ON_SYSTEMD
+        return None
     roll = systemd_roll(c.spec, c.desired, plan, observed, c.unit_of)
     return (roll, rotation_for(c.spec, c.desired, read_token, remote_router=True)) if roll else None
+
+
+# Rolling restarts on systemd hosts (targets/systemd/rolling.py) are planned and unit-tested but off:
+# on the nspawn hosts a host lost mid-roll surfaced as an SshError instead of a reported apply
+# failure. Until that path is hardened, changes restart by start phases as before.
+ROLLING_ON_SYSTEMD = False
 
 
 def _make_token(hosts: Hosts, c: Context) -> None:
