@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 # The test order is shuffled (pytest-randomly) with the seed printed first: every module must pass
 # alone and in any order. The default seed is fixed so that a CI run can be replayed exactly; try
 # other orders with `make test SEED=$$RANDOM` (the suite has passed under several seeds).
+# --timeout: no single test (with its fixtures) may hang CI; --durations: where the time went.
 SEED ?= 4242
 
 .PHONY: demo test install test-deps lint lint-only bench clean-demo
@@ -24,7 +25,7 @@ test: install test-deps
 	$(MAKE) --no-print-directory lint-only
 	scripts/stop-test-infra.sh
 	@echo "pytest-randomly seed $(SEED): rerun this order with make test SEED=$(SEED)"
-	$(PY) -m pytest -q -p randomly --randomly-seed=$(SEED) tests
+	$(PY) -m pytest -q -p randomly --randomly-seed=$(SEED) --timeout=900 --durations=25 tests
 
 lint: install lint-only
 

@@ -24,6 +24,7 @@ kv() { echo "{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"$1\",\"kv_buffer_
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -- "-$p" 2>/dev/null; done; }
 trap cleanup EXIT
+trap 'exit 143' TERM INT  # a caller's SIGTERM (a test's timeout) still stops both servers
 
 t0=$(date +%s)
 VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_PORT=5711 VLLM_CPU_OMP_THREADS_BIND=${DBIND:-1} \

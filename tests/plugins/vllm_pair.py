@@ -172,10 +172,31 @@ class VllmPair:
             out.append(f"--- {log.name}\n" + "\n".join(lines))
         return "\n".join(out)
 
+    def healthy(self) -> bool:
+        """Every process alive and answering /health (a test that killed one may have left it down)."""
+        try:
+            for name in ("decode-0", "prefill-0", "router"):
+                os.killpg(self.pid(name), 0)
+            for url in (self.prefill_url, self.decode_url, self.router_url):
+                get(url + "/health", timeout=5)
+        except (OSError, ValueError):
+            return False
+        return True
+
     def ensure(self, kind: str) -> None:
-        """Make the running deployment use connector `kind` (apply; restarts what changed)."""
+        """Make the running deployment use connector `kind` (apply; restarts what changed).
+
+        When it already runs `kind` but a process is down (a fault test failed half-way), wait for
+        the supervisor to bring it back, then re-apply: one failure stays in its own test."""
         if self.kind == kind:
-            return
+            deadline = time.monotonic() + 90
+            while not self.healthy():
+                if time.monotonic() > deadline:
+                    self.kind = "unhealthy"
+                    break
+                time.sleep(1)
+            else:
+                return
         t0 = time.monotonic()
         r = self.cli("apply", str(self.spec(kind)), "-y")
         self.apply_seconds[kind] = time.monotonic() - t0
