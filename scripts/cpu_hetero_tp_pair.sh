@@ -5,7 +5,7 @@
 # Heavy: run it under the shared lock, e.g.
 #   flock /tmp/dctl-heavy.lock timeout 480 scripts/cpu_hetero_tp_pair.sh
 # Knobs (env): LEASE_S (kv_lease_duration, default 300), WAIT_POLICY (OMP_WAIT_POLICY, PASSIVE),
-# PBIND (prefill OMP binds, "0|1"), DBIND (decode, "1"), OUT (work folder).
+# PBIND (prefill OMP binds, "0|0" pinned), DBIND (decode, "1"), DPIN/PPIN (below), OUT (work folder).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dctl-hetero-tp}
@@ -21,6 +21,14 @@ export OMP_WAIT_POLICY=${WAIT_POLICY:-PASSIVE}
 COMMON=(--host 127.0.0.1 --dtype bfloat16 --max-model-len 512 --block-size 32 --enforce-eager --served-model-name tiny)
 kv() { echo "{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"$1\",\"kv_buffer_device\":\"cpu\",\"kv_connector_extra_config\":{\"backends\":[\"UCX\"],\"kv_lease_duration\":$LEASE_S}}"; }
 
+# DPIN/PPIN: a command prefix for decode/prefill. Default on 2+ cores: prefill (both TP workers) on
+# core 0, decode on core 1. Unpinned, prefill's TP workers keep stepping while they hold the KV and
+# starve decode's NIXL handshake: decode answered after ~6 min instead of ~1 s (1m46s in all, pinned).
+if [ "$(nproc)" -ge 2 ]; then
+  DPIN=${DPIN-taskset -c 1}; PPIN=${PPIN-taskset -c 0}; DBIND=${DBIND:-1}; PBIND=${PBIND:-0|0}
+else
+  DPIN=${DPIN-}; PPIN=${PPIN-}
+fi
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -- "-$p" 2>/dev/null; done; }
 trap cleanup EXIT
@@ -28,11 +36,11 @@ trap 'exit 143' TERM INT  # a caller's SIGTERM (a test's timeout) still stops bo
 
 t0=$(date +%s)
 VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_PORT=5711 VLLM_CPU_OMP_THREADS_BIND=${DBIND:-1} \
-  setsid "$VLLM" serve "$MODEL" --port 8312 "${COMMON[@]}" --kv-transfer-config "$(kv kv_consumer)" \
+  setsid $DPIN "$VLLM" serve "$MODEL" --port 8312 "${COMMON[@]}" --kv-transfer-config "$(kv kv_consumer)" \
   >"$OUT/decode.log" 2>&1 &
 pids+=($!)
 VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_PORT=5701 VLLM_CPU_OMP_THREADS_BIND=${PBIND:-0|1} \
-  setsid "$VLLM" serve "$MODEL" --port 8311 "${COMMON[@]}" --tensor-parallel-size 2 \
+  setsid $PPIN "$VLLM" serve "$MODEL" --port 8311 "${COMMON[@]}" --tensor-parallel-size 2 \
   --distributed-executor-backend mp --kv-transfer-config "$(kv kv_producer)" >"$OUT/prefill.log" 2>&1 &
 pids+=($!)
 
