@@ -197,6 +197,11 @@ def render(
     typer.echo(f"wrote {len(written)} files under {out}")
 
 
+FORCE_UNLOCK_HELP = (
+    "Break the deployment's lock (systemd: held by another apply/destroy, or left by a killed one) and take it."
+)
+
+
 def plan(
     spec: Path = SPEC,
     profile: list[str] = PROFILE,
@@ -228,6 +233,7 @@ def apply(
     topology: Path | None = TOPOLOGY,
     allow_degraded: bool = DEGRADED,
     yes: bool = YES,
+    force_unlock: bool = typer.Option(False, "--force-unlock", help=FORCE_UNLOCK_HELP),
 ) -> None:
     """Push files, start decode, prefill and router, and wait until a request flows end to end."""
     if spec.suffix == ".json":  # `apply plan.json`: the plan names its spec, profiles and topology
@@ -240,6 +246,7 @@ def apply(
         topology = Path(meta.topology_file) if meta.topology_file else topology
 
     ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
+    ctx.options["force_unlock"] = force_unlock
     raise typer.Exit(_backend(ctx).apply(ctx, plan_file))
 
 
@@ -261,9 +268,11 @@ def destroy(
     topology: Path | None = TOPOLOGY,
     allow_degraded: bool = DEGRADED,
     yes: bool = YES,
+    force_unlock: bool = typer.Option(False, "--force-unlock", help=FORCE_UNLOCK_HELP),
 ) -> None:
     """Stop and remove exactly what disaggctl owns for this deployment."""
     ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
+    ctx.options["force_unlock"] = force_unlock
     raise typer.Exit(_backend(ctx).destroy(ctx))
 
 

@@ -3,8 +3,9 @@ upstreams, then one canary request end to end with the same inputs for every con
 
 A target says only where its processes answer (`urls`: process name -> base URL, from the spec
 for systemd and local, from the job's state file on Slurm) and, optionally, how to tell a process
-died (`alive`) and how an HTTP GET is made (`probe`/`fetch`: today from this machine; a target
-that must check through an SSH channel passes its own).
+died (`alive`) and how HTTP is spoken (`probe`/`fetch` for /health, `request` for the canary's
+POSTs and metrics; default: from this machine). The systemd target passes all three through its
+SSH connections (`targets/systemd/access.py`): hosts behind a bastion are checked the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from disaggctl.health import CanaryResult, HealthProgress, Probe, http_probe, run_canary, wait_healthy
+from disaggctl.health import (
+    CanaryResult,
+    HealthProgress,
+    Probe,
+    Request,
+    http_probe,
+    run_canary,
+    urllib_request,
+    wait_healthy,
+)
 
 if TYPE_CHECKING:
     from disaggctl.deployment import DesiredState
@@ -59,6 +69,7 @@ class HealthGate:
     router_url: str = ""  # default: the deployment's
     probe: Probe = http_probe
     fetch: Fetch = http_fetch
+    request: Request = urllib_request
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -123,6 +134,7 @@ class HealthGate:
             c.timeout_s,
             c.require_kv_transfer,
             block_size=c.block_size,
+            request=self.request,
         )
 
     def run(
