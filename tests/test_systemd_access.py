@@ -183,6 +183,13 @@ def test_askpass_is_refused_on_every_host_before_anything_changes(env: Env) -> N
 
 def test_the_whole_workflow_as_a_sudo_user(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
     env.wipe()
+    # a files step that fails on s2 (its config folder is a file) leaves no temporary file there
+    env.sh("s2", "sh", "-c", "mkdir -p /etc/disaggctl && echo x > /etc/disaggctl/acc")
+    assert env.backend.apply(env.ctx(), None) == 1
+    assert "apply failed: s2: files: s2: push exited" in env.text, env.text
+    tmps = "find /etc/systemd/system /var/lib/disaggctl /etc/disaggctl -name '*.dctl-tmp' 2>/dev/null"
+    assert env.sh("s2", "sh", "-c", tmps).strip() == ""
+    env.sh("s2", "rm", "-f", "/etc/disaggctl/acc")
     assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 2
     env.apply_ok()
     assert "canary:" in env.text and "Apply complete" in env.text

@@ -14,6 +14,7 @@ starts while the spec renders.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
@@ -197,6 +198,10 @@ def push(
         unit = unit.strip()
         raise ApplyError(conn.name, unit, f"failed to start: {err.strip()}", journal_tail(conn, unit))
     if r.rc != 0:
+        if files:  # a failed step leaves no temporary file behind (each is renamed or removed)
+            tmps = ["/" + _tmp_member(f[0]) for f in files]
+            with contextlib.suppress(DisaggError):
+                conn.run(["rm", "-f", "--", *tmps], sudo=True, timeout=60)
         raise SshError(conn.name, f"push exited {r.rc}: {r.err.strip() or r.out.strip()}")
 
 
