@@ -51,7 +51,7 @@ name: acc
 model: {{path: /models/tiny, served_name: tiny}}
 hosts:
 {hosts}prefill: {{replicas: 1, hosts: {{names: [s1]}}}}
-decode: {{replicas: {dreps}}}
+decode: {{replicas: {dreps}, env: {{STANDIN_HEALTH_DELAY_S: "{hdelay}"}}}}
 engine: {{http_port: 8310}}
 kv_transfer: {{kind: nixl, buffer_device: cpu}}
 router: {{host: s1, port: 8300, local_prefill_threshold: 4, request_timeout_s: {rto}}}
@@ -77,14 +77,14 @@ class Env:
         self.out = io.StringIO()
 
     def spec_text(self, user: str = "deploy", names: tuple[str, ...] = ("s1", "s2"), dreps: int = 2,
-                  rto: int = 600) -> str:  # fmt: skip
+                  rto: int = 600, hdelay: float = 0) -> str:  # fmt: skip
         jump = f", jump: \"{user}@{self.hosts.jump[1]}\"" if self.hosts.jump else ""
         hosts = "".join(
             HOST.format(name=n, ip=self.hosts.ip(n), user=user, key=self.hosts.key, kh=self.hosts.known_hosts,
                         jump=jump)
             for n in names
         )
-        return SPEC.format(hosts=hosts, dreps=dreps, rto=rto, py=PY)
+        return SPEC.format(hosts=hosts, dreps=dreps, rto=rto, hdelay=hdelay, py=PY)
 
     def write(self, **kw: Any) -> Path:
         path = self.tmp / "spec.yaml"
@@ -210,7 +210,7 @@ def test_the_whole_workflow_as_a_sudo_user(env: Env, capsys: pytest.CaptureFixtu
 
 def test_two_concurrent_applies_and_a_killed_ones_lock(env: Env) -> None:
     env.apply_ok()
-    env.write(rto=500)  # a change: the first apply restarts the router and runs the canary
+    env.write(hdelay=5)  # a change: the first apply restarts decode and waits >= 5 s for its /health
     first = _cli(env, "apply", "--yes")
     _wait_lock(env, first)
     second = _cli(env, "apply", "--yes")
@@ -223,16 +223,16 @@ def test_two_concurrent_applies_and_a_killed_ones_lock(env: Env) -> None:
     assert f"(pid {first.pid}) since " in flat and "disaggctl apply spec.yaml" in flat, flat
     assert env.sh("s1", "ls", "/var/lib/disaggctl/locks").strip() == ""
     # an apply killed while it holds the lock leaves it; the next says so, --force-unlock breaks it
-    env.write(rto=400)
+    env.write(rto=400, hdelay=2)
     killed = _cli(env, "apply", "--yes")
     _wait_lock(env, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    assert env.backend.apply(env.ctx(rto=400), None) == 1
+    assert env.backend.apply(env.ctx(rto=400, hdelay=2), None) == 1
     assert f"its process {killed.pid} is gone" in env.text and "--force-unlock" in env.text, env.text
-    assert env.backend.apply(env.ctx(rto=400, force_unlock=True), None) == 0, env.text
+    assert env.backend.apply(env.ctx(rto=400, hdelay=2, force_unlock=True), None) == 0, env.text
     assert "broke the deployment lock held by" in env.text and f"(pid {killed.pid})" in env.text
-    assert env.backend.plan(env.ctx(rto=400), None, detailed_exitcode=True) == 0, env.text
+    assert env.backend.plan(env.ctx(rto=400, hdelay=2), None, detailed_exitcode=True) == 0, env.text
 
 
 def test_a_host_removed_from_the_spec_is_cleaned_by_apply_and_destroy(env: Env) -> None:

@@ -75,6 +75,10 @@ def test_registry_remembers_a_removed_host_until_it_is_clean() -> None:
     # s2 unreachable: it keeps its files, so it stays remembered
     set_registry(c, {**declared, "s2": Observed("s2", error="s2: cannot connect")})
     assert set(c.registry) == {"s1", "s2"} and c.registry["s2"].address == "10.9.0.12"
+    # a declared host that is unreachable but never held files is not remembered
+    c2 = _ctx(("s1", "s2", "s3"), dreps=2)
+    set_registry(c2, {"s1": _holding(c2, "s1", reg), "s3": Observed("s3", error="s3: cannot connect")})
+    assert "s3" not in c2.registry_pending
 
 
 def test_lock_host_is_the_first_declared_host_that_runs_something() -> None:

@@ -181,18 +181,22 @@ def observe_everything(hosts: Hosts, c: Context) -> dict[str, Observed]:
 
 def set_registry(c: Context, observed: Mapping[str, Observed]) -> None:
     """What the manifests written by this apply remember: every declared host that runs something,
-    and every host that holds files now (pending) or may still hold them after (unreachable)."""
+    every host that holds files now (pending), and a remembered host that is unreachable (it may
+    still hold files: remembered until it is cleaned). A host that never held files is never
+    remembered."""
     final = {h: address_of(target_for(c.spec, h)) for h in c.hosts if c.rendered.for_host(h)}
+    before = remembered(observed)
     holding: dict[str, HostAddress] = {}
     for name, o in observed.items():
-        if name in final or not (o.manifest is not None or o.error):
+        if name in final:
             continue
-        addr = c.removed.get(name) or (address_of(target_for(c.spec, name)) if name in c.hosts else None)
-        if addr is None:
-            continue
-        holding[name] = addr
         if o.error:
-            final[name] = addr  # unreachable: remembered until it is cleaned
+            if name in before:
+                final[name] = holding[name] = before[name]
+            continue
+        if o.manifest is None:
+            continue
+        holding[name] = c.removed.get(name) or before.get(name) or address_of(target_for(c.spec, name))
     c.registry, c.registry_pending = final, {**final, **holding}
 
 
