@@ -192,7 +192,7 @@ def test_the_whole_workflow_as_a_sudo_user(env: Env, capsys: pytest.CaptureFixtu
     env.sh("s2", "rm", "-f", "/etc/disaggctl/acc")
     assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 2
     env.apply_ok()
-    assert "canary:" in env.text and "Apply complete" in env.text
+    assert "canary disaggctl-canary-" in env.text and "Apply complete" in env.text  # the pair canary's line
     for h, units in UNITS.items():
         for u in units:
             assert env.show(h, u) == "active", (h, u)
@@ -270,7 +270,8 @@ def test_bastion_only_hosts_apply_status_logs_destroy(benv: Env, capsys: pytest.
         urllib.request.urlopen(health, timeout=2)
     assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 2, env.text
     env.apply_ok()  # health gates of every phase, the router's upstreams, the canary: all through SSH
-    assert "canary:" in env.text and "decode received the KV" in env.text, env.text
+    # the pair canary (prefill, then decode directly) through SSH too
+    assert "canary disaggctl-canary-" in env.text and "decode received the KV" in env.text, env.text
     assert env.backend.status(env.ctx()) == 0, env.text
     assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 0
     assert env.backend.logs(env.ctx(), "router", None, False, 20) == 0
