@@ -45,6 +45,8 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], None]
 # probe(url, timeout_s) -> (healthy, detail)
 Probe = Callable[[str, float], tuple[bool, str]]
+# request(method, url, body, timeout_s, headers) -> (status, body); raises OSError when no answer
+Request = Callable[[str, str, bytes | None, float, Mapping[str, str]], tuple[int, bytes]]
 
 PROMPT_BY_SOURCE = "vllm:prompt_tokens_by_source_total"
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
@@ -206,18 +208,32 @@ class CanaryResult:
         return self.kv_tokens <= 0 or self.computed_tokens > self.kv_tokens
 
 
-def _get(url: str, timeout_s: float) -> str:
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
-        body: bytes = r.read()
-        return body.decode()
+def urllib_request(
+    method: str, url: str, body: bytes | None, timeout_s: float, headers: Mapping[str, str]
+) -> tuple[int, bytes]:
+    """The default transport: an HTTP request from this machine (an HTTP error status is an answer)."""
+    req = urllib.request.Request(url, data=body, headers=dict(headers), method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            data: bytes = r.read()
+            return r.status, data
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
 
 
-def _metrics(urls: list[str], timeout_s: float) -> tuple[float, float, float]:
+def _get(url: str, timeout_s: float, request: Request = urllib_request) -> str:
+    status, body = request("GET", url, None, timeout_s, {})
+    if status != 200:
+        raise OSError(f"HTTP {status}")
+    return body.decode()
+
+
+def _metrics(urls: list[str], timeout_s: float, request: Request = urllib_request) -> tuple[float, float, float]:
     """(kv received, computed locally, local prefix-cache hits) summed over `urls`."""
     kv = computed = cached = 0.0
     for url in urls:
         try:
-            text = _get(url, timeout_s)
+            text = _get(url, timeout_s, request)
         except (urllib.error.URLError, OSError) as e:
             raise HealthError("canary", f"cannot read decode metrics at {url}: {e}") from e
         kv += kv_received(text)
@@ -226,20 +242,17 @@ def _metrics(urls: list[str], timeout_s: float) -> tuple[float, float, float]:
     return kv, computed, cached
 
 
-def _post_json(url: str, body: dict[str, object], timeout_s: float, request_id: str) -> dict[str, object]:
-    req = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "X-Request-Id": request_id},
-    )
+def _post_json(
+    url: str, body: dict[str, object], timeout_s: float, request_id: str, request: Request = urllib_request
+) -> dict[str, object]:
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            raw = r.read()
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace")[:500]
-        raise HealthError("canary", f"POST {url} answered HTTP {e.code}: {detail}") from e
+        status, raw = request("POST", url, json.dumps(body).encode(), timeout_s, headers)
     except (urllib.error.URLError, OSError) as e:
         raise HealthError("canary", f"POST {url} failed: {getattr(e, 'reason', e)}") from e
+    if status != 200:
+        detail = raw.decode(errors="replace")[:500]
+        raise HealthError("canary", f"POST {url} answered HTTP {status}: {detail}")
     try:
         data = json.loads(raw)
     except ValueError as e:
@@ -249,18 +262,23 @@ def _post_json(url: str, body: dict[str, object], timeout_s: float, request_id: 
     return data
 
 
-def _token_count(base_url: str, model: str, text: str, timeout_s: float) -> int | None:
+def _token_count(
+    base_url: str, model: str, text: str, timeout_s: float, request: Request = urllib_request
+) -> int | None:
     try:
-        data = _post_json(base_url + "/tokenize", {"model": model, "prompt": text}, timeout_s, "disaggctl-tokenize")
+        body: dict[str, object] = {"model": model, "prompt": text}
+        data = _post_json(base_url + "/tokenize", body, timeout_s, "disaggctl-tokenize", request)
     except HealthError:
         return None
     count = data.get("count")
     return count if isinstance(count, int) else None
 
 
-def _steer_clear(base_url: str, model: str, text: str, block_size: int, timeout_s: float) -> str:
+def _steer_clear(
+    base_url: str, model: str, text: str, block_size: int, timeout_s: float, request: Request = urllib_request
+) -> str:
     for _ in range(4):
-        n = _token_count(base_url, model, text, timeout_s)
+        n = _token_count(base_url, model, text, timeout_s, request)
         if n is None or n % block_size != 1:
             return text
         text += " fox"
@@ -281,6 +299,7 @@ def run_canary(
     settle_s: float = 5.0,
     clock: Clock = time.monotonic,
     sleep: Sleep = time.sleep,
+    request: Request = urllib_request,
 ) -> CanaryResult:
     """Send one completion through the router and check decode's metrics around it.
 
@@ -295,12 +314,17 @@ def run_canary(
     prompt of n tokens under its first (n-1)//B*B tokens but looks it up under (n-2)//B*B, so a
     prompt of k*B+1 tokens is never found; the prompt is then lengthened by a word (its length
     is asked from the first decode instance's /tokenize).
+
+    `request` is the HTTP transport of every call (default: from this machine; the systemd
+    target passes one through its SSH connections).
     """
     request_id = f"disaggctl-canary-{uuid.uuid4().hex[:12]}"
     text_in = f"[{request_id}] {prompt}" if unique else prompt
     if block_size and decode_metrics_urls:
-        text_in = _steer_clear(decode_metrics_urls[0].rsplit("/", 1)[0], model, text_in, block_size, timeout_s)
-    kv0, comp0, cache0 = _metrics(decode_metrics_urls, timeout_s)
+        text_in = _steer_clear(
+            decode_metrics_urls[0].rsplit("/", 1)[0], model, text_in, block_size, timeout_s, request
+        )
+    kv0, comp0, cache0 = _metrics(decode_metrics_urls, timeout_s, request)
     url = router_url.rstrip("/") + "/v1/completions"
     body: dict[str, object] = {
         "model": model,
@@ -311,12 +335,12 @@ def run_canary(
         "stream": False,
     }
     t0 = clock()
-    data = _post_json(url, body, timeout_s, request_id)
+    data = _post_json(url, body, timeout_s, request_id, request)
     latency = clock() - t0
     text, prompt_tokens, completion_tokens = _answer(data, "canary")
 
     kv, comp = _settled(decode_metrics_urls, timeout_s, (kv0, comp0, cache0), prompt_tokens, clock() + settle_s,
-                        clock, sleep)  # fmt: skip
+                        clock, sleep, request)  # fmt: skip
     result = CanaryResult(text, prompt_tokens, completion_tokens, latency, kv, comp, request_id)
     if require_kv_transfer:
         _require_transfer(result)
@@ -331,12 +355,13 @@ def _settled(
     deadline: float,
     clock: Clock,
     sleep: Sleep,
+    request: Request = urllib_request,
 ) -> tuple[float, float]:
     """(KV received, computed locally) since `before`, once decode accounted for the whole prompt
     (loaded, computed or cached) or at the deadline."""
     kv0, comp0, cache0 = before
     while True:
-        kv1, comp1, cache1 = _metrics(urls, timeout_s)
+        kv1, comp1, cache1 = _metrics(urls, timeout_s, request)
         kv, comp = kv1 - kv0, comp1 - comp0
         if prompt_tokens and kv + comp + (cache1 - cache0) >= prompt_tokens:
             return kv, comp
@@ -390,13 +415,20 @@ class PairTarget:
     decode_url: str
 
 
-def _prefill_step(pair: PairTarget, kv_kind: str, body: dict[str, object], timeout_s: float, rid: str) -> object:
+def _prefill_step(
+    pair: PairTarget,
+    kv_kind: str,
+    body: dict[str, object],
+    timeout_s: float,
+    rid: str,
+    request: Request = urllib_request,
+) -> object:
     """Prefill the canary's prompt on `pair.prefill`; for NIXL the KV handle it keeps for decode."""
     pbody = dict(body, max_tokens=1)
     if kv_kind == "nixl":
         pbody["kv_transfer_params"] = dict(NIXL_PREFILL_PARAMS)
     try:
-        data = _post_json(pair.prefill_url.rstrip("/") + "/v1/completions", pbody, timeout_s, rid)
+        data = _post_json(pair.prefill_url.rstrip("/") + "/v1/completions", pbody, timeout_s, rid, request)
     except HealthError as e:
         raise HealthError(pair.prefill, f"canary prefill: {e.detail}") from e
     if kv_kind != "nixl":
@@ -423,6 +455,7 @@ def run_pair_canary(
     *,
     block_size: int | None = None,
     clock: Clock = time.monotonic,
+    request: Request = urllib_request,
 ) -> CanaryResult:
     """One request through `pair.prefill` then `pair.decode`, proven by decode's answer for it.
 
@@ -435,14 +468,14 @@ def run_pair_canary(
     rid = f"disaggctl-canary-{uuid.uuid4().hex[:12]}"
     text_in = f"[{rid}] {prompt}"
     if block_size:
-        text_in = _steer_clear(pair.decode_url.rstrip("/"), model, text_in, block_size, timeout_s)
+        text_in = _steer_clear(pair.decode_url.rstrip("/"), model, text_in, block_size, timeout_s, request)
     body: dict[str, object] = {"model": model, "prompt": text_in, "max_tokens": max_tokens, "temperature": 0,
                                "seed": 0, "stream": False}  # fmt: skip
     t0 = clock()
-    ktp = _prefill_step(pair, kv_kind, body, timeout_s, rid)
+    ktp = _prefill_step(pair, kv_kind, body, timeout_s, rid, request)
     dbody = dict(body, kv_transfer_params=ktp) if ktp is not None else body
     try:
-        data = _post_json(pair.decode_url.rstrip("/") + "/v1/completions", dbody, timeout_s, rid)
+        data = _post_json(pair.decode_url.rstrip("/") + "/v1/completions", dbody, timeout_s, rid, request)
     except HealthError as e:
         raise HealthError(pair.decode, f"canary decode: {e.detail}") from e
     latency = clock() - t0

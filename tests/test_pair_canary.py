@@ -95,3 +95,26 @@ def test_decode_without_prompt_details_says_how_to_fix(standin: Standin) -> None
     with pytest.raises(HealthError) as e:
         run_pair_canary(PairTarget("prefill-0", p.url, "decode-0", d.url), MODEL, PROMPT, 4, "nixl", 30.0)
     assert "--enable-prompt-tokens-details" in str(e.value)
+
+
+def test_every_pair_canary_request_goes_through_the_given_transport(standin: Standin) -> None:
+    # the systemd target passes a transport through its SSH connections (bastion-only hosts):
+    # the pair canary must not open a connection of its own from this machine
+    from collections.abc import Mapping
+
+    from disaggctl.health import urllib_request
+
+    pair, decode_url = _pair(standin, "nixl")
+    seen: list[tuple[str, str]] = []
+
+    def request(
+        method: str, url: str, body: bytes | None, timeout_s: float, headers: Mapping[str, str]
+    ) -> tuple[int, bytes]:
+        seen.append((method, url))
+        return urllib_request(method, url, body, timeout_s, headers)
+
+    res = run_pair_canary(pair, MODEL, PROMPT, 4, "nixl", 30.0, block_size=16, request=request)
+    assert res.kv_transferred
+    assert ("POST", pair.prefill_url + "/v1/completions") in seen
+    assert ("POST", decode_url + "/v1/completions") in seen
+    assert ("POST", decode_url + "/tokenize") in seen  # block_size: the prompt's length is asked

@@ -226,6 +226,11 @@ def _check_plan_out(offline: bool, out_file: str | None) -> None:
         output_file(out_file, "plan file")
 
 
+FORCE_UNLOCK_HELP = (
+    "Break the deployment's lock (systemd: held by another apply/destroy, or left by a killed one) and take it."
+)
+
+
 def plan(
     spec: Path = SPEC,
     profile: list[str] = PROFILE,
@@ -263,6 +268,7 @@ def apply(
     topology: Path | None = TOPOLOGY,
     allow_degraded: bool = DEGRADED,
     yes: bool = YES,
+    force_unlock: bool = typer.Option(False, "--force-unlock", help=FORCE_UNLOCK_HELP),
 ) -> None:
     """Push files, start decode, prefill and router, and wait until a request flows end to end."""
     if spec.suffix == ".json":  # `apply plan.json`: the plan names its spec, profiles and topology
@@ -279,6 +285,7 @@ def apply(
 
         read_saved_plan(plan_file)
     ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
+    ctx.options["force_unlock"] = force_unlock
     raise typer.Exit(_backend(ctx).apply(ctx, plan_file))
 
 
@@ -306,9 +313,11 @@ def destroy(
     topology: Path | None = TOPOLOGY,
     allow_degraded: bool = DEGRADED,
     yes: bool = YES,
+    force_unlock: bool = typer.Option(False, "--force-unlock", help=FORCE_UNLOCK_HELP),
 ) -> None:
     """Stop and remove exactly what disaggctl owns for this deployment."""
     ctx = _context(spec, profile, topology, allow_degraded, yes=yes)
+    ctx.options["force_unlock"] = force_unlock
     raise typer.Exit(_backend(ctx).destroy(ctx))
 
 

@@ -3,8 +3,10 @@ upstreams, then one canary request end to end with the same inputs for every con
 
 A target says only where its processes answer (`urls`: process name -> base URL, from the spec
 for systemd and local, from the job's state file on Slurm) and, optionally, how to tell a process
-died (`alive`) and how an HTTP GET is made (`probe`/`fetch`: today from this machine; a target
-that must check through an SSH channel passes its own).
+died (`alive`) and how HTTP is spoken (`probe`/`fetch` for /health, `request` for the POSTs and
+metrics of both canaries, router and pair; default: from this machine). The systemd target passes
+all three through its SSH connections (`targets/systemd/access.py`): hosts behind a bastion are
+checked the same way.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from disaggctl.health import (
     HealthProgress,
     PairTarget,
     Probe,
+    Request,
     http_probe,
     run_canary,
     run_pair_canary,
+    urllib_request,
     wait_healthy,
 )
 
@@ -69,6 +73,7 @@ class HealthGate:
     router_url: str = ""  # default: the deployment's
     probe: Probe = http_probe
     fetch: Fetch = http_fetch
+    request: Request = urllib_request
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -139,6 +144,7 @@ class HealthGate:
             c.timeout_s,
             c.require_kv_transfer and not per_request,
             block_size=c.block_size,
+            request=self.request,
         )
         if not per_request:
             return routed
@@ -162,7 +168,8 @@ class HealthGate:
         c = canary_inputs(self.spec, self.desired)
         pair = PairTarget(prefill, self.urls[prefill], decode, self.urls[decode])
         return run_pair_canary(pair, self.desired.model_name, c.prompt, c.max_tokens, self.desired.kv_kind,
-                               c.timeout_s, c.require_kv_transfer, block_size=c.block_size)  # fmt: skip
+                               c.timeout_s, c.require_kv_transfer, block_size=c.block_size,
+                               request=self.request)  # fmt: skip
 
     def run(
         self,

@@ -14,6 +14,7 @@ starts while the spec renders.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import posixpath
 import sys
@@ -22,14 +23,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from disaggctl.deployment import DesiredState, Process, Rendered
 from disaggctl.errors import DisaggError
+from disaggctl.hostlock import LockHeld
 from disaggctl.render.systemd import render_systemd, systemd_target, target_name, unit_name
 from disaggctl.spec import SystemdTarget
-from disaggctl.ssh import Connection, SshError, connect, target_for
+from disaggctl.ssh import Connection, SshError, SshTarget, connect, target_for
 from disaggctl.targets.base import (
     Action,
     SavedPlan,
@@ -38,6 +40,15 @@ from disaggctl.targets.base import (
     finish_plan,
     plan_meta,
     select_processes,
+)
+from disaggctl.targets.systemd.access import (
+    SshHttp,
+    deployment_lock,
+    lock_command,
+    observe_everything,
+    set_registry,
+    stale_registry,
+    sudo_checked,
 )
 from disaggctl.targets.systemd.changes import (
     HostPlan,
@@ -51,6 +62,7 @@ from disaggctl.targets.systemd.changes import (
 )
 from disaggctl.targets.systemd.changes import unified_diff as _udiff
 from disaggctl.targets.systemd.manifest import (
+    HostAddress,
     OwnedFile,
     OwnedProcess,
     build_manifest,
@@ -252,6 +264,10 @@ def push(
         unit = unit.strip()
         raise ApplyError(conn.name, unit, f"failed to start: {err.strip()}", journal_tail(conn, unit))
     if r.rc != 0:
+        if files:  # a failed step leaves no temporary file behind (each is renamed or removed)
+            tmps = ["/" + _tmp_member(f[0]) for f in files]
+            with contextlib.suppress(DisaggError):
+                conn.run(["rm", "-f", "--", *tmps], sudo=True, timeout=60)
         raise SshError(conn.name, f"push exited {r.rc}: {r.err.strip() or r.out.strip()}")
 
 
@@ -276,6 +292,9 @@ class Context:
     unit_of: dict[str, str]  # process -> unit
     target_unit: str
     hosts: list[str]  # every declared host (a dropped host may still hold owned files)
+    removed: dict[str, HostAddress] = field(default_factory=dict)  # remembered hosts the spec dropped
+    registry: dict[str, HostAddress] = field(default_factory=dict)  # what the final manifests remember
+    registry_pending: dict[str, HostAddress] = field(default_factory=dict)  # ... the pending ones
 
     @property
     def state_dir(self) -> str:
@@ -317,17 +336,24 @@ class Hosts:
 
     def __init__(self, spec: ClusterSpec, names: list[str], connector: Callable[..., Connection] = connect) -> None:
         self.spec = spec
+        self._connector = connector
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(64, len(names))))
+        self._pending: dict[str, Future[Connection | str]] = {}
+        self.add({n: None for n in names})
+        self._conns: dict[str, Connection] | None = None
+        self._errors: dict[str, str] = {}
 
-        def one(name: str) -> Connection | str:
+    def add(self, targets: Mapping[str, SshTarget | None]) -> None:
+        """Start connecting to more hosts (None: the declared host of that name), before any map."""
+
+        def one(name: str, target: SshTarget | None) -> Connection | str:
             try:
-                return connector(target_for(spec, name))
+                return self._connector(target or target_for(self.spec, name))
             except DisaggError as e:
                 return str(e) or f"{name}: unreachable"
 
-        self._pending: dict[str, Future[Connection | str]] = {n: self._pool.submit(one, n) for n in names}
-        self._conns: dict[str, Connection] | None = None
-        self._errors: dict[str, str] = {}
+        for n, t in targets.items():
+            self._pending[n] = self._pool.submit(one, n, t)
 
     def connection(self, name: str) -> Connection | str:
         """One host's connection (waiting for it), or why there is none."""
@@ -402,8 +428,20 @@ def observe(conn: Connection, ctx: Context, full: bool = False) -> Observed:
     return parse_observe(conn.name, r.out)
 
 
+def observe_more(
+    hosts: Hosts, ctx: Context, targets: Mapping[str, SshTarget], full: bool = False
+) -> dict[str, Observed]:
+    """Connect to and observe hosts the spec does not declare (remembered by the manifests)."""
+    hosts.add(targets)
+    return _observe_names(hosts, ctx, list(targets), full)
+
+
 def observe_all(hosts: Hosts, ctx: Context, full: bool = False) -> dict[str, Observed]:
     """Observe every declared host, each as soon as its connection is up."""
+    return _observe_names(hosts, ctx, ctx.hosts, full)
+
+
+def _observe_names(hosts: Hosts, ctx: Context, names: list[str], full: bool = False) -> dict[str, Observed]:
 
     def one(name: str) -> Observed:
         conn = hosts.connection(name)
@@ -414,7 +452,7 @@ def observe_all(hosts: Hosts, ctx: Context, full: bool = False) -> dict[str, Obs
         except Exception as e:  # one host's failure is reported, the others go on
             return Observed(name, error=str(e))
 
-    return dict(zip(ctx.hosts, hosts.each(ctx.hosts, one), strict=True))
+    return dict(zip(names, hosts.each(names, one), strict=True))
 
 
 def compute_plan(ctx: Context, observed: Mapping[str, Observed]) -> Plan:
@@ -477,6 +515,7 @@ def manifest_files(ctx: Context, host: str, old: Observed | None, pending: bool)
         _owned_processes(ctx, host),
         ctx.digest,
         extra,
+        ctx.registry_pending if pending else ctx.registry,
     )
     return [
         (owned_list_path(ctx.target.state_dir, ctx.desired.name), owned_list(list(m.files)), 0o644),
@@ -547,7 +586,15 @@ class SystemdBackend:
     def _hosts(self, ctx: OpsContext) -> Hosts:
         """Start connecting to every declared host (a dropped host may still hold owned files)."""
         systemd_target(ctx.spec)  # a wrong target kind fails before any connection
-        return Hosts(ctx.spec, [h.name for h in ctx.spec.hosts], self.connector)
+        return Hosts(ctx.spec, [h.name for h in ctx.spec.hosts], sudo_checked(self.connector))
+
+    @staticmethod
+    def _gate(c: Context, hosts: Hosts) -> HealthGate:
+        """The shared gate, speaking HTTP through the SSH connections (bastion-only hosts too)."""
+        from disaggctl.targets.gate import HealthGate
+
+        via = SshHttp.for_context(c, hosts.conns)
+        return HealthGate(c.spec, c.desired, probe=via.probe, fetch=via.fetch, request=via.request)
 
     # ----- plan
 
@@ -556,7 +603,7 @@ class SystemdBackend:
 
         with self._hosts(ctx) as hosts:
             c = self._ctx(ctx)  # rendered while the connections come up
-            observed = observe_all(hosts, c)
+            observed = observe_everything(hosts, c)
             plan = compute_plan(c, observed)
             diffs = plan_diffs(hosts, c, plan) if ctx.diff else None
         failed = any(h.error for h in plan.hosts)
@@ -571,35 +618,47 @@ class SystemdBackend:
     # ----- apply
 
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
+        console = ctx.console
+        with self._hosts(ctx) as hosts:
+            c = self._ctx(ctx)  # rendered while the connections come up
+            try:
+                with deployment_lock(hosts, c, lock_command("apply", ctx.loaded.file), _force(ctx), console):
+                    return self._apply_locked(ctx, c, hosts, plan_file)
+            except LockHeld as e:
+                console.print(f"[red bold]apply refused:[/red bold] {e}")
+                return 1
+
+    def _apply_locked(self, ctx: OpsContext, c: Context, hosts: Hosts, plan_file: str | None) -> int:
         from disaggctl.targets.systemd.ui import print_plan
         from disaggctl.targets.ui import Phases
 
         console = ctx.console
-        with self._hosts(ctx) as hosts:
-            c = self._ctx(ctx)  # rendered while the connections come up
-            observed = observe_all(hosts, c)
-            plan = compute_plan(c, observed)
-            if not _usable(console, c, plan):
-                return 1
-            check_saved_plan(
-                plan_file, saved_plan(ctx, c, plan), lambda s: stale_reasons(load_plan(s.target, "plan"), plan)
-            )
-            print_plan(console, plan)
-            roll = _rolling(ctx, c, plan, observed, _remote_token(hosts, c))
-            _print_roll(console, roll)
-            if not plan.changed:
-                return 0
-            if not confirm(ctx, "Apply these changes?", plan_file) or not _confirm_roll(ctx, roll):
-                console.print("Apply cancelled; nothing was changed.")
-                return 1
-            roll = _rollable(console, roll)
-            try:
-                with Phases(console) as phases:
-                    self._execute(c, hosts, plan, observed, phases, roll)
-                    self._health(c, hosts, plan, phases)
-            except ApplyError as e:
-                _report_failure(console, e)
-                return 1
+        observed = observe_everything(hosts, c)
+        plan = compute_plan(c, observed)
+        if not _usable(console, c, plan):
+            return 1
+        check_saved_plan(
+            plan_file, saved_plan(ctx, c, plan), lambda s: stale_reasons(load_plan(s.target, "plan"), plan)
+        )
+        print_plan(console, plan)
+        set_registry(c, observed)
+        roll = _rolling(ctx, c, plan, observed, _remote_token(hosts, c))
+        _print_roll(console, roll)
+        if not plan.changed:
+            _refresh_registry(c, hosts, observed, plan)
+            return 0
+        if not confirm(ctx, "Apply these changes?", plan_file) or not _confirm_roll(ctx, roll):
+            console.print("Apply cancelled; nothing was changed.")
+            return 1
+        roll = _rollable(console, roll)
+        try:
+            with Phases(console) as phases:
+                self._execute(c, hosts, plan, observed, phases, roll)
+                self._health(c, hosts, plan, phases)
+        except ApplyError as e:
+            _report_failure(console, e)
+            return 1
+        _refresh_registry(c, hosts, observed, plan)
         console.print("[green]Apply complete.[/green]")
         return 0
 
@@ -630,9 +689,7 @@ class SystemdBackend:
         _raise_first(hosts.map([h.host for h in changed], files), "files")
         if c.spec.router.kind == "builtin":  # before the router (a later start phase) reads it
             _make_token(hosts, c)
-        from disaggctl.targets.gate import HealthGate  # a no-op apply never gets here
-
-        gate = HealthGate(c.spec, c.desired)
+        gate = self._gate(c, hosts)  # a no-op apply never gets here
         if roll:
             self._roll(hosts, gate, roll, phases)
         for i, (order, units_of) in enumerate(todo):
@@ -652,7 +709,7 @@ class SystemdBackend:
             with phases.step(conn.name, "manifest"):
                 write_manifest(conn, c, observed[conn.name], pending=False)
                 if not c.rendered.for_host(conn.name):  # nothing left here: drop the state folder
-                    conn.run(["rm", "-rf", "--", c.state_dir], sudo=True)
+                    _drop_folders(conn, c)
 
         _raise_first(hosts.map([h.host for h in changed], final), "manifest")
 
@@ -711,14 +768,14 @@ class SystemdBackend:
     def _health(self, c: Context, hosts: Hosts, plan: Plan, phases: Phases) -> None:
         """After any (re)start: the router sees its upstreams, then the canary through it."""
         from disaggctl.health import HealthError
-        from disaggctl.targets.gate import HealthGate, canary_summary
+        from disaggctl.targets.gate import canary_summary
 
         if not any(h.units_with(Action.CREATE, Action.RESTART) for h in plan.hosts):
             return
         router = next((p for p in c.desired.processes if p.role.value == "router"), None)
         if router is None:
             return  # nothing to send a request through (partial deployments, the fan-out bench)
-        gate = HealthGate(c.spec, c.desired)
+        gate = self._gate(c, hosts)
         if c.spec.router.kind == "builtin":
             with phases.step("router", "all instances back in the router"):
                 gate.router_sees_upstreams()
@@ -738,13 +795,14 @@ class SystemdBackend:
 
         with self._hosts(ctx) as hosts:
             c = self._ctx(ctx)  # rendered while the connections come up
-            observed = observe_all(hosts, c, full=True)  # restarts, load state: systemctl show
-        report = status_report(c, observed, compute_plan(c, observed))
-        if ctx.options.get("check"):
-            from disaggctl.targets.status import with_checks
-            from disaggctl.targets.systemd.rolling import systemd_checks
+            observed = observe_everything(hosts, c, full=True)  # restarts, load state: systemctl show
+            via = SshHttp.for_context(c, hosts.conns)  # bastion-only hosts: HTTP through SSH
+            report = status_report(c, observed, compute_plan(c, observed), via.probe)
+            if ctx.options.get("check"):
+                from disaggctl.targets.status import with_checks
+                from disaggctl.targets.systemd.rolling import systemd_checks
 
-            report = with_checks(report, systemd_checks(c.spec, c.desired, observed, c.unit_of))
+                report = with_checks(report, systemd_checks(c.spec, c.desired, observed, c.unit_of, via.fetch))
         print_status(ctx, report)
         return status_exit(report)
 
@@ -752,21 +810,29 @@ class SystemdBackend:
 
     def destroy(self, ctx: OpsContext) -> int:
         c = self._ctx(ctx, need_secrets=False)  # removal goes by the manifest
-        console = ctx.console
-        with Hosts(c.spec, c.hosts, self.connector) as hosts:
-            observed = observe_all(hosts, c)
-            owned = {h: o for h, o in observed.items() if o.manifest is not None}
-            for h, o in observed.items():
-                if o.error:
-                    console.print(f"[red]{h}: {o.error}[/red] (skipped: nothing removed there)")
-            if not owned:
-                console.print(f"Nothing to destroy: no host holds a manifest of {c.desired.name}.")
-                return 1 if any(o.error for o in observed.values()) else 0
-            _print_destroy(console, owned)
-            if not confirm(ctx, "Destroy these?"):
-                console.print("Destroy cancelled; nothing was changed.")
+        with Hosts(c.spec, c.hosts, sudo_checked(self.connector)) as hosts:
+            try:
+                with deployment_lock(hosts, c, lock_command("destroy", ctx.loaded.file), _force(ctx), ctx.console):
+                    return self._destroy_locked(ctx, c, hosts)
+            except LockHeld as e:
+                ctx.console.print(f"[red bold]destroy refused:[/red bold] {e}")
                 return 1
-            results = hosts.map(list(owned), lambda conn: remove_owned(conn, c, owned[conn.name]))
+
+    def _destroy_locked(self, ctx: OpsContext, c: Context, hosts: Hosts) -> int:
+        console = ctx.console
+        observed = observe_everything(hosts, c)
+        owned = {h: o for h, o in observed.items() if o.manifest is not None}
+        for h, o in observed.items():
+            if o.error:
+                console.print(f"[red]{h}: {o.error}[/red] (skipped: nothing removed there)")
+        if not owned:
+            console.print(f"Nothing to destroy: no host holds a manifest of {c.desired.name}.")
+            return 1 if any(o.error for o in observed.values()) else 0
+        _print_destroy(console, owned)
+        if not confirm(ctx, "Destroy these?"):
+            console.print("Destroy cancelled; nothing was changed.")
+            return 1
+        results = hosts.map(list(owned), lambda conn: remove_owned(conn, c, owned[conn.name]))
         failed = {h: r for h, r in results.items() if isinstance(r, BaseException)}
         for h, r in failed.items():
             console.print(f"[red]{h}: destroy failed: {r}[/red]")
@@ -797,7 +863,7 @@ class SystemdBackend:
 
             return conn.stream(argv, emit, sudo=True)
 
-        with Hosts(c.spec, list(by_host), self.connector) as hosts:
+        with Hosts(c.spec, list(by_host), sudo_checked(self.connector)) as hosts:
             for h, e in hosts.errors.items():
                 ctx.console.print(f"[red]{h}: {e}[/red]")
             results = hosts.map(list(hosts.conns), tail)
@@ -933,6 +999,20 @@ def _confirm_roll(ctx: OpsContext, roll: tuple[SystemdRoll, Rotation] | None) ->
     return confirm(ctx, "This change cannot be rolled without failing requests (see above). Roll it anyway?")
 
 
+def _force(ctx: OpsContext) -> bool:
+    return bool(ctx.options.get("force_unlock"))
+
+
+def _refresh_registry(c: Context, hosts: Hosts, observed: Mapping[str, Observed], plan: Plan) -> None:
+    """Hosts the apply did not touch whose manifests remember other hosts than they should now
+    (a removed host was cleaned, or a manifest from before the registry): rewrite their manifest."""
+    done = {h.host for h in plan.hosts if h.changed}
+    stale = [n for n in stale_registry(c, observed) if n not in done and n in hosts.conns]
+    if stale:
+        _raise_first(hosts.map(stale, lambda conn: write_manifest(conn, c, observed[conn.name], pending=False)),
+                     "manifest")  # fmt: skip
+
+
 def _report_failure(console: Console, e: ApplyError) -> None:
     console.print(f"[red bold]apply failed:[/red bold] {e}")
     if e.journal:
@@ -957,15 +1037,22 @@ def remove_owned(conn: Connection, c: Context, obs: Observed) -> None:
     assert m is not None
     units = [*m.units, *([m.target_unit] if m.target_unit else [])]
     push(conn, [], stop=units, remove=m.owned_paths(), reload=True)
-    conn.run(["rm", "-rf", "--", c.state_dir], sudo=True)
-    from disaggctl.compile import ROUTER_ADMIN_TOKEN  # made at apply time, not in the manifest
+    _drop_folders(conn, c)
 
+
+def _drop_folders(conn: Connection, c: Context) -> None:
+    """The state folder, the router admin token (made at apply time, not in the manifest) and the
+    config folder when nothing else is left in it: a destroyed host, or one the spec dropped."""
+    from disaggctl.compile import ROUTER_ADMIN_TOKEN
+
+    conn.run(["rm", "-rf", "--", c.state_dir], sudo=True)
     conn.run(["rm", "-f", "--", f"{c.desired.config_dir}/{ROUTER_ADMIN_TOKEN}"], sudo=True)
     conn.run(["rmdir", "--ignore-fail-on-non-empty", "--", c.desired.config_dir], sudo=True)
 
 
-def status_report(c: Context, observed: Mapping[str, Observed], plan: Plan) -> StatusReport:
-    from disaggctl.health import http_probe
+def status_report(
+    c: Context, observed: Mapping[str, Observed], plan: Plan, probe: Callable[[str, float], tuple[bool, str]]
+) -> StatusReport:
     from disaggctl.targets.status import ProcessStatus, StatusReport
 
     rows: list[ProcessStatus] = []
@@ -982,7 +1069,7 @@ def status_report(c: Context, observed: Mapping[str, Observed], plan: Plan) -> S
         state = f"{uf.active_state}/{uf.sub_state}" if uf is not None and installed else "not installed"
         healthy, health = None, "-"
         if p.health_url:
-            healthy, detail = http_probe(p.health_url, 3.0)
+            healthy, detail = probe(p.health_url, 3.0)
             health = "ok" if healthy else detail
         pid = uf.main_pid if uf is not None and uf.main_pid > 0 else None
         restarts = uf.n_restarts if uf is not None and installed else None

@@ -10,6 +10,10 @@ what disaggctl created, and how `status` tells a hand edit (drift) from a pendin
 Apply writes a *pending* manifest (old owned paths plus every path it is about to write) before
 it touches anything, and the final one at the end: a host that drops mid-apply never holds a
 file that no manifest names.
+
+Every manifest also remembers every host of the deployment with its SSH details (`hosts`):
+a host removed from the spec is still reached through what the other hosts remember
+(targets/systemd/access.py).
 """
 
 from __future__ import annotations
@@ -45,6 +49,23 @@ class OwnedProcess(BaseModel):
     argv: list[str] = Field(default_factory=list)
 
 
+class HostAddress(BaseModel):
+    """How to reach a host, as the spec said when files were placed there (ssh.SshTarget's fields):
+    a host the spec no longer declares is still found, to clean it up."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    address: str
+    port: int = 22
+    user: str = "root"
+    key: str | None = None
+    known_hosts: str | None = None
+    strict: bool = False
+    connect_timeout: float = 10.0
+    jump: HostAddress | None = None
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -58,6 +79,9 @@ class Manifest(BaseModel):
     files: dict[str, OwnedFile] = Field(default_factory=dict)  # absolute path -> what was written
     units: list[str] = Field(default_factory=list)  # services in start order
     processes: dict[str, OwnedProcess] = Field(default_factory=dict)
+    # every host of the deployment (this one included) and how to reach it: the registry that finds
+    # a host the spec dropped (written to every host that holds files)
+    hosts: dict[str, HostAddress] = Field(default_factory=dict)
 
     def owned_paths(self) -> list[str]:
         return sorted(self.files)
@@ -109,6 +133,7 @@ def build_manifest(
     processes: dict[str, OwnedProcess],
     digest: str,
     pending_extra: dict[str, OwnedFile] | None = None,
+    hosts: dict[str, HostAddress] | None = None,
 ) -> Manifest:
     """The manifest of one host for a rendered deployment (pending: plus the old owned files)."""
     files = {f.path: OwnedFile(sha256=f.sha256, mode=f.mode, secret=f.secret) for f in rendered.for_host(host)}
@@ -124,4 +149,5 @@ def build_manifest(
         files=files,
         units=list(rendered.units.get(host, [])),
         processes=processes,
+        hosts=hosts or {},
     )

@@ -1,0 +1,208 @@
+"""How the systemd target reaches real clusters: sudo preflight, HTTP through SSH, the deployment
+lock, and the hosts a deployment has ever placed files on.
+
+    sudo_checked     a connector that runs `sudo -n true` right after connecting (a non-root login
+                     whose sudo needs a password fails there: host, user, command; nothing changed)
+    SshHttp          health probes, router checks and the canary through the SSH connections (a
+                     direct-tcpip channel from the process's own host): bastion-only hosts work
+    deployment_lock  apply/destroy hold `<state_dir>/locks/<deployment>.lock` on the lock host
+                     (the first declared host that runs something): two operators see each other
+    registry         every manifest records how to reach every host of the deployment (address,
+                     port, user, key, jump): a host removed from the spec is still found, cleaned by
+                     `apply` (plan shows its deletions) and by `destroy`
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from disaggctl.errors import DisaggError
+from disaggctl.hostlock import LockOwner, held, lock_path
+from disaggctl.ssh import Connection, HttpError, SshError, SshTarget, target_for
+from disaggctl.targets.systemd.manifest import HostAddress
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from disaggctl.targets.systemd.backend import Context, Hosts
+    from disaggctl.targets.systemd.changes import Observed
+
+Connector = Callable[..., Connection]
+
+
+# --------------------------------------------------------------------------- sudo preflight
+
+
+def sudo_checked(connector: Connector) -> Connector:
+    """connector, then `Connection.check_sudo()` (free for root): a SudoError becomes the host's
+    connection error, reported before anything is read or changed there."""
+
+    def connect_checked(target: SshTarget, *args: object, **kw: object) -> Connection:
+        conn = connector(target, *args, **kw)
+        try:
+            conn.check_sudo()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    return connect_checked
+
+
+# --------------------------------------------------------------------------- HTTP through SSH
+
+
+class SshHttp:
+    """The HealthGate's probe/fetch/request through the deployment's SSH connections.
+
+    A URL's host is matched to the declared host with that address and the request leaves from
+    there (`Connection.http_url`, a direct-tcpip channel): it reaches what that host reaches, also
+    when the operator reaches only a bastion. An address no host has (127.0.0.1, a VIP) goes
+    through `default` (the router's host)."""
+
+    def __init__(self, conns: Mapping[str, Connection], by_addr: Mapping[str, str], default: str | None) -> None:
+        self.conns, self.by_addr, self.default = conns, by_addr, default
+
+    @classmethod
+    def for_context(cls, c: Context, conns: Mapping[str, Connection]) -> SshHttp:
+        by_addr = {h.addr: h.name for h in c.spec.hosts}
+        router = next((p.host for p in c.desired.processes if p.role.value == "router"), None)
+        return cls(conns, by_addr, router if router in conns else next(iter(conns), None))
+
+    def _conn(self, url: str) -> Connection:
+        from disaggctl.sshhttp import split_url
+
+        host = split_url(url)[0]
+        name = self.by_addr.get(host)
+        if name is None or name not in self.conns:
+            name = self.default
+        if name is None or name not in self.conns:
+            raise OSError(f"no SSH connection to check {url} through")
+        return self.conns[name]
+
+    def request(
+        self, method: str, url: str, body: bytes | None, timeout_s: float, headers: Mapping[str, str]
+    ) -> tuple[int, bytes]:
+        try:
+            r = self._conn(url).http_url(method, url, body, timeout_s, headers)
+        except (HttpError, SshError) as e:
+            raise OSError(str(e)) from None
+        return r.status, r.body
+
+    def probe(self, url: str, timeout_s: float) -> tuple[bool, str]:
+        try:
+            status, _ = self.request("GET", url, None, timeout_s, {})
+        except OSError as e:
+            return False, str(e)
+        return status == 200, str(status) if status == 200 else f"HTTP {status}"
+
+    def fetch(self, url: str, timeout_s: float) -> bytes:
+        status, body = self.request("GET", url, None, timeout_s, {})
+        if status != 200:
+            raise OSError(f"GET {url}: HTTP {status}")
+        return body
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def lock_host(c: Context) -> str:
+    """Where the deployment's lock lives: the first declared host that runs something (every
+    operator with the same spec picks the same one), else the first declared host."""
+    return next((h for h in c.hosts if c.rendered.for_host(h)), c.hosts[0])
+
+
+def lock_dir(c: Context) -> str:
+    return lock_path(c.desired.name, root=f"{c.target.state_dir.rstrip('/')}/locks")
+
+
+@contextmanager
+def deployment_lock(hosts: Hosts, c: Context, command: str, force: bool, console: Console) -> Iterator[None]:
+    """Hold the deployment's lock for the body; LockHeld (who, since when, from where) when taken.
+    `force` (--force-unlock) breaks a lock first, saying whose."""
+    name = lock_host(c)
+    conn = hosts.connection(name)
+    if isinstance(conn, str):  # every host's connection error (a sudo refusal), nothing changed anywhere
+        why = "\n".join(hosts.errors.values())
+        raise DisaggError(f"cannot take the deployment lock on {name}; nothing was changed:\n{why}")
+    owner = LockOwner.here(command, c.desired.name)
+    with held(conn, lock_dir(c), owner, force=force) as broken:
+        if broken is not None:
+            who = broken.owner.describe() if broken.owner else f"an unknown holder ({broken.age_s:.0f} s old)"
+            console.print(f"[yellow]{name}: broke the deployment lock held by {who}[/yellow]")
+        yield
+
+
+def lock_command(op: str, spec_file: str) -> str:
+    return f"disaggctl {op} {os.path.basename(spec_file)}"
+
+
+# --------------------------------------------------------------------------- the host registry
+
+
+def address_of(t: SshTarget) -> HostAddress:
+    return HostAddress(
+        name=t.name, address=t.address, port=t.port, user=t.user, key=t.key, known_hosts=t.known_hosts,
+        strict=t.strict, connect_timeout=t.connect_timeout, jump=address_of(t.jump) if t.jump else None,
+    )  # fmt: skip
+
+
+def target_of(a: HostAddress) -> SshTarget:
+    return SshTarget(
+        name=a.name, address=a.address, port=a.port, user=a.user, key=a.key, known_hosts=a.known_hosts,
+        strict=a.strict, connect_timeout=a.connect_timeout, jump=target_of(a.jump) if a.jump else None,
+    )  # fmt: skip
+
+
+def remembered(observed: Mapping[str, Observed]) -> dict[str, HostAddress]:
+    """Every host any observed manifest remembers."""
+    out: dict[str, HostAddress] = {}
+    for o in observed.values():
+        if o.manifest is not None:
+            out.update(o.manifest.hosts)
+    return out
+
+
+def observe_everything(hosts: Hosts, c: Context, full: bool = False) -> dict[str, Observed]:
+    """Observe the declared hosts, then the hosts their manifests remember that the spec no longer
+    declares (reached with the remembered address, user, port and jump); `full` as in observe()."""
+    from disaggctl.targets.systemd.backend import observe_all, observe_more
+
+    observed = observe_all(hosts, c, full)
+    gone = {n: a for n, a in remembered(observed).items() if n not in observed}
+    if gone:
+        c.removed = gone
+        observed |= observe_more(hosts, c, {n: target_of(a) for n, a in gone.items()}, full)
+    return observed
+
+
+def set_registry(c: Context, observed: Mapping[str, Observed]) -> None:
+    """What the manifests written by this apply remember: every declared host that runs something,
+    every host that holds files now (pending), and a remembered host that is unreachable (it may
+    still hold files: remembered until it is cleaned). A host that never held files is never
+    remembered."""
+    final = {h: address_of(target_for(c.spec, h)) for h in c.hosts if c.rendered.for_host(h)}
+    before = remembered(observed)
+    holding: dict[str, HostAddress] = {}
+    for name, o in observed.items():
+        if name in final:
+            continue
+        if o.error:
+            if name in before:
+                final[name] = holding[name] = before[name]
+            continue
+        if o.manifest is None:
+            continue
+        holding[name] = c.removed.get(name) or before.get(name) or address_of(target_for(c.spec, name))
+    c.registry, c.registry_pending = final, {**final, **holding}
+
+
+def stale_registry(c: Context, observed: Mapping[str, Observed]) -> list[str]:
+    """Hosts that keep files but remember a different set of hosts (a removed host was cleaned)."""
+    return [
+        n for n, o in observed.items()
+        if o.manifest is not None and c.rendered.for_host(n) and dict(o.manifest.hosts) != c.registry
+    ]  # fmt: skip

@@ -1,0 +1,280 @@
+"""The systemd target on real clusters' terms, against REAL systemd hosts (nspawn containers):
+a non-root operator over sudo (and one whose sudo wants a password), hosts reachable only
+through a bastion (health gates, canary, status through the SSH connections), one apply at a
+time (two concurrent CLI applies, a killed apply's lock broken with --force-unlock), and no
+host orphaned when it leaves the spec (apply and destroy still clean it).
+
+Heavy: run under `flock /tmp/dctl-heavy.lock`. The stand-in engine and the builtin router are
+those of tests/test_systemd_apply.py; this module's deployment is `acc` (its own ports).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from disaggctl.compile import compile_spec
+from disaggctl.loader import load_text
+from disaggctl.ssh import Connection, SshTarget, connect
+from disaggctl.targets import OpsContext
+from disaggctl.targets.systemd.backend import SystemdBackend
+from tests.plugins.infra import TestHosts
+
+pytestmark = pytest.mark.infra
+
+REPO = Path(__file__).resolve().parents[1]
+STANDIN = REPO / "tests" / "support" / "standin_engine.py"
+PY = sys.executable
+CLI = str(Path(sys.executable).parent / "disaggctl")
+WRAPPER = f"#!/bin/sh\nexec /usr/bin/python3 {STANDIN} \"$@\"\n"
+LOCK = "/var/lib/disaggctl/locks/acc.lock"
+
+HOST = """  - name: {name}
+    address: {ip}
+    gpus: 2
+    ssh: {{user: {user}, key: "{key}", known_hosts: "{kh}", strict_host_keys: true, connect_timeout_s: 5{jump}}}
+"""
+SPEC = """
+name: acc
+model: {{path: /models/tiny, served_name: tiny}}
+hosts:
+{hosts}prefill: {{replicas: 1, hosts: {{names: [s1]}}}}
+decode: {{replicas: {dreps}, env: {{STANDIN_HEALTH_DELAY_S: "{hdelay}"}}}}
+engine: {{http_port: 8310}}
+kv_transfer: {{kind: nixl, buffer_device: cpu}}
+router: {{host: s1, port: 8300, local_prefill_threshold: 4, request_timeout_s: {rto}}}
+target:
+  kind: systemd
+  vllm_bin: /opt/standin/vllm
+  python_bin: {py}
+  secrets: [DCTL_TEST_TOKEN]
+  start_timeout_s: 60
+health:
+  startup_timeout_s: 30
+  interval_s: 0.3
+  request_timeout_s: 10
+"""
+
+
+class Env:
+    """One test topology (direct or behind a bastion), the deployment `acc` on it."""
+
+    def __init__(self, hosts: TestHosts, tmp: Path) -> None:
+        self.hosts, self.tmp = hosts, tmp
+        self.backend = SystemdBackend()
+        self.out = io.StringIO()
+
+    def spec_text(self, user: str = "deploy", names: tuple[str, ...] = ("s1", "s2"), dreps: int = 2,
+                  rto: int = 600, hdelay: float = 0) -> str:  # fmt: skip
+        jump = f", jump: \"{user}@{self.hosts.jump[1]}\"" if self.hosts.jump else ""
+        hosts = "".join(
+            HOST.format(name=n, ip=self.hosts.ip(n), user=user, key=self.hosts.key, kh=self.hosts.known_hosts,
+                        jump=jump)
+            for n in names
+        )
+        return SPEC.format(hosts=hosts, dreps=dreps, rto=rto, hdelay=hdelay, py=PY)
+
+    def write(self, **kw: Any) -> Path:
+        path = self.tmp / "spec.yaml"
+        path.write_text(self.spec_text(**kw))
+        return path
+
+    def ctx(self, force_unlock: bool = False, **kw: Any) -> OpsContext:
+        path = self.write(**kw)
+        loaded = load_text(path.read_text(), str(path))
+        self.out = io.StringIO()
+        console = Console(file=self.out, width=200, force_terminal=False, color_system=None)
+        ctx = OpsContext(loaded=loaded, desired=compile_spec(loaded), console=console, yes=True)
+        ctx.options["force_unlock"] = force_unlock
+        return ctx
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.out.getvalue().split())  # the console wraps long lines
+
+    def conn(self, name: str) -> Connection:
+        jump = None
+        if self.hosts.jump:
+            jump = SshTarget(name="j1", address=self.hosts.jump[1], key=str(self.hosts.key),
+                             known_hosts=str(self.hosts.known_hosts), strict=True)  # fmt: skip
+        return connect(SshTarget(name=name, address=self.hosts.ip(name), key=str(self.hosts.key),
+                                 known_hosts=str(self.hosts.known_hosts), strict=True, jump=jump))  # fmt: skip
+
+    def sh(self, host: str, *argv: str) -> str:
+        with self.conn(host) as c:
+            return c.run(list(argv)).out
+
+    def show(self, host: str, unit: str, prop: str = "ActiveState") -> str:
+        return self.sh(host, "systemctl", "show", "--value", f"--property={prop}", unit).strip()
+
+    def wipe(self) -> None:
+        for h in ("s1", "s2"):
+            self.sh(h, "sh", "-c", "systemctl stop 'disaggctl-sysd*' 'disaggctl-acc*' 2>/dev/null; "
+                    "rm -rf /etc/disaggctl/sysd /var/lib/disaggctl/sysd /etc/systemd/system/disaggctl-sysd* "
+                    "/etc/disaggctl/acc /var/lib/disaggctl/acc /etc/systemd/system/disaggctl-acc* "
+                    f"{LOCK}; systemctl daemon-reload")  # fmt: skip
+
+    def apply_ok(self, **kw: Any) -> None:
+        assert self.backend.apply(self.ctx(**kw), None) == 0, self.text
+
+
+def _env(hosts: TestHosts, tmp: Path) -> Iterator[Env]:
+    e = Env(hosts, tmp)
+    for h in ("s1", "s2"):
+        with e.conn(h) as c:
+            c.run(["mkdir", "-p", "/opt/standin"])
+            c.put("/opt/standin/vllm", WRAPPER.encode(), 0o755)
+    e.wipe()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DCTL_TEST_TOKEN", "acc-token")
+    yield e
+    e.wipe()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def env(systemd_hosts: TestHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    yield from _env(systemd_hosts, tmp_path_factory.mktemp("acc"))
+
+
+UNITS = {
+    "s1": ["disaggctl-acc-decode-0.service", "disaggctl-acc-prefill-0.service", "disaggctl-acc-router.service"],
+    "s2": ["disaggctl-acc-decode-1.service"],
+}
+
+
+def _cli(env: Env, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([CLI, *args, str(env.tmp / "spec.yaml")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+
+
+def _wait_lock(env: Env, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while env.sh("s1", "sh", "-c", f"test -f {LOCK}/owner.json && echo yes").strip() != "yes":
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "the apply never took the lock"
+        time.sleep(0.1)
+
+
+def test_askpass_is_refused_on_every_host_before_anything_changes(env: Env) -> None:
+    env.wipe()
+    assert env.backend.plan(env.ctx(user="askpass"), None, detailed_exitcode=True) == 1
+    for h in ("s1", "s2"):
+        assert f"{h}: sudo as askpass refused `true`: a password is required" in env.text, env.text
+    with pytest.raises(Exception, match="a password is required") as e:
+        env.backend.apply(env.ctx(user="askpass"), None)
+    assert "s1: sudo as askpass" in str(e.value) and "s2: sudo as askpass" in str(e.value)
+    for h in ("s1", "s2"):  # nothing was changed: no state, no lock, no unit
+        assert env.sh(h, "sh", "-c", "ls -d /var/lib/disaggctl/acc /var/lib/disaggctl/locks/acc.lock "
+                      "/etc/systemd/system/disaggctl-acc* 2>/dev/null").strip() == ""  # fmt: skip
+
+
+def test_the_whole_workflow_as_a_sudo_user(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    env.wipe()
+    # a files step that fails on s2 (its config folder is a file) leaves no temporary file there
+    env.sh("s2", "sh", "-c", "mkdir -p /etc/disaggctl && echo x > /etc/disaggctl/acc")
+    assert env.backend.apply(env.ctx(), None) == 1
+    assert "apply failed: s2: files: s2: push exited" in env.text, env.text
+    tmps = "find /etc/systemd/system /var/lib/disaggctl /etc/disaggctl -name '*.dctl-tmp' 2>/dev/null"
+    assert env.sh("s2", "sh", "-c", tmps).strip() == ""
+    env.sh("s2", "rm", "-f", "/etc/disaggctl/acc")
+    assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 2
+    env.apply_ok()
+    assert "canary disaggctl-canary-" in env.text and "Apply complete" in env.text  # the pair canary's line
+    for h, units in UNITS.items():
+        for u in units:
+            assert env.show(h, u) == "active", (h, u)
+    manifest = json.loads(env.sh("s2", "cat", "/var/lib/disaggctl/acc/manifest.json"))
+    assert set(manifest["hosts"]) == {"s1", "s2"} and manifest["hosts"]["s2"]["user"] == "deploy"
+    assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 0
+    assert env.backend.status(env.ctx()) == 0, env.text
+    assert env.sh("s1", "ls", "/var/lib/disaggctl/locks").strip() == ""  # released
+    assert env.backend.logs(env.ctx(), "decode", None, False, 20) == 0
+    assert "s2: " in capsys.readouterr().out
+    # no staged upload left in the sudo user's home
+    for h in ("s1", "s2"):
+        assert env.sh(h, "sh", "-c", "ls -a /home/deploy | grep dctl || true").strip() == ""
+
+
+def test_two_concurrent_applies_and_a_killed_ones_lock(env: Env) -> None:
+    env.apply_ok()
+    env.write(hdelay=5)  # a change: the first apply restarts decode and waits >= 5 s for its /health
+    first = _cli(env, "apply", "--yes")
+    _wait_lock(env, first)
+    second = _cli(env, "apply", "--yes")
+    out2, _ = second.communicate(timeout=60)
+    out1, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out1
+    assert second.returncode != 0, out2
+    flat = " ".join(out2.split())
+    assert "deployment is locked by" in flat, flat
+    assert f"(pid {first.pid}) since " in flat and "disaggctl apply spec.yaml" in flat, flat
+    assert env.sh("s1", "ls", "/var/lib/disaggctl/locks").strip() == ""
+    # an apply killed while it holds the lock leaves it; the next says so, --force-unlock breaks it
+    env.write(rto=400, hdelay=2)
+    killed = _cli(env, "apply", "--yes")
+    _wait_lock(env, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert env.backend.apply(env.ctx(rto=400, hdelay=2), None) == 1
+    assert f"its process {killed.pid} is gone" in env.text and "--force-unlock" in env.text, env.text
+    assert env.backend.apply(env.ctx(rto=400, hdelay=2, force_unlock=True), None) == 0, env.text
+    assert "broke the deployment lock held by" in env.text and f"(pid {killed.pid})" in env.text
+    assert env.backend.plan(env.ctx(rto=400, hdelay=2), None, detailed_exitcode=True) == 0, env.text
+
+
+def test_a_host_removed_from_the_spec_is_cleaned_by_apply_and_destroy(env: Env) -> None:
+    env.apply_ok()
+    only_s1: dict[str, Any] = {"names": ("s1",), "dreps": 1}
+    assert env.backend.plan(env.ctx(**only_s1), None, detailed_exitcode=True) == 2
+    assert "s2" in env.text and "- " in env.text and "disaggctl-acc-decode-1.service" in env.text, env.text
+    env.apply_ok(**only_s1)
+    assert env.show("s2", "disaggctl-acc-decode-1.service", "LoadState") == "not-found"
+    assert env.sh("s2", "sh", "-c", "ls -d /var/lib/disaggctl/acc /etc/disaggctl/acc 2>/dev/null").strip() == ""
+    manifest = json.loads(env.sh("s1", "cat", "/var/lib/disaggctl/acc/manifest.json"))
+    assert set(manifest["hosts"]) == {"s1"}  # s2 forgotten once clean
+    assert env.backend.plan(env.ctx(**only_s1), None, detailed_exitcode=True) == 0, env.text
+    # back on both hosts; then destroyed with a spec that no longer lists s2
+    env.apply_ok()
+    assert env.show("s2", "disaggctl-acc-decode-1.service") == "active"
+    assert env.backend.destroy(env.ctx(**only_s1)) == 0, env.text
+    for h in ("s1", "s2"):
+        assert env.sh(h, "sh", "-c", "ls -d /var/lib/disaggctl/acc /etc/systemd/system/disaggctl-acc* "
+                      "2>/dev/null").strip() == "", h  # fmt: skip
+
+
+# --- behind a bastion ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def benv(systemd_bastion_hosts: TestHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    yield from _env(systemd_bastion_hosts, tmp_path_factory.mktemp("acc-bastion"))
+
+
+def test_bastion_only_hosts_apply_status_logs_destroy(benv: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    env = benv
+    health = f"http://{env.hosts.ip('s2')}:8310/health"
+    with pytest.raises(OSError):  # the operator cannot reach the hosts' ports
+        urllib.request.urlopen(health, timeout=2)
+    assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 2, env.text
+    env.apply_ok()  # health gates of every phase, the router's upstreams, the canary: all through SSH
+    # the pair canary (prefill, then decode directly) through SSH too
+    assert "canary disaggctl-canary-" in env.text and "decode received the KV" in env.text, env.text
+    assert env.backend.status(env.ctx()) == 0, env.text
+    assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 0
+    assert env.backend.logs(env.ctx(), "router", None, False, 20) == 0
+    assert "s1: " in capsys.readouterr().out
+    assert env.backend.destroy(env.ctx()) == 0, env.text
+    assert env.show("s2", "disaggctl-acc-decode-1.service", "LoadState") == "not-found"
