@@ -293,14 +293,14 @@ def router_config(spec: ClusterSpec, placement: Placement) -> RouterConfig:
         # the address the prefillers are given as pd_proxy_host, unless the spec says otherwise
         lmcache_proxy_bind=(r.notify_bind or placement.router_address) if lm else None,
         lmcache_proxy_port=placement.lmcache_proxy_port if lm else None,
-        admin=_router_admin(spec, placement),
+        admin=router_admin(spec, placement),
     )
 
 
 ROUTER_ADMIN_TOKEN = "router-admin.token"  # in the config folder; the secret itself is made at apply time
 
 
-def _router_admin(spec: ClusterSpec, placement: Placement) -> AdminConfig | None:
+def router_admin(spec: ClusterSpec, placement: Placement) -> AdminConfig | None:
     if placement.router_admin_port is None:
         return None
     return AdminConfig(

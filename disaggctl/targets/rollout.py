@@ -182,10 +182,10 @@ def rotation_for(
     """The builtin router's admin API as compile puts it in the router config (admin_bind, the
     allocated admin port, the token file in the config folder), else NoRotation. The token is read
     (`read_token(path)`: locally by default, over SSH on systemd) on the first admin call, not at plan time."""
-    from disaggctl.compile import _router_admin
+    from disaggctl.compile import router_admin
 
     fallback = spec.router.kind == "builtin" and router_has_fallback(desired.router_url.rstrip("/") + "/metrics")
-    admin = _router_admin(spec, desired.placement) if spec.router.kind == "builtin" else None
+    admin = router_admin(spec, desired.placement) if spec.router.kind == "builtin" else None
     if admin is None or not admin.token_file:
         return NoRotation(fallback=fallback)
     host = admin.host

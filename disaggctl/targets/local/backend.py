@@ -317,9 +317,9 @@ class _Observed:
 
 def _admin_token(ctx: OpsContext) -> None:
     """The builtin router's admin token in its config folder, made once, before the router starts."""
-    from disaggctl.compile import _router_admin
+    from disaggctl.compile import router_admin
 
-    admin = _router_admin(ctx.spec, ctx.desired.placement) if ctx.spec.router.kind == "builtin" else None
+    admin = router_admin(ctx.spec, ctx.desired.placement) if ctx.spec.router.kind == "builtin" else None
     if admin is not None and admin.token_file:
         ensure_admin_token(Path(admin.token_file))
 

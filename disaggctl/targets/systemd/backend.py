@@ -940,9 +940,9 @@ ROLLING_ON_SYSTEMD = False
 
 
 def _make_token(hosts: Hosts, c: Context) -> None:
-    from disaggctl.compile import _router_admin
+    from disaggctl.compile import router_admin
 
-    admin = _router_admin(c.spec, c.desired.placement)
+    admin = router_admin(c.spec, c.desired.placement)
     # a loopback admin listener on a remote router host is not used by rollouts (rotation_for): no token
     if admin is not None and admin.token_file and admin.host not in ("127.0.0.1", "::1", "localhost"):
         _remote_token(hosts, c)(admin.token_file)
