@@ -42,6 +42,7 @@ bench: install
 	$(PY) bench/sizing_reference/run.py
 	$(PY) bench/unit_state/run.py
 	$(PY) bench/rolling_change/run.py
+	$(PY) bench/health_transport/run.py
 
 clean-demo:
 	$(VENV)/bin/disaggctl destroy examples/local-cpu.yaml -y
