@@ -21,9 +21,7 @@ Prints medians and the ratio of each variant to `direct` (same run).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -34,12 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from disaggctl.ssh import Connection, SshTarget, connect  # noqa: E402
+from bench.syshosts import BenchHosts  # noqa: E402
+from disaggctl.ssh import Connection  # noqa: E402
 
-BASE = Path(os.environ.get("BENCH_WORK", "/tmp/dctl-bench")) / "healthtransport"
-ENV = dict(os.environ, SYSHOSTS_BASE=str(BASE), SYSHOSTS_PREFIX="tbht", SYSHOSTS_NET="10.209.0",
-           SYSHOSTS_ROOTFS=os.environ.get("INFRA_ROOTFS", "/tmp/dctl-infra/rootfs"))
-SCRIPT = REPO / "tests/infra/systemd_hosts.sh"
+HOSTS = BenchHosts("healthtransport", "tbht", "10.209.0")
 PORT = 18090
 SERVER = (
     "from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer\n"
@@ -50,24 +46,6 @@ SERVER = (
     "    def log_message(self, *a): pass\n"
     f"ThreadingHTTPServer(('0.0.0.0', {PORT}), H).serve_forever()\n"
 )
-
-
-def hosts_up(n: int) -> list[tuple[str, str]]:
-    subprocess.run([str(SCRIPT), "up", str(n)], env=ENV, check=True, capture_output=True)
-    return [(a, b) for a, b in (line.split()[:2] for line in (BASE / "inventory").read_text().splitlines() if line)]
-
-
-def hosts_down() -> None:
-    subprocess.run([str(SCRIPT), "down"], env=ENV, capture_output=True)
-
-
-def open_all(hosts: list[tuple[str, str]], user: str) -> list[Connection]:
-    def one(h: tuple[str, str]) -> Connection:
-        return connect(SshTarget(name=h[0], address=h[1], user=user, key=str(BASE / "client_key"),
-                                 known_hosts=str(BASE / "known_hosts"), connect_timeout=10))
-
-    with ThreadPoolExecutor(32) as ex:
-        return list(ex.map(one, hosts))
 
 
 def serve(conns: list[Connection], hosts: list[tuple[str, str]]) -> None:
@@ -108,9 +86,9 @@ def timed(fns: list[Callable[[], None]], pool: ThreadPoolExecutor) -> float:
 
 
 def bench(n: int, repeats: int) -> None:
-    hosts = hosts_up(n)
-    root = open_all(hosts, "root")
-    deploy = open_all(hosts, "deploy")
+    hosts = HOSTS.up(n)
+    root = HOSTS.open_all(hosts, "root")
+    deploy = HOSTS.open_all(hosts, "deploy")
     try:
         serve(root, hosts)
         variants = {
@@ -136,7 +114,7 @@ def bench(n: int, repeats: int) -> None:
             c.run(["systemctl", "stop", "dctl-bench-http"])
         for c in root + deploy:
             c.close()
-        hosts_down()
+        HOSTS.down()
 
 
 def main() -> None:

@@ -21,9 +21,7 @@ that cgroup answers running/MainPID exactly like systemctl show.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,37 +30,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from disaggctl.ssh import Connection, SshTarget, connect  # noqa: E402
+from bench.syshosts import BenchHosts  # noqa: E402
+from disaggctl.ssh import Connection  # noqa: E402
 from disaggctl.unitstate import parse_unit_states, unit_state_argv  # noqa: E402
 
-BASE = Path(os.environ.get("BENCH_WORK", "/tmp/dctl-bench")) / "unitstate"
-ENV = dict(os.environ, SYSHOSTS_BASE=str(BASE), SYSHOSTS_PREFIX="tbus", SYSHOSTS_NET="10.208.0",
-           SYSHOSTS_ROOTFS=os.environ.get("INFRA_ROOTFS", "/tmp/dctl-infra/rootfs"))
-SCRIPT = REPO / "tests/infra/systemd_hosts.sh"
+HOSTS = BenchHosts("unitstate", "tbus", "10.208.0")
 PROPS8 = "Id,LoadState,ActiveState,SubState,MainPID,NRestarts,UnitFileState,NeedDaemonReload"
 
 
 def unit_file(i: int) -> bytes:
     return (f"[Unit]\nDescription=bench {i}\n[Service]\nType=exec\nExecStart=/bin/sh -c 'sleep 100000 & "
             "exec sleep 200000'\n[Install]\nWantedBy=multi-user.target\n").encode()
-
-
-def hosts_up(n: int) -> list[tuple[str, str]]:
-    subprocess.run([str(SCRIPT), "up", str(n)], env=ENV, check=True, capture_output=True)
-    return [(a, b) for a, b in (line.split()[:2] for line in (BASE / "inventory").read_text().splitlines() if line)]
-
-
-def hosts_down() -> None:
-    subprocess.run([str(SCRIPT), "down"], env=ENV, capture_output=True)
-
-
-def open_all(hosts: list[tuple[str, str]], user: str) -> list[Connection]:
-    def one(h: tuple[str, str]) -> Connection:
-        return connect(SshTarget(name=h[0], address=h[1], user=user, key=str(BASE / "client_key"),
-                                 known_hosts=str(BASE / "known_hosts"), connect_timeout=10))
-
-    with ThreadPoolExecutor(32) as ex:
-        return list(ex.map(one, hosts))
 
 
 def install(conns: list[Connection], units: list[str]) -> None:
@@ -95,9 +73,9 @@ def check_same(conn: Connection, units: list[str]) -> None:
 
 def bench(n: int, n_units: int, repeats: int) -> None:
     units = [f"dctl-bench-{i}.service" for i in range(n_units)]
-    hosts = hosts_up(n)
-    root = open_all(hosts, "root")
-    deploy = open_all(hosts, "deploy")
+    hosts = HOSTS.up(n)
+    root = HOSTS.open_all(hosts, "root")
+    deploy = HOSTS.open_all(hosts, "deploy")
     try:
         install(root, units)
         check_same(root[0], units)
@@ -122,7 +100,7 @@ def bench(n: int, n_units: int, repeats: int) -> None:
     finally:
         for c in root + deploy:
             c.close()
-        hosts_down()
+        HOSTS.down()
 
 
 def main() -> None:
