@@ -13,6 +13,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -134,6 +135,44 @@ def wait_until(pred, timeout: float, what: str) -> None:  # type: ignore[no-unty
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def cluster_report(name: str = "") -> str:
+    """What Slurm and the jobs say: for a failure message that explains itself."""
+    parts = []
+    for argv in (["squeue", "-h", "-t", "all", "-o", "%i %j %T %R %N"], ["sinfo", "-N", "-h", "-o", "%N %t %E"]):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        parts.append(f"$ {' '.join(argv)}\n{r.stdout}{r.stderr}")
+    for log in sorted((JOBS / name).glob("slurm-*.out")) if name else []:
+        tail = log.read_text(errors="replace").splitlines()[-40:]
+        parts.append(f"--- {log.name} (last 40 lines)\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
+def node_states() -> dict[str, str]:
+    r = subprocess.run(["sinfo", "-N", "-h", "-o", "%N %t"], capture_output=True, text=True, timeout=30)
+    return dict(line.split(None, 1) for line in r.stdout.splitlines() if line.strip())
+
+
+@pytest.fixture(autouse=True)
+def quiet_cluster(slurm_ns: dict[str, str]) -> None:
+    """Each test starts on an empty queue with every node idle: a job still completing from the test before
+    (or a node a slow shutdown got drained) would change where this test's jobs land. A drained node is put back
+    and said so on stderr, so it shows in the test's output."""
+    def quiet() -> bool:
+        r = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30)
+        states = node_states()
+        for node, st in states.items():
+            if st.rstrip("*~#$@") in ("drain", "drng", "down"):
+                print(f"quiet_cluster: node {node} was {st}; resuming it:\n{cluster_report()}", file=sys.stderr)
+                subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True,
+                               timeout=30)
+        return not r.stdout.strip() and len(states) == 4 and all(s == "idle" for s in states.values())
+
+    try:
+        wait_until(quiet, 120, "an empty queue and four idle nodes")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{cluster_report()}") from None
 
 
 def test_rendered_script_accepted_by_sbatch_test_only(slurm_ns: dict[str, str]) -> None:
@@ -312,7 +351,10 @@ def test_successor_takes_over_before_the_time_limit(slurm_ns: dict[str, str]) ->
         def switched() -> bool:
             return cli.parse_state_file(endpoint_file.read_text()).get("job") not in (None, first.job_id)
 
-        wait_until(switched, 150, "the successor to take over the endpoint")
+        try:
+            wait_until(switched, 240, "the successor to take over the endpoint")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{cluster_report(name)}") from None
         ep = cli.parse_state_file(endpoint_file.read_text())
         second = ep["job"]
         wait_until(lambda: [j.job_id for j in list_jobs(run, jobname)] == [second], 90, "the old job to leave")
