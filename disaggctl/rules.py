@@ -16,6 +16,7 @@ from disaggctl.spec import (
     NixlTransfer,
     Quantization,
     Role,
+    SlurmTarget,
 )
 
 BLACKWELL = {GpuType.B200, GpuType.B300, GpuType.GB200, GpuType.GB300}
@@ -39,6 +40,7 @@ def check_spec(spec: ClusterSpec) -> list[Issue]:
     _quantization(spec, out)
     _router(spec, out)
     _gpu_pins(spec, out)
+    _successor(spec, out)
     return out.issues
 
 
@@ -189,3 +191,30 @@ def _gpu_pins(spec: ClusterSpec, out: IssueList) -> None:
 
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
+
+
+def _successor(spec: ClusterSpec, out: IssueList) -> None:
+    """Walltime chaining must hand over before the job's own shutdown signal can arrive (Slurm sends
+    `--signal=B:TERM@<grace>` up to 60 s early): else the old job stops before its successor serves."""
+    from disaggctl import slurmtime as st
+
+    t = spec.target
+    if not isinstance(t, SlurmTarget) or not t.successor.enabled:
+        return
+    limit = st.time_limit_s(t.time_limit)
+    after = st.successor_after_s(limit, t.successor.lead_minutes)
+    stop = st.earliest_stop_s(limit)
+    if after + st.HANDOVER_S < stop:
+        return
+    lead = st.min_lead_minutes(limit)
+    if st.successor_after_s(limit, lead) + st.HANDOVER_S < stop:
+        hint = f"set lead_minutes to at least {lead}"
+    else:
+        hint = "a longer time_limit: the successor is never submitted sooner than 60 s after the job starts"
+    out.add(
+        ("target", "successor", "lead_minutes"),
+        f"the successor would be submitted {after} s after the job starts and take over {st.HANDOVER_S} s later, "
+        f"but the job's shutdown signal (--signal=B:TERM@{st.grace_s(limit)}) may come as early as {stop} s "
+        f"(Slurm sends it up to {st.SIGNAL_EARLY_S} s early): the job would stop before its successor serves",
+        hint,
+    )

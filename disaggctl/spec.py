@@ -456,7 +456,9 @@ class SlurmSuccessor(Strict):
 
     enabled: bool = Field(default=False, description="Submit a successor job before the time limit.")
     lead_minutes: int = Field(
-        default=30, ge=1, le=100000, description="Submit the successor this long before the limit."
+        default=30, ge=1, le=100000,
+        description="Submit the successor this long before the limit: more than the shutdown grace + 70 s "
+        "(validate says the smallest that works), plus the time the model takes to load.",
     )
 
 

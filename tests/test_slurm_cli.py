@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from disaggctl.render.slurm import grace_s, time_limit_s
+from disaggctl.slurmtime import SIGNAL_EARLY_S, grace_s, time_limit_s
 from disaggctl.targets.slurm import cli
 from disaggctl.targets.slurm.backend import compute_plan
+
+REPO = Path(__file__).resolve().parents[1]
 
 # `scontrol show job -o 5` of a running het job (two components), recorded on the test cluster.
 SCONTROL_HET = (
@@ -110,6 +114,43 @@ def test_time_limit(limit: str, seconds: int) -> None:
 
 def test_grace_is_bounded() -> None:
     assert grace_s(14400) == 120 and grace_s(120) == 30 and grace_s(20) == 10
+
+
+def test_signal_early_slack_is_what_the_installed_sbatch_says() -> None:
+    """SIGNAL_EARLY_S comes from the installed Slurm's own sbatch(1): --signal "may be sent up to 60 seconds
+    earlier than specified" (a successor must take over before that earliest moment)."""
+    import gzip
+    import re
+
+    page = Path("/usr/share/man/man1/sbatch.1.gz")
+    assert page.exists(), "sbatch(1) not installed (slurm-client from scripts/install-test-deps.sh)"
+    text = " ".join(gzip.decompress(page.read_bytes()).decode(errors="replace").split())
+    m = re.search(r"the signal may be sent up to (\d+) seconds earlier than specified", text)
+    assert m, "sbatch(1) no longer says how early --signal may come"
+    assert int(m.group(1)) == SIGNAL_EARLY_S
+
+
+@pytest.mark.parametrize(("limit", "lead", "ok"), [
+    ("2", 1, False), ("2", 30, False), ("3", 1, False), ("3", 2, True), ("4", 2, False), ("4", 3, True),
+    ("12:00:00", 3, False), ("12:00:00", 4, True), ("04:00:00", 30, True),
+])
+def test_successor_lead_must_beat_the_shutdown_signal(limit: str, lead: int, ok: bool) -> None:
+    """validate refuses a lead with which the job's own --signal (up to 60 s early) could stop it before its
+    successor takes over; the error names target.successor.lead_minutes and says the lead that works."""
+    from disaggctl.errors import SpecError
+    from disaggctl.loader import load_text
+
+    text = (REPO / "examples" / "h100-slurm.yaml").read_text()
+    text = text.replace('time_limit: "12:00:00"', f'time_limit: "{limit}"').replace("lead_minutes: 30",
+                                                                                  f"lead_minutes: {lead}")
+    if ok:
+        load_text(text, "s.yaml")
+        return
+    with pytest.raises(SpecError) as e:
+        load_text(text, "s.yaml")
+    msg = str(e.value)
+    assert "target.successor.lead_minutes" in msg and "s.yaml:" in msg and "up to 60 s early" in msg, msg
+    assert "at least" in msg or "longer time_limit" in msg, msg
 
 
 def _job(job_id: str, comment: str, state: str = "RUNNING") -> cli.Job:

@@ -66,7 +66,8 @@ def slurm_ns() -> Iterator[dict[str, str]]:
     subprocess.run([str(INFRA / "slurm_netns_up.sh"), "down"], env=env, capture_output=True, timeout=300)
 
 
-def spec_text(name: str, vllm: str, *, time_limit: str = "10", successor: bool = False, extra_target: str = "") -> str:
+def spec_text(name: str, vllm: str, *, time_limit: str = "10", successor: bool = False, lead: int = 1,
+              extra_target: str = "") -> str:
     return f"""
 name: {name}
 model: {{path: /models/{name}, served_name: tiny}}
@@ -84,7 +85,7 @@ target:
   vllm_bin: {vllm}
   python_bin: {VENV_PY}
   time_limit: "{time_limit}"
-  successor: {{enabled: {str(successor).lower()}, lead_minutes: 1}}
+  successor: {{enabled: {str(successor).lower()}, lead_minutes: {lead}}}
 {extra_target}
 """
 
@@ -315,12 +316,14 @@ def test_hostile_values_reach_the_process_byte_for_byte(slurm_ns: dict[str, str]
 
 
 def test_successor_takes_over_before_the_time_limit(slurm_ns: dict[str, str]) -> None:
-    """time limit 2 min, lead 1 min: the job submits a successor after 60 s (excluding its own nodes);
+    """time limit 4 min, lead 3 min: the job submits a successor after 60 s (excluding its own nodes), well
+    before its own shutdown signal (--signal=B:TERM@60, which Slurm may send up to 60 s early: from 120 s;
+    with a 2 min limit that signal raced the successor and stopped the job first - validate refuses that now);
     the successor comes up on the two other nodes, switches the endpoint file to its router and
     releases the old job, which shuts down cleanly. A client that follows the endpoint file keeps
     getting answers all along: from the old router, then from the new one."""
     name = unique("sls")
-    ctx, _ = make_ctx(spec_text(name, slurm_ns["vllm"], time_limit="2", successor=True))
+    ctx, _ = make_ctx(spec_text(name, slurm_ns["vllm"], time_limit="4", successor=True, lead=3))
     backend = SlurmBackend(poll_s=0.5)
     run = LocalRunner()
     jobname = f"disaggctl-{name}"

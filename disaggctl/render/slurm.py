@@ -38,6 +38,7 @@ from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
 from disaggctl.quoting import shell_word
 from disaggctl.render.templates import environment
+from disaggctl.slurmtime import HANDOVER_S, grace_s, successor_after_s, time_limit_s
 from disaggctl.spec import ClusterSpec, Role, SlurmTarget
 from disaggctl.versions import VLLM_VERSION
 
@@ -46,8 +47,6 @@ if TYPE_CHECKING:
 
 SCRIPT_NAME = "job.sbatch"
 STOP_TIMEOUT_S = 30  # per step: SIGTERM, then SIGKILL after this long
-MAX_GRACE_S = 120  # `--signal=B:TERM@<grace>`: time to shut down before the limit
-HANDOVER_S = 10  # walltime chaining: old and new router both serve this long after the endpoint switched
 SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+-]+")  # #SBATCH lines are not shell: no quoting possible there
 SAFE_MOUNT = re.compile(r"[A-Za-z0-9_./:+@-]+")
 ADDR_FLAGS = frozenset({"--master-addr", "--data-parallel-address", "--host", "--prometheus-host"})
@@ -253,30 +252,6 @@ def job_name(spec: ClusterSpec) -> str:
     return f"disaggctl-{spec.name}"
 
 
-def time_limit_s(limit: str) -> int:
-    """Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
-    days = 0
-    if "-" in limit:
-        d, limit = limit.split("-", 1)
-        days = int(d)
-        parts = [int(x) for x in limit.split(":")]
-        h, m, s = [*parts, 0, 0][:3]
-    else:
-        parts = [int(x) for x in limit.split(":")]
-        if len(parts) == 1:
-            h, m, s = 0, parts[0], 0
-        elif len(parts) == 2:
-            h, m, s = 0, parts[0], parts[1]
-        else:
-            h, m, s = parts
-    return ((days * 24 + h) * 60 + m) * 60 + s
-
-
-def grace_s(limit_s: int) -> int:
-    """Seconds before the time limit at which the batch shell gets SIGTERM (clean shutdown)."""
-    return max(10, min(MAX_GRACE_S, limit_s // 4))
-
-
 def _check_paths(spec: ClusterSpec, t: SlurmTarget) -> None:
     if not SAFE_PATH.fullmatch(t.workdir):
         raise DisaggError(
@@ -477,7 +452,7 @@ class _Job:
             routers=[s for s in steps if s.role == Role.ROUTER.value],
             stop_order=[s.name for s in sorted(steps, key=lambda s: rank[s.role])],
             endpoint=self.endpoint, urls=self.urls, successor=t.successor.enabled,
-            successor_after_s=max(60, limit_s - t.successor.lead_minutes * 60), handover_s=HANDOVER_S,
+            successor_after_s=successor_after_s(limit_s, t.successor.lead_minutes), handover_s=HANDOVER_S,
             exclude=f",{t.exclude}" if t.exclude else "", multi=self.multi,
             secrets=_secrets_word(desired, t),
         )
