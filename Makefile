@@ -14,6 +14,9 @@ SEED ?= 4242
 
 install:
 	scripts/bootstrap.sh $(VENV)
+	@# byte-compile the package as a pip install would (PYTHONDONTWRITEBYTECODE=1 or a read-only checkout
+	@# would otherwise recompile every module on each `disaggctl` start: ~60 ms)
+	$(PY) -m compileall -q -j 0 disaggctl >/dev/null
 
 test-deps:
 	scripts/install-test-deps.sh

@@ -97,9 +97,15 @@ def _internal(e: BaseException) -> None:
     sys.exit(70)
 
 
-def main() -> None:
+def main(one_shot: bool = True) -> None:
+    """The `disaggctl` command. one_shot: the process ends after this command (the console script);
+    tests that call main() in-process pass False (disaggctl/gcpause.py)."""
     from disaggctl.errors import DisaggError, SpecError
 
+    if one_shot:
+        from disaggctl.gcpause import one_shot_process
+
+        one_shot_process()
     try:
         app()
     except SpecError as e:

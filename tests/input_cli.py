@@ -34,7 +34,7 @@ def run_main(*args: str, cwd: Path | None = None) -> Result:
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                cli.main()
+                cli.main(one_shot=False)  # the test process lives on: keep its collector
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:

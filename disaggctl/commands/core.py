@@ -162,7 +162,7 @@ def validate(
     from disaggctl.gcpause import no_cyclic_gc
     from disaggctl.input_checks import render_check
 
-    with no_cyclic_gc():  # one-shot: nothing to collect (disaggctl/gcpause.py)
+    with no_cyclic_gc(last=True):  # one-shot: nothing to collect (disaggctl/gcpause.py)
         loaded = _load(spec, profile)
         desired = _compile(loaded, _topology(topology), allow_degraded)
         render_check(loaded, desired)
@@ -192,22 +192,24 @@ def render(
 ) -> None:
     """Write every artifact (units, batch scripts, LMCache YAML, router config) per host."""
     from disaggctl.errors import DisaggError, SpecError
+    from disaggctl.gcpause import no_cyclic_gc
     from disaggctl.input_checks import located_render_error
     from disaggctl.inputs import output_dir, writing
     from disaggctl.render import render as do_render
     from disaggctl.render.output import write_rendered
 
     output_dir(out, "render output folder")
-    loaded = _load(spec, profile)
-    desired = _compile(loaded, _topology(topology), allow_degraded)
-    try:  # secrets: placeholders (their values are written by apply only)
-        rendered = do_render(desired, loaded.spec)
-    except SpecError:
-        raise
-    except DisaggError as e:
-        raise located_render_error(loaded, e) from None
-    with writing(out, "render output folder"):
-        written = write_rendered(rendered, out)
+    with no_cyclic_gc(last=True):  # one-shot: nothing to collect (disaggctl/gcpause.py)
+        loaded = _load(spec, profile)
+        desired = _compile(loaded, _topology(topology), allow_degraded)
+        try:  # secrets: placeholders (their values are written by apply only)
+            rendered = do_render(desired, loaded.spec)
+        except SpecError:
+            raise
+        except DisaggError as e:
+            raise located_render_error(loaded, e) from None
+        with writing(out, "render output folder"):
+            written = write_rendered(rendered, out)
     typer.echo(f"wrote {len(written)} files under {out}")
 
 
@@ -247,7 +249,7 @@ def plan(
     if offline:
         from disaggctl.gcpause import no_cyclic_gc
 
-        with no_cyclic_gc():  # one-shot: nothing to collect (disaggctl/gcpause.py)
+        with no_cyclic_gc(last=True):  # one-shot: nothing to collect (disaggctl/gcpause.py)
             loaded = _load(spec, profile)
             desired = _compile(loaded, _topology(topology), allow_degraded)
             if output == "json":
