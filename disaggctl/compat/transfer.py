@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
+import os
 from collections import Counter
 from functools import lru_cache
 from importlib import metadata
@@ -49,14 +51,51 @@ def _bundled_ucx_version() -> str | None:
         libs = sorted(Path(spec.origin).parent.parent.glob(f"{dist}.libs/libucp-*.so*"))
         if not libs:
             continue
-        try:
-            fn = ctypes.CDLL(str(libs[0])).ucp_get_version_string
-        except (OSError, AttributeError):
-            return None
-        fn.restype = ctypes.c_char_p
-        value = fn()
-        return value.decode() if isinstance(value, bytes) else None
+        return _cached_ucx_version(libs[0])
     return None
+
+
+def _ucx_cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "disaggctl" / "ucx-version.json"
+
+
+def _cached_ucx_version(lib: Path) -> str | None:
+    """Loading libucp initialises UCX: ~0.4 s of (mostly system) CPU on every validate/plan of a local NIXL
+    spec. Its answer is kept in the user's cache folder, keyed by the library's path, size and mtime: a
+    reinstalled wheel is asked again. The cache is an optimisation only: unreadable or unwritable, it is ignored."""
+    try:
+        st = lib.stat()
+    except OSError:
+        return None
+    key = f"{lib}:{st.st_size}:{st.st_mtime_ns}"
+    cache = _ucx_cache_file()
+    try:
+        saved = json.loads(cache.read_text())
+        if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("version"), str):
+            return str(saved["version"])
+    except (OSError, ValueError):
+        pass
+    version = _load_ucx_version(lib)
+    if version is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"key": key, "version": version}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return version
+
+
+def _load_ucx_version(lib: Path) -> str | None:
+    try:
+        fn = ctypes.CDLL(str(lib)).ucp_get_version_string
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_char_p
+    value = fn()
+    return value.decode() if isinstance(value, bytes) else None
 
 
 def fingerprints(spec: ClusterSpec, placement: Placement, processes: list[Process]) -> list[InstanceFingerprint]:
