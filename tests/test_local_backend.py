@@ -25,31 +25,11 @@ from disaggctl.spec import LocalTarget
 from disaggctl.targets.base import Action
 from disaggctl.targets.local.backend import diff, preflight
 from disaggctl.targets.status import StatusReport
+from tests.plugins.standin import free_base
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "support" / "standin_engine.py"
-
-
-def free_base(n: int = 2) -> int:
-    """A port p with p .. p+n-1 all free on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65000:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free ports")
 
 
 def write_spec(
@@ -71,7 +51,7 @@ def write_spec(
     if saved.exists():
         http, router, side = json.loads(saved.read_text())
     else:
-        http, router, side = free_base(2), free_base(1), free_base(2)
+        http, router, side = free_base(2), free_base(2), free_base(2)
         saved.write_text(json.dumps([http, router, side]))
     http = http_port or http
     spec = tmp / "spec.yaml"

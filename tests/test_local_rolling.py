@@ -22,7 +22,7 @@ def write_spec(tmp: Path, vllm_bin: str, replicas: int, env: str = "{}", revisio
     if saved.exists():
         http, router, side = json.loads(saved.read_text())
     else:
-        http, router, side = free_base(2 * replicas), free_base(1), free_base(2 * replicas)
+        http, router, side = free_base(2 * replicas), free_base(2), free_base(2 * replicas)
         saved.write_text(json.dumps([http, router, side]))
     (tmp / "model").mkdir(exist_ok=True)
     rev = f", revision: {revision}" if revision else ""
@@ -167,7 +167,8 @@ def test_1p1d_change_drains_through_admin_api_with_zero_failed_requests(tmp_path
 def test_1p1d_fingerprint_change_says_it_cannot_roll_and_apply_asks(tmp_path: Path, standin_vllm: str) -> None:  # noqa: F811
     spec = write_spec(tmp_path, standin_vllm, 1)
     try:
-        assert cli("apply", str(spec), "-y").returncode == 0
+        r = cli("apply", str(spec), "-y")
+        assert r.returncode == 0, r.stdout + r.stderr
         write_spec(tmp_path, standin_vllm, 1, revision="v2")
         r = cli("plan", str(spec))
         assert "cannot roll safely" in r.stdout and "single running instance" in r.stdout, r.stdout

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,10 +38,37 @@ MODEL = "tiny"
 CONNECTORS = {"nixl": "NixlConnector", "shared-storage": "ExampleConnector", "lmcache": "LMCacheConnectorV1"}
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_base(n: int = 1) -> int:
+    """A port p with p .. p+n-1 all free on 127.0.0.1, below the kernel's ephemeral range: a port that
+    bind(0) handed out is one that outgoing connections (the router's to its engines, test clients) also
+    get, and a listener started a moment later on it (or on p+1, the router's admin port) then fails
+    with "address already in use" (seen: 1 run in 6 of tests/test_local_rolling.py)."""
+    rng = random.Random()
+    top = min(_ephemeral_low(), 65000) - n
+    for _ in range(500):
+        base = rng.randrange(10000, top)
+        ok = True
+        for port in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free ports below the ephemeral range")
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_base(1)
 
 
 def http(
