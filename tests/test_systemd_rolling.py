@@ -109,7 +109,8 @@ def test_a_host_lost_mid_roll_is_an_apply_error_naming_instance_host_and_unit() 
     step = next(s for s in roll.plan.steps if s.op is Op.RESTART and s.instances == ("decode-1",))
     e = _roll_failure(None, roll, step, SshError(host1, "connection is closed"))  # type: ignore[arg-type]
     assert isinstance(e, ApplyError) and (e.host, e.unit) == (host1, unit1)
-    assert str(e) == f"{host1}: {unit1}: rollout stopped at restart decode-1: connection is closed"
+    assert str(e) == f"{host1}: {unit1}: connection is closed (the rollout stopped at restart decode-1)"
     drain = next(s for s in roll.plan.steps if s.op is Op.DRAIN and s.instances == ("decode-1",))
     e = _roll_failure(None, roll, drain, DisaggError("router admin POST /admin/drain: HTTP 403 b''"))  # type: ignore[arg-type]
-    assert str(e).endswith("rollout stopped at drain decode-1: router admin POST /admin/drain: HTTP 403 b''")
+    why = "router admin POST /admin/drain: HTTP 403 b''"
+    assert str(e) == f"{host1}: {unit1}: {why} (the rollout stopped at drain decode-1)"

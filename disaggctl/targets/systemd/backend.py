@@ -672,14 +672,16 @@ class SystemdBackend:
         phases: Phases,
         roll: tuple[SystemdRoll, Rotation] | None = None,
     ) -> None:
-        """Files (and the first start phase) on every changed host, then the rolling restart of the
-        running instances (`roll`), then each later start phase, each gated by its processes'
-        health; the final manifest last."""
+        """Files (and the first start phase, without a rollout) on every changed host, then the
+        rolling restart of the running instances (`roll`, through the router as it runs), then each
+        start phase, each gated by its processes' health; the final manifest last."""
         changed = [h for h in plan.hosts if h.changed]
         todo = start_phases(changed, skip=roll[0].rolled_units if roll else set())
         # the first phase starts in the files command of each host, right after its reload: one
-        # round trip less per host, and no host waits for the slowest one's files before starting
-        first: Mapping[str, list[str]] = todo[0][1] if todo else {}
+        # round trip less per host, and no host waits for the slowest one's files before starting.
+        # Not with a rollout: it drains through the running router, so nothing (the router
+        # included) starts before it ends
+        first: Mapping[str, list[str]] = todo[0][1] if todo and not roll else {}
         first_role = _ROLE_NAME.get(todo[0][0], f"order {todo[0][0]}") if todo else ""
 
         def files(conn: Connection) -> None:
@@ -700,7 +702,7 @@ class SystemdBackend:
                 with phases.step(conn.name, f"start {role}"):
                     start_units(conn, units[conn.name])
 
-            if i > 0:
+            if i > 0 or roll:
                 _raise_first(hosts.map(list(units_of), start), f"start {role}")
             started = {u for us in units_of.values() for u in us}
             procs = [p for p in c.desired.processes if p.start_order == order and c.unit_of[p.name] in started]
@@ -732,7 +734,7 @@ class SystemdBackend:
             try:
                 runner.run()
             except ApplyError as e:
-                raise ApplyError(e.host, e.unit, f"rollout stopped: {e.message}", e.journal) from None
+                raise ApplyError(e.host, e.unit, e.message + _stopped_at(runner.current), e.journal) from None
             except (DisaggError, OSError) as e:
                 raise _roll_failure(hosts, sroll, runner.current, e) from None
 
@@ -932,25 +934,27 @@ def _alive_check(c: Context, hosts: Hosts, procs: list[Process]) -> Callable[[st
     return alive
 
 
+def _stopped_at(step: Step | None) -> str:
+    where = f" at {step.op.value} {', '.join(step.instances)}" if step is not None else ""
+    return f" (the rollout stopped{where})"
+
+
 def _roll_failure(hosts: Hosts, roll: SystemdRoll, step: Step | None, e: DisaggError | OSError) -> ApplyError:
     """What stopped a rollout, located: the instance the gate names (with its journal), else the
     instance of the failed step on the host that was lost, else the step's first instance."""
     from disaggctl.health import HealthError
 
-    names = list(step.instances) if step is not None else []
+    at = _stopped_at(step)
     if isinstance(e, HealthError) and e.name in roll.units:
         host, unit = roll.units[e.name]
-        tail = _journal_or_nothing(hosts, host, unit)
-        return ApplyError(host, unit, f"rollout stopped: {e.name}: {e.detail}", tail)
+        return ApplyError(host, unit, f"not healthy: {e.detail}{at}", _journal_or_nothing(hosts, host, unit))
     lost = e.host if isinstance(e, SshError) else None
-    on_host = [n for n in names if n in roll.units and roll.units[n][0] == lost]
-    name = next(iter(on_host or [n for n in names if n in roll.units]), None)
+    names = [n for n in (step.instances if step is not None else ()) if n in roll.units]
+    name = next(iter([n for n in names if roll.units[n][0] == lost] or names), None)
     if name is None:
-        return ApplyError(lost or "?", None, f"rollout stopped: {e}")
+        return ApplyError(lost or "?", None, f"{e}{at}")
     host, unit = roll.units[name]
-    what = f"{step.op.value} {name}" if step is not None else name
-    detail = str(e).removeprefix(f"{host}: ")
-    return ApplyError(host, unit, f"rollout stopped at {what}: {detail}")
+    return ApplyError(host, unit, str(e).removeprefix(f"{host}: ") + at)
 
 
 def _journal_or_nothing(hosts: Hosts, host: str, unit: str) -> str:
@@ -970,12 +974,16 @@ def _rolling(
     """The rolling plan of the running instances this change restarts, and how they leave rotation:
     the router's admin API through the router host's SSH connection (SshHttp: a loopback
     admin_bind, the default, is reached from that host), the token read there on the first call."""
-    from disaggctl.targets.rollout import rotation_for
+    from disaggctl.targets.rollout import NoRotation, rotation_for
     from disaggctl.targets.systemd.rolling import systemd_roll
 
     roll = systemd_roll(c.spec, c.desired, plan, observed, c.unit_of)
     if roll is None:
         return None
+    router = next((p for p in c.desired.processes if p.role.value == "router"), None)
+    fact = observed[router.host].units.get(c.unit_of[router.name]) if router and router.host in observed else None
+    if fact is None or not fact.running:  # no router serves now: nothing to take out of rotation
+        return roll, NoRotation(description="the router is not running: instances restart without a drain")
     via = SshHttp.for_context(c, hosts.conns)
     return roll, rotation_for(c.spec, c.desired, _remote_token(hosts, c), remote_router=True, request=via.request)
 
