@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from disaggctl.errors import DisaggError
-from disaggctl.targets.rollout import AdminRotation
+from disaggctl.health import HealthError
+from disaggctl.ssh import SshError
+from disaggctl.targets.rolling import RollInstance, RollPlan, plan_rollout
+from disaggctl.targets.rollout import AdminRotation, RolloutRunner, urllib_request
 
 TOKEN = "s3cret"
 
@@ -113,3 +116,114 @@ def test_wrong_token_and_unknown_instance_are_clear_errors(router: tuple[Router,
         AdminRotation(url, "wrong").drain(["decode-0"], 5)
     with pytest.raises(DisaggError, match="HTTP 404"):
         AdminRotation(url, TOKEN).undrain(["decode-9"])
+
+
+class FakeTransport:
+    """A `request` with SshHttp.request's signature: records every call, answers from `answers`."""
+
+    def __init__(self, answers: list[tuple[int, bytes] | Exception]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[str, str, bytes | None, float, dict[str, str]]] = []
+
+    def __call__(
+        self, method: str, url: str, body: bytes | None, timeout_s: float, headers: Mapping[str, str]
+    ) -> tuple[int, bytes]:
+        self.calls.append((method, url, body, timeout_s, dict(headers)))
+        a = self.answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+
+def test_admin_calls_go_through_the_injected_transport() -> None:
+    drained = json.dumps({"instances": [{"name": "decode-0", "state": "drained", "in_flight": 0}]}).encode()
+    t = FakeTransport([(202, b'{"state": "draining"}'), (200, drained), (200, b'{"state": "active"}')])
+    reads: list[int] = []
+    rot = AdminRotation("http://127.0.0.1:9100/", "", read_token=lambda: reads.append(1) or TOKEN, request=t)
+    rot.drain(["decode-0"], timeout_s=5)
+    rot.undrain(["decode-0"])
+    assert [(c[0], c[1]) for c in t.calls] == [
+        ("POST", "http://127.0.0.1:9100/admin/drain"),
+        ("GET", "http://127.0.0.1:9100/admin/instances"),
+        ("POST", "http://127.0.0.1:9100/admin/undrain"),
+    ]
+    assert json.loads(t.calls[0][2] or b"") == {"instance": "decode-0"} and t.calls[1][2] is None
+    assert all(c[4]["Authorization"] == f"Bearer {TOKEN}" for c in t.calls)
+    assert reads == [1]  # the token is read once, on the first call
+
+
+def test_transport_answers_and_failures_become_located_errors() -> None:
+    t = FakeTransport([(401, b'{"error": "unauthorized"}')])
+    with pytest.raises(DisaggError, match=r"router admin POST /admin/drain: HTTP 401 b'\{\"error\": \"unauthorized"):
+        AdminRotation("http://127.0.0.1:9100", "wrong", request=t).drain(["decode-0"], 5)
+    t = FakeTransport([OSError("s1: channel refused: 127.0.0.1:9100")])
+    with pytest.raises(DisaggError, match=r"router admin POST /admin/undrain: s1: channel refused"):
+        AdminRotation("http://127.0.0.1:9100", TOKEN, request=t).undrain(["decode-0"])
+    t = FakeTransport([(200, b"not json")])
+    with pytest.raises(DisaggError, match=r"router admin GET /admin/instances"):
+        AdminRotation("http://127.0.0.1:9100", TOKEN, request=t).states()
+
+
+def test_the_default_transport_is_urllib_from_this_machine(router: tuple[Router, str]) -> None:
+    _, url = router
+    status, body = urllib_request("GET", url + "/admin/instances", None, 5, {"Authorization": "Bearer x"})
+    assert status == 401 and b"unauthorized" in body  # an error status is an answer, not an exception
+    assert AdminRotation(url, TOKEN).request is urllib_request
+
+
+class RecordingRotation:
+    description = "recording"
+    fallback = False
+
+    def __init__(self, fail_drain: str | None = None) -> None:
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+        self.fail_drain = fail_drain
+
+    def drain(self, names: Sequence[str], timeout_s: float) -> None:
+        self.calls.append(("drain", tuple(names)))
+        if self.fail_drain in names:
+            raise DisaggError(f"not drained after {timeout_s:g} s ({self.fail_drain}: 1 in flight)")
+
+    def undrain(self, names: Sequence[str]) -> None:
+        self.calls.append(("undrain", tuple(names)))
+
+
+def _two_decodes() -> RollPlan:
+    return plan_rollout([RollInstance("prefill-0", "prefill", False, "a", "a"),
+                        RollInstance("decode-0", "decode", True, "a", "a"),
+                        RollInstance("decode-1", "decode", True, "a", "a")])  # fmt: skip
+
+
+class _NoGate:
+    desired = type("Desired", (), {"kv_kind": "none"})()  # a kind without a pair canary
+
+    def wait(self, names: list[str], alive: object = None) -> None:
+        return None
+
+    def pair_canary(self, p: str, d: str) -> object:
+        raise HealthError(d, "no canary in this test")
+
+
+def test_a_failed_restart_puts_what_was_drained_back_in_rotation() -> None:
+    rot = RecordingRotation()
+    said: list[str] = []
+
+    def restart(names: list[str]) -> None:
+        if names == ["decode-1"]:
+            raise SshError("s2", "connection is closed")
+
+    runner = RolloutRunner(_two_decodes(), _NoGate(), rot, restart, said.append)  # type: ignore[arg-type]
+    with pytest.raises(SshError):
+        runner.run()
+    assert rot.calls == [("drain", ("decode-0",)), ("undrain", ("decode-0",)),
+                         ("drain", ("decode-1",)), ("undrain", ("decode-1",))]  # fmt: skip
+    assert runner.current is not None and runner.current.instances == ("decode-1",)
+    assert "put decode-1 back in rotation" in said[-1] and runner.drained == []
+
+
+def test_a_drain_that_times_out_is_undone() -> None:
+    rot = RecordingRotation(fail_drain="decode-0")
+    runner = RolloutRunner(_two_decodes(), _NoGate(), rot, lambda n: None, lambda m: None)  # type: ignore[arg-type]
+    with pytest.raises(DisaggError, match="not drained"):
+        runner.run()
+    assert rot.calls == [("drain", ("decode-0",)), ("undrain", ("decode-0",))]

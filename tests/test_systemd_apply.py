@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -314,6 +315,8 @@ def test_07_unit_that_fails_to_start_names_host_unit_and_journal(deployed: Env) 
     text = env.text
     assert "apply failed:" in text and "disaggctl-sysd-decode-" in text
     assert "simulated engine crash: CUDA error: out of memory" in text  # the journal tail
+    # the running decodes roll: the first one's new unit dies, the rollout stops there and puts it back
+    assert "(the rollout stopped at restart decode-0)" in text and "put decode-0 back in rotation" in text
     # nothing lost: the manifest still names every file; re-running the good spec converges
     m = json.loads(env.sh("s2", "cat", "/var/lib/disaggctl/sysd/manifest.json"))
     assert "/etc/systemd/system/disaggctl-sysd-decode-1.service" in m["files"]
@@ -326,7 +329,49 @@ def test_08_health_that_never_passes_times_out_naming_the_instance(deployed: Env
     ctx = env.ctx(rto=200, startup=3, prefill_extra=", env: {STANDIN_FAIL_HEALTH: '1'}")
     assert env.backend.apply(ctx, None) == 1
     assert "s1: disaggctl-sysd-prefill-0.service: not healthy" in env.text
+    assert "(the rollout stopped at restart prefill-0)" in env.text
     assert env.backend.apply(env.ctx(rto=200), None) == 0, env.text
+
+
+ADMIN_GET = (
+    "import sys, urllib.request; t = open(sys.argv[1]).read().strip(); "
+    "r = urllib.request.Request(sys.argv[2], headers={'Authorization': 'Bearer ' + t}); "
+    "print(urllib.request.urlopen(r, timeout=5).read().decode())"
+)
+
+
+def test_08b_a_running_decode_change_rolls_draining_through_the_admin_api_over_ssh(deployed: Env) -> None:
+    from disaggctl.compile import router_admin
+
+    env = deployed
+    kw: dict[str, Any] = {"decode_extra": ", env: {GEN: 'rolled'}"}  # the router stays as it is
+    ctx = env.ctx(**kw)
+    admin = router_admin(ctx.spec, ctx.desired.placement)
+    assert admin is not None and admin.host == "127.0.0.1"  # the default: the router host's loopback only
+    assert env.backend.plan(ctx, None, detailed_exitcode=True) == 2
+    url = f"http://127.0.0.1:{admin.port}"
+    assert "rolling order (decode-first):" in env.text
+    assert f"rotation: drained through the router's admin API at {url}" in env.text
+    before, since = _pids(env), env.sh("s1", "date", "+%s").strip()
+    assert env.backend.apply(env.ctx(**kw), None) == 0, env.text
+    steps = re.findall(r"step \d+/6: (.+?) \(", env.text)
+    assert steps == ["drain decode-0", "restart decode-0", "undrain decode-0",
+                     "drain decode-1", "restart decode-1", "undrain decode-1"], env.text  # fmt: skip
+    assert "Apply complete" in env.text and "Traceback" not in env.text
+    after = _pids(env)
+    assert {u for u in before if before[u] != after[u]} == {f"disaggctl-sysd-decode-{i}.service" for i in (0, 1)}
+    # the router's own record: each decode left rotation and came back before the next one left
+    journal = env.sh("s1", "journalctl", "-u", "disaggctl-sysd-router.service", f"--since=@{since}", "-o", "cat")
+    events = [ln.split("disaggctl.router.admin: ", 1)[1] for ln in journal.splitlines() if "router.admin: " in ln]
+    assert [e.split(" (")[0] for e in events] == [
+        "draining decode decode-0", "decode decode-0 back in rotation",
+        "draining decode decode-1", "decode decode-1 back in rotation"], journal  # fmt: skip
+    assert env.sh("s1", "stat", "-c", "%a", admin.token_file).strip() == "600"
+    states = json.loads(env.sh("s1", "python3", "-c", ADMIN_GET, admin.token_file, url + "/admin/instances"))
+    assert {i["name"]: i["state"] for i in states["instances"]} == dict.fromkeys(
+        ["prefill-0", "decode-0", "decode-1"], "active"
+    )
+    assert env.backend.plan(env.ctx(**kw), None, detailed_exitcode=True) == 0
 
 
 class _CutAfterFiles:
@@ -373,7 +418,12 @@ def test_09_host_unreachable_mid_apply(deployed: Env) -> None:
     backend.connector = _CutAfterFiles(env.hosts)  # type: ignore[assignment]
     try:
         assert backend.apply(env.ctx(rto=100, decode_extra=GEN2), None) == 1
-        assert "apply failed: s2:" in env.out.getvalue()
+        text = env.out.getvalue()
+        # the cut comes in the rollout (decode-0 on s1 rolled, then decode-1's restart on s2):
+        # a located apply failure, what was drained back in rotation, no traceback
+        assert "apply failed: s2: disaggctl-sysd-decode-1.service: " in text, text
+        assert "(the rollout stopped at restart decode-1)" in text and "put decode-1 back in rotation" in text
+        assert "Traceback" not in text
         # still unreachable: refused before touching anything, naming the host
         assert env.backend.apply(env.ctx(rto=100, decode_extra=GEN2), None) == 1
         assert "s2: cannot connect" in env.text and "Nothing was changed" in env.text

@@ -91,3 +91,26 @@ def test_status_check_reads_running_fingerprints_and_metrics() -> None:
     assert checks["fingerprints_match"].ok is False and checks["fingerprints_match"].instances == ["decode-1"]
     assert checks["prefill_handles_requests"].ok is None  # engine metrics unreadable: unknown, not ok
     assert len(seen) == 4  # three engines and the router
+
+
+def test_a_host_lost_mid_roll_is_an_apply_error_naming_instance_host_and_unit() -> None:
+    from disaggctl.errors import DisaggError
+    from disaggctl.ssh import SshError
+    from disaggctl.targets.systemd.backend import ApplyError, _roll_failure
+    from disaggctl.targets.systemd.rolling import SystemdRoll
+
+    desired, r, unit_of, obs = _observed(
+        lambda p: [*p.argv, "--max-num-seqs", "7"] if p.role.value == "decode" else list(p.argv)
+    )
+    _, spec = _state()
+    roll = systemd_roll(spec, desired, _plan(desired, r, unit_of, obs), obs, unit_of)  # type: ignore[arg-type]
+    assert isinstance(roll, SystemdRoll)
+    host1, unit1 = roll.units["decode-1"]
+    step = next(s for s in roll.plan.steps if s.op is Op.RESTART and s.instances == ("decode-1",))
+    e = _roll_failure(None, roll, step, SshError(host1, "connection is closed"))  # type: ignore[arg-type]
+    assert isinstance(e, ApplyError) and (e.host, e.unit) == (host1, unit1)
+    assert str(e) == f"{host1}: {unit1}: connection is closed (the rollout stopped at restart decode-1)"
+    drain = next(s for s in roll.plan.steps if s.op is Op.DRAIN and s.instances == ("decode-1",))
+    e = _roll_failure(None, roll, drain, DisaggError("router admin POST /admin/drain: HTTP 403 b''"))  # type: ignore[arg-type]
+    why = "router admin POST /admin/drain: HTTP 403 b''"
+    assert str(e) == f"{host1}: {unit1}: {why} (the rollout stopped at drain decode-1)"

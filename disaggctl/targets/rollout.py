@@ -43,6 +43,22 @@ if TYPE_CHECKING:
 FALLBACK_METRIC = "disaggctl_router_aggregated_fallback_total"
 DRAIN_TIMEOUT_S = 300.0
 
+# request(method, url, body, timeout_s, headers) -> (status, body), the signature of
+# targets/systemd/access.SshHttp.request; an answer with an error status is returned, not raised
+Request = Callable[[str, str, bytes | None, float, Mapping[str, str]], tuple[int, bytes]]
+
+
+def urllib_request(
+    method: str, url: str, body: bytes | None, timeout_s: float, headers: Mapping[str, str]
+) -> tuple[int, bytes]:
+    """One HTTP request from this machine (the default transport of AdminRotation)."""
+    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return int(r.status), bytes(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, bytes(e.read())
+
 
 class Rotation(Protocol):
     """Takes instances out of the router's rotation and puts them back."""
@@ -84,6 +100,9 @@ class AdminRotation:
     clock: Callable[[], float] = time.monotonic
     description: str = field(default="")
     read_token: Callable[[], str] | None = None  # the token, read on the first call when `token` is empty
+    # how a call travels: urllib from this machine (local target), or SshHttp.request through the
+    # router host's SSH connection (systemd: a loopback admin listener is reached from that host)
+    request: Request = field(default=urllib_request)
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -93,20 +112,18 @@ class AdminRotation:
     def _call(self, method: str, path: str, body: Mapping[str, object] | None = None) -> tuple[int, object]:
         if not self.token and self.read_token is not None:
             self.token = self.read_token()
-        req = urllib.request.Request(
-            self.base_url + path,
-            data=json.dumps(body).encode() if body is not None else None,
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                raw = r.read()
-                return r.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as e:
-            raise DisaggError(f"router admin {method} {path}: HTTP {e.code} {e.read()[:200]!r}") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
+            status, raw = self.request(method, self.base_url + path, data, 10.0, headers)
+        except (OSError, DisaggError) as e:  # urllib's URLError is an OSError; SshHttp raises OSError
             raise DisaggError(f"router admin {method} {path}: {getattr(e, 'reason', e)}") from None
+        if status >= 400:
+            raise DisaggError(f"router admin {method} {path}: HTTP {status} {raw[:200]!r}")
+        try:
+            return status, json.loads(raw) if raw else None
+        except ValueError as e:
+            raise DisaggError(f"router admin {method} {path}: {e}") from None
 
     def states(self) -> dict[str, dict[str, object]]:
         _, body = self._call("GET", "/admin/instances")
@@ -163,14 +180,13 @@ def roll_text(plan: RollPlan, rotation: Rotation) -> list[str]:
     return [*lines, f"  rotation: {rotation.description}"] if lines else []
 
 
-def router_has_fallback(metrics_url: str, timeout_s: float = 2.0) -> bool:
+def router_has_fallback(metrics_url: str, timeout_s: float = 2.0, request: Request = urllib_request) -> bool:
     """The router exports the aggregated-fallback counter (so it has the fallback)."""
     try:
-        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as r:
-            text = r.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError):
+        status, body = request("GET", metrics_url, None, timeout_s, {})
+    except (OSError, DisaggError):
         return False
-    return FALLBACK_METRIC in text
+    return status == 200 and FALLBACK_METRIC in body.decode(errors="replace")
 
 
 def rotation_for(
@@ -178,25 +194,32 @@ def rotation_for(
     desired: DesiredState,
     read_token: Callable[[str], str] | None = None,
     remote_router: bool = False,
+    request: Request | None = None,
 ) -> Rotation:
     """The builtin router's admin API as compile puts it in the router config (admin_bind, the
     allocated admin port, the token file in the config folder), else NoRotation. The token is read
-    (`read_token(path)`: locally by default, over SSH on systemd) on the first admin call, not at plan time."""
+    (`read_token(path)`: locally by default, over SSH on systemd) on the first admin call, not at plan time.
+    `request`: the transport of the admin calls and the fallback check (default urllib from this
+    machine); systemd passes SshHttp.request, which reaches 127.0.0.1 from the router's host."""
     from disaggctl.compile import router_admin
 
-    fallback = spec.router.kind == "builtin" and router_has_fallback(desired.router_url.rstrip("/") + "/metrics")
+    via = request or urllib_request
+    fallback = spec.router.kind == "builtin" and router_has_fallback(
+        desired.router_url.rstrip("/") + "/metrics", request=via
+    )
     admin = router_admin(spec, desired.placement) if spec.router.kind == "builtin" else None
     if admin is None or not admin.token_file:
         return NoRotation(fallback=fallback)
     host = admin.host
-    if remote_router and host in ("127.0.0.1", "::1", "localhost"):
-        # the admin listener serves the router host's loopback only: this machine cannot reach it
-        # (no tunnel yet); set router.admin_bind to an address the operator reaches to drain
+    if remote_router and request is None and host in ("127.0.0.1", "::1", "localhost"):
+        # the admin listener serves the router host's loopback only: urllib from this machine
+        # cannot reach it (a transport through the router host can)
         return NoRotation(fallback=fallback)
     if host in ("0.0.0.0", "::"):  # listening everywhere: reach it at the router host's address
         host = desired.placement.router_address or "127.0.0.1"
     url = f"http://{'[' + host + ']' if ':' in host else host}:{admin.port}"
-    return AdminRotation(url, "", fallback=fallback, read_token=partial(read_token or _read_local, admin.token_file))
+    return AdminRotation(url, "", fallback=fallback, read_token=partial(read_token or _read_local, admin.token_file),
+                         request=via)  # fmt: skip
 
 
 def _read_local(path: str) -> str:
@@ -292,24 +315,49 @@ class RolloutRunner:
     drain_timeout_s: float = DRAIN_TIMEOUT_S
     log: list[str] = field(default_factory=list)
 
+    current: Step | None = None  # the step running now (the one that failed, after a failure)
+    drained: list[str] = field(default_factory=list)  # out of rotation by this rollout, not put back yet
+
     def run(self) -> None:
+        """Every step; when one fails, what this rollout drained goes back in rotation (as far as the
+        router can be reached: the router then takes a restarted instance back when its /health
+        answers), then the failure propagates."""
         for n, step in enumerate(self.plan.steps, 1):
+            self.current = step
             t0 = time.monotonic()
-            self._step(step)
+            try:
+                self._step(step)
+            except BaseException:
+                self._restore()
+                raise
             line = f"step {n}/{len(self.plan.steps)}: {step.describe()} ({time.monotonic() - t0:.1f} s)"
             self.log.append(line)
             self.say(line)
+        self.current = None
 
     def _step(self, step: Step) -> None:
         names = list(step.instances)
         if step.op is Op.DRAIN:
+            self.drained += [n for n in names if n not in self.drained]
             self.rotation.drain(names, self.drain_timeout_s)
         elif step.op is Op.UNDRAIN:
             self.rotation.undrain(names)
+            self.drained = [n for n in self.drained if n not in names]
         else:
             self.restart(names)
             self.gate.wait(names, alive=self.alive)
             self._canary(step)
+
+    def _restore(self) -> None:
+        if not self.drained:
+            return
+        names, self.drained = self.drained, []
+        try:
+            self.rotation.undrain(names)
+        except (DisaggError, OSError) as e:
+            self.say(f"  the rollout stopped; could not put {', '.join(names)} back in rotation: {e}")
+            return
+        self.say(f"  the rollout stopped; put {', '.join(names)} back in rotation")
 
     def _canary(self, step: Step) -> None:
         if not step.canary_with:

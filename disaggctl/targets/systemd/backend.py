@@ -80,6 +80,7 @@ if TYPE_CHECKING:
     from disaggctl.spec import ClusterSpec
     from disaggctl.targets import OpsContext
     from disaggctl.targets.gate import HealthGate
+    from disaggctl.targets.rolling import Step
     from disaggctl.targets.rollout import Rotation
     from disaggctl.targets.status import StatusReport
     from disaggctl.targets.systemd.rolling import SystemdRoll
@@ -275,7 +276,7 @@ class ApplyError(DisaggError):
     """A step failed on a host: names the host and unit, carries the journal tail."""
 
     def __init__(self, host: str, unit: str | None, message: str, journal: str = "") -> None:
-        self.host, self.unit, self.journal = host, unit, journal
+        self.host, self.unit, self.journal, self.message = host, unit, journal, message
         where = f"{host}: {unit}: " if unit else f"{host}: "
         super().__init__(where + message)
 
@@ -606,8 +607,8 @@ class SystemdBackend:
             observed = observe_everything(hosts, c)
             plan = compute_plan(c, observed)
             diffs = plan_diffs(hosts, c, plan) if ctx.diff else None
+            roll = _rolling(c, hosts, plan, observed)  # the router's fallback is read through SSH
         failed = any(h.error for h in plan.hosts)
-        roll = _rolling(ctx, c, plan, observed)
 
         def show() -> None:
             print_plan(ctx.console, plan, diffs)
@@ -642,7 +643,7 @@ class SystemdBackend:
         )
         print_plan(console, plan)
         set_registry(c, observed)
-        roll = _rolling(ctx, c, plan, observed, _remote_token(hosts, c))
+        roll = _rolling(c, hosts, plan, observed)
         _print_roll(console, roll)
         if not plan.changed:
             _refresh_registry(c, hosts, observed, plan)
@@ -671,14 +672,16 @@ class SystemdBackend:
         phases: Phases,
         roll: tuple[SystemdRoll, Rotation] | None = None,
     ) -> None:
-        """Files (and the first start phase) on every changed host, then the rolling restart of the
-        running instances (`roll`), then each later start phase, each gated by its processes'
-        health; the final manifest last."""
+        """Files (and the first start phase, without a rollout) on every changed host, then the
+        rolling restart of the running instances (`roll`, through the router as it runs), then each
+        start phase, each gated by its processes' health; the final manifest last."""
         changed = [h for h in plan.hosts if h.changed]
         todo = start_phases(changed, skip=roll[0].rolled_units if roll else set())
         # the first phase starts in the files command of each host, right after its reload: one
-        # round trip less per host, and no host waits for the slowest one's files before starting
-        first: Mapping[str, list[str]] = todo[0][1] if todo else {}
+        # round trip less per host, and no host waits for the slowest one's files before starting.
+        # Not with a rollout: it drains through the running router, so nothing (the router
+        # included) starts before it ends
+        first: Mapping[str, list[str]] = todo[0][1] if todo and not roll else {}
         first_role = _ROLE_NAME.get(todo[0][0], f"order {todo[0][0]}") if todo else ""
 
         def files(conn: Connection) -> None:
@@ -691,7 +694,7 @@ class SystemdBackend:
             _make_token(hosts, c)
         gate = self._gate(c, hosts)  # a no-op apply never gets here
         if roll:
-            self._roll(hosts, gate, roll, phases)
+            self._roll(c, hosts, gate, roll, phases)
         for i, (order, units_of) in enumerate(todo):
             role = _ROLE_NAME.get(order, f"order {order}")
 
@@ -699,7 +702,7 @@ class SystemdBackend:
                 with phases.step(conn.name, f"start {role}"):
                     start_units(conn, units[conn.name])
 
-            if i > 0:
+            if i > 0 or roll:
                 _raise_first(hosts.map(list(units_of), start), f"start {role}")
             started = {u for us in units_of.values() for u in us}
             procs = [p for p in c.desired.processes if p.start_order == order and c.unit_of[p.name] in started]
@@ -713,22 +716,27 @@ class SystemdBackend:
 
         _raise_first(hosts.map([h.host for h in changed], final), "manifest")
 
-    def _roll(self, hosts: Hosts, gate: HealthGate, roll: tuple[SystemdRoll, Rotation], phases: Phases) -> None:
-        """The rolling restart (targets/rollout.py): drain, restart the unit, health, pair canary, undrain."""
-        from disaggctl.health import HealthError
+    def _roll(
+        self, c: Context, hosts: Hosts, gate: HealthGate, roll: tuple[SystemdRoll, Rotation], phases: Phases
+    ) -> None:
+        """The rolling restart (targets/rollout.py): drain, restart the unit, health, pair canary,
+        undrain. Whatever stops it (a unit that does not come back, a host lost, the router's admin
+        API) is an ApplyError naming the instance's host and unit; the runner has put what it
+        drained back in rotation where it could."""
         from disaggctl.targets.rollout import RolloutRunner
         from disaggctl.targets.systemd.rolling import restarter
 
         sroll, rotation = roll
         restart = restarter(sroll, lambda host, units: start_units(hosts.conns[host], units))
-        runner = RolloutRunner(sroll.plan, gate, rotation, restart, phases.note)
+        procs = [p for p in c.desired.processes if p.name in sroll.units]
+        runner = RolloutRunner(sroll.plan, gate, rotation, restart, phases.note, alive=_alive_check(c, hosts, procs))
         with phases.step("all", f"rolling {len(sroll.plan.rolled)} instance(s)"):
             try:
                 runner.run()
-            except HealthError as e:
-                host, unit = sroll.units.get(e.name, ("?", None))
-                tail = journal_tail(hosts.conns[host], unit) if unit and host in hosts.conns else ""
-                raise ApplyError(host, unit, f"rollout stopped: {e}", tail) from None
+            except ApplyError as e:
+                raise ApplyError(e.host, e.unit, e.message + _stopped_at(runner.current), e.journal) from None
+            except (DisaggError, OSError) as e:
+                raise _roll_failure(hosts, sroll, runner.current, e) from None
 
     def _wait(
         self, c: Context, hosts: Hosts, gate: HealthGate, procs: list[Process], phases: Phases, role: str
@@ -741,21 +749,12 @@ class SystemdBackend:
         if not names:
             return
         by_name = {p.name: p for p in procs}
-        interval = max(1.0, c.spec.health.interval_s)
-        # the first check after a second: a unit just started is alive
-        checked: dict[str, float] = dict.fromkeys(by_name, time.monotonic())
-
-        def alive(name: str) -> bool:
-            now = time.monotonic()
-            if now - checked.get(name, -1e9) < interval:
-                return True
-            checked[name] = now
-            p = by_name[name]
-            return unit_alive(hosts.conns[p.host], c.unit_of[name])
-
+        alive = _alive_check(c, hosts, procs)
         with phases.step("all", f"health {role} ({len(names)})"):
             try:
                 gate.wait(names, alive=alive)
+            except SshError as e:  # a host lost while its units were checked
+                raise ApplyError(e.host, None, f"health {role}: {str(e).removeprefix(e.host + ': ')}") from None
             except HealthError as e:
                 p = by_name.get(e.name)
                 if p is None:
@@ -916,35 +915,87 @@ def start_phases(
     return out
 
 
+def _alive_check(c: Context, hosts: Hosts, procs: list[Process]) -> Callable[[str], bool]:
+    """alive(name) for the gate: the unit of a process is still running (a dead unit fails the
+    wait at once); one SSH round trip per check, at most once per health interval per unit, the
+    first a second after the start (a unit just started is alive)."""
+    by_name = {p.name: p for p in procs}
+    interval = max(1.0, c.spec.health.interval_s)
+    checked: dict[str, float] = dict.fromkeys(by_name, time.monotonic())
+
+    def alive(name: str) -> bool:
+        now = time.monotonic()
+        if name not in by_name or now - checked.get(name, -1e9) < interval:
+            return True
+        checked[name] = now
+        p = by_name[name]
+        return unit_alive(hosts.conns[p.host], c.unit_of[name])
+
+    return alive
+
+
+def _stopped_at(step: Step | None) -> str:
+    where = f" at {step.op.value} {', '.join(step.instances)}" if step is not None else ""
+    return f" (the rollout stopped{where})"
+
+
+def _roll_failure(hosts: Hosts, roll: SystemdRoll, step: Step | None, e: DisaggError | OSError) -> ApplyError:
+    """What stopped a rollout, located: the instance the gate names (with its journal), else the
+    instance of the failed step on the host that was lost, else the step's first instance."""
+    from disaggctl.health import HealthError
+
+    at = _stopped_at(step)
+    if isinstance(e, HealthError) and e.name in roll.units:
+        host, unit = roll.units[e.name]
+        return ApplyError(host, unit, f"not healthy: {e.detail}{at}", _journal_or_nothing(hosts, host, unit))
+    lost = e.host if isinstance(e, SshError) else None
+    names = [n for n in (step.instances if step is not None else ()) if n in roll.units]
+    name = next(iter([n for n in names if roll.units[n][0] == lost] or names), None)
+    if name is None:
+        return ApplyError(lost or "?", None, f"{e}{at}")
+    host, unit = roll.units[name]
+    return ApplyError(host, unit, str(e).removeprefix(f"{host}: ") + at)
+
+
+def _journal_or_nothing(hosts: Hosts, host: str, unit: str) -> str:
+    """The unit's journal tail, or "" when its host cannot be asked (connection lost)."""
+    conn = hosts.conns.get(host)
+    if conn is None:
+        return ""
+    try:
+        return journal_tail(conn, unit)
+    except (DisaggError, OSError):
+        return ""
+
+
 def _rolling(
-    ctx: OpsContext,
-    c: Context,
-    plan: Plan,
-    observed: Mapping[str, Observed],
-    read_token: Callable[[str], str] | None = None,
+    c: Context, hosts: Hosts, plan: Plan, observed: Mapping[str, Observed]
 ) -> tuple[SystemdRoll, Rotation] | None:
-    """The rolling plan of the running instances this change restarts, and how they leave rotation."""
-    from disaggctl.targets.rollout import rotation_for
+    """The rolling plan of the running instances this change restarts, and how they leave rotation:
+    the router's admin API through the router host's SSH connection (SshHttp: a loopback
+    admin_bind, the default, is reached from that host), the token read there on the first call."""
+    from disaggctl.targets.rollout import NoRotation, rotation_for
     from disaggctl.targets.systemd.rolling import systemd_roll
 
-    if not ROLLING_ON_SYSTEMD:  # see ROLLING_ON_SYSTEMD
-        return None
     roll = systemd_roll(c.spec, c.desired, plan, observed, c.unit_of)
-    return (roll, rotation_for(c.spec, c.desired, read_token, remote_router=True)) if roll else None
-
-
-# Rolling restarts on systemd hosts (targets/systemd/rolling.py) are planned and unit-tested but off:
-# on the nspawn hosts a host lost mid-roll surfaced as an SshError instead of a reported apply
-# failure. Until that path is hardened, changes restart by start phases as before.
-ROLLING_ON_SYSTEMD = False
+    if roll is None:
+        return None
+    router = next((p for p in c.desired.processes if p.role.value == "router"), None)
+    fact = observed[router.host].units.get(c.unit_of[router.name]) if router and router.host in observed else None
+    if fact is None or not fact.running:  # no router serves now: nothing to take out of rotation
+        return roll, NoRotation(description="the router is not running: instances restart without a drain")
+    via = SshHttp.for_context(c, hosts.conns)
+    return roll, rotation_for(c.spec, c.desired, _remote_token(hosts, c), remote_router=True, request=via.request)
 
 
 def _make_token(hosts: Hosts, c: Context) -> None:
+    """The router admin token on the router host (made only when missing), before the router
+    starts and before a rollout drains through it; also for a loopback admin_bind, which the
+    rollout reaches through the router host's SSH connection."""
     from disaggctl.compile import router_admin
 
     admin = router_admin(c.spec, c.desired.placement)
-    # a loopback admin listener on a remote router host is not used by rollouts (rotation_for): no token
-    if admin is not None and admin.token_file and admin.host not in ("127.0.0.1", "::1", "localhost"):
+    if admin is not None and admin.token_file:
         _remote_token(hosts, c)(admin.token_file)
 
 
