@@ -41,7 +41,13 @@ PY = sys.executable
 
 
 def free_base(n: int) -> int:
-    for base in range(20000 + os.getpid() % 2000 * 10, 60000, 37):
+    """Ports below the kernel's ephemeral range (outgoing connections take those: a listener started
+    later on one fails with "address already in use")."""
+    try:
+        top = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - n
+    except (OSError, ValueError, IndexError):
+        top = 32768 - n
+    for base in [*range(10000 + os.getpid() % 1000 * 20, top, 37), *range(10000, top, 37)]:
         ok = True
         for p in range(base, base + n):
             with socket.socket() as s:
