@@ -6,6 +6,7 @@ Each rule adds an issue at the spec path the user must change. Topology-dependen
 
 from __future__ import annotations
 
+from disaggctl import slurmtime as st
 from disaggctl.compat import spec_rules as compat_rules
 from disaggctl.errors import Issue, IssueList
 from disaggctl.spec import (
@@ -196,18 +197,16 @@ def _divisors(n: int) -> str:
 def _successor(spec: ClusterSpec, out: IssueList) -> None:
     """Walltime chaining must hand over before the job's own shutdown signal can arrive (Slurm sends
     `--signal=B:TERM@<grace>` up to 60 s early): else the old job stops before its successor serves."""
-    from disaggctl import slurmtime as st
-
     t = spec.target
     if not isinstance(t, SlurmTarget) or not t.successor.enabled:
         return
     limit = st.time_limit_s(t.time_limit)
+    if st.hands_over_in_time(limit, t.successor.lead_minutes):
+        return
     after = st.successor_after_s(limit, t.successor.lead_minutes)
     stop = st.earliest_stop_s(limit)
-    if after + st.HANDOVER_S < stop:
-        return
     lead = st.min_lead_minutes(limit)
-    if st.successor_after_s(limit, lead) + st.HANDOVER_S < stop:
+    if st.hands_over_in_time(limit, lead):
         hint = f"set lead_minutes to at least {lead}"
     else:
         hint = "a longer time_limit: the successor is never submitted sooner than 60 s after the job starts"

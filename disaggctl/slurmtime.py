@@ -48,6 +48,11 @@ def earliest_stop_s(limit_s: int) -> int:
     return limit_s - grace_s(limit_s) - SIGNAL_EARLY_S
 
 
+def hands_over_in_time(limit_s: int, lead_minutes: int) -> bool:
+    """The successor is submitted and has taken over before the job's shutdown signal can arrive."""
+    return successor_after_s(limit_s, lead_minutes) + HANDOVER_S < earliest_stop_s(limit_s)
+
+
 def min_lead_minutes(limit_s: int) -> int:
     """The smallest lead that submits the successor, with a handover to spare, before the earliest stop."""
     need = grace_s(limit_s) + SIGNAL_EARLY_S + HANDOVER_S
