@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,12 +78,12 @@ class Env:
         self.out = io.StringIO()
 
     def spec_text(self, user: str = "deploy", names: tuple[str, ...] = ("s1", "s2"), dreps: int = 2,
-                  rto: int = 600, hdelay: float = 0) -> str:  # fmt: skip
+                  rto: int = 600, hdelay: float = 0, key: Path | None = None,
+                  kh: Path | None = None) -> str:  # fmt: skip
         jump = f", jump: \"{user}@{self.hosts.jump[1]}\"" if self.hosts.jump else ""
+        key, kh = key or self.hosts.key, kh or self.hosts.known_hosts
         hosts = "".join(
-            HOST.format(name=n, ip=self.hosts.ip(n), user=user, key=self.hosts.key, kh=self.hosts.known_hosts,
-                        jump=jump)
-            for n in names
+            HOST.format(name=n, ip=self.hosts.ip(n), user=user, key=key, kh=kh, jump=jump) for n in names
         )
         return SPEC.format(hosts=hosts, dreps=dreps, rto=rto, hdelay=hdelay, py=PY)
 
@@ -246,13 +247,29 @@ def test_a_host_removed_from_the_spec_is_cleaned_by_apply_and_destroy(env: Env) 
     manifest = json.loads(env.sh("s1", "cat", "/var/lib/disaggctl/acc/manifest.json"))
     assert set(manifest["hosts"]) == {"s1"}  # s2 forgotten once clean
     assert env.backend.plan(env.ctx(**only_s1), None, detailed_exitcode=True) == 0, env.text
-    # back on both hosts; then destroyed with a spec that no longer lists s2
-    env.apply_ok()
+    # back on both hosts (applied by operator 1, whose key and known_hosts the manifests record);
+    # then destroyed by operator 2, whose own paths differ, with a spec that no longer lists s2
+    one, two = _operator(env, "op1"), _operator(env, "op2")
+    env.apply_ok(**one)
     assert env.show("s2", "disaggctl-acc-decode-1.service") == "active"
-    assert env.backend.destroy(env.ctx(**only_s1)) == 0, env.text
+    manifest = json.loads(env.sh("s1", "cat", "/var/lib/disaggctl/acc/manifest.json"))
+    assert manifest["hosts"]["s2"]["key"] == str(one["key"])
+    shutil.rmtree(one["key"].parent)  # operator 1's ~/.ssh is not on operator 2's laptop
+    assert env.backend.destroy(env.ctx(**only_s1, **two)) == 0, env.text
     for h in ("s1", "s2"):
         assert env.sh(h, "sh", "-c", "ls -d /var/lib/disaggctl/acc /etc/systemd/system/disaggctl-acc* "
                       "2>/dev/null").strip() == "", h  # fmt: skip
+
+
+def _operator(env: Env, name: str) -> dict[str, Path]:
+    """An operator's own copies of the test key and known_hosts, at paths of their own."""
+    home = env.tmp / name
+    home.mkdir(exist_ok=True)
+    key, kh = home / "id", home / "known_hosts"
+    shutil.copy(env.hosts.key, key)
+    shutil.copy(env.hosts.known_hosts, kh)
+    key.chmod(0o600)
+    return {"key": key, "kh": kh}
 
 
 # --- behind a bastion ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from disaggctl.targets.systemd.access import (
     address_of,
     lock_dir,
     lock_host,
+    reach,
     remembered,
     set_registry,
     stale_registry,
@@ -79,6 +80,28 @@ def test_registry_remembers_a_removed_host_until_it_is_clean() -> None:
     c2 = _ctx(("s1", "s2", "s3"), dreps=2)
     set_registry(c2, {"s1": _holding(c2, "s1", reg), "s3": Observed("s3", error="s3: cannot connect")})
     assert "s3" not in c2.registry_pending
+
+
+def test_a_removed_host_is_reached_with_this_operators_key_not_the_recorded_paths(tmp_path: Any) -> None:
+    mine = tmp_path / "mine"
+    mine.write_text("key")
+    ssh = f"{{user: deploy, key: {mine}, known_hosts: {tmp_path}/kh}}"
+    hosts = f"  - {{name: s1, address: 10.9.0.11, gpus: 2, ssh: {ssh}}}\n"
+    loaded = load_text(SPEC.format(hosts=hosts, dreps=1), "spec.yaml")
+    c = build_context(loaded.spec, compile_spec(loaded), {})
+    jump = HostAddress(name="bastion", address="192.0.2.1", user="ops", key="/home/alice/.ssh/id_ops")
+    gone = HostAddress(name="s2", address="10.9.0.12", port=2222, user="deploy", key="/home/alice/.ssh/id_ed25519",
+                       known_hosts="/home/alice/.ssh/known_hosts", strict=True, jump=jump)  # fmt: skip
+    t = reach(gone, c.spec)  # alice's paths do not exist here: this operator's (s1's, same user deploy)
+    assert (t.address, t.port, t.user, t.strict) == ("10.9.0.12", 2222, "deploy", True)
+    assert t.key == str(mine) and t.known_hosts == f"{tmp_path}/kh"
+    # the jump's user (ops) is declared with no key: agent and default keys, ~/.ssh/known_hosts
+    assert t.jump is not None and t.jump.address == "192.0.2.1" and t.jump.key is None and t.jump.known_hosts is None
+    # recorded paths that exist here are kept (the same operator, or a shared key path)
+    here = tmp_path / "recorded"
+    here.write_text("key")
+    kept = reach(HostAddress(name="s2", address="10.9.0.12", user="deploy", key=str(here)), c.spec)
+    assert kept.key == str(here) and kept.known_hosts == f"{tmp_path}/kh"
 
 
 def test_lock_host_is_the_first_declared_host_that_runs_something() -> None:

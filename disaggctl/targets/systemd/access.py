@@ -9,7 +9,8 @@ lock, and the hosts a deployment has ever placed files on.
                      (the first declared host that runs something): two operators see each other
     registry         every manifest records how to reach every host of the deployment (address,
                      port, user, key, jump): a host removed from the spec is still found, cleaned by
-                     `apply` (plan shows its deletions) and by `destroy`
+                     `apply` (plan shows its deletions) and by `destroy`; key and known_hosts are
+                     this operator's where the recorded paths do not exist here (see reach())
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from disaggctl.errors import DisaggError
@@ -27,6 +29,7 @@ from disaggctl.targets.systemd.manifest import HostAddress
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from disaggctl.spec import ClusterSpec
     from disaggctl.targets.systemd.backend import Context, Hosts
     from disaggctl.targets.systemd.changes import Observed
 
@@ -157,6 +160,23 @@ def target_of(a: HostAddress) -> SshTarget:
     )  # fmt: skip
 
 
+def reach(a: HostAddress, spec: ClusterSpec) -> SshTarget:
+    """A remembered host as THIS operator reaches it: the address, port, user, jump and host-key
+    policy it had; its key and known_hosts are the recorded paths only where they exist on this
+    machine (another operator's ~/.ssh is not ours), else those of the first declared host with
+    the same user (this operator's settings in this spec), else the ssh-agent and default keys
+    and ~/.ssh/known_hosts."""
+    mine = next((h.ssh for h in spec.hosts if h.ssh.user == a.user), None)
+    key = a.key if _here(a.key) else (os.path.expanduser(mine.key) if mine and mine.key else None)
+    known = a.known_hosts if _here(a.known_hosts) else (mine.known_hosts if mine else None)
+    jump = reach(a.jump, spec) if a.jump else None
+    return replace(target_of(a), key=key, known_hosts=known, jump=jump)
+
+
+def _here(path: str | None) -> bool:
+    return path is not None and os.path.exists(os.path.expanduser(path))
+
+
 def remembered(observed: Mapping[str, Observed]) -> dict[str, HostAddress]:
     """Every host any observed manifest remembers."""
     out: dict[str, HostAddress] = {}
@@ -175,7 +195,7 @@ def observe_everything(hosts: Hosts, c: Context, full: bool = False) -> dict[str
     gone = {n: a for n, a in remembered(observed).items() if n not in observed}
     if gone:
         c.removed = gone
-        observed |= observe_more(hosts, c, {n: target_of(a) for n, a in gone.items()}, full)
+        observed |= observe_more(hosts, c, {n: reach(a, c.spec) for n, a in gone.items()}, full)
     return observed
 
 
