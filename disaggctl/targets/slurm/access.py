@@ -17,7 +17,7 @@ on the nodes (or in the container image), costs one job step and slurmctld round
 request (seconds each), and the canary's POSTs would need it too; the login host reaching the
 nodes' service ports is already what clients of the endpoint need. What the channel needs:
 the login host's sshd allows TCP forwarding (OpenSSH's default; a site with
-`AllowTcpForwarding no` answers "administratively prohibited", named in the error).
+`AllowTcpForwarding no` answers "Administratively prohibited": the error names the setting).
 """
 
 from __future__ import annotations
@@ -80,16 +80,29 @@ class LoginHostHttp:
         self.where = f"{where} (SSH)"
         self._via = SshHttp({where: conn}, {}, where)
 
-    def probe(self, url: str, timeout_s: float) -> tuple[bool, str]:
-        return self._via.probe(url, timeout_s)
-
-    def fetch(self, url: str, timeout_s: float) -> bytes:
-        return self._via.fetch(url, timeout_s)
-
     def request(
         self, method: str, url: str, body: bytes | None, timeout_s: float, headers: Mapping[str, str]
     ) -> tuple[int, bytes]:
-        return self._via.request(method, url, body, timeout_s, headers)
+        try:
+            return self._via.request(method, url, body, timeout_s, headers)
+        except OSError as e:
+            if "Administratively prohibited" in str(e):
+                raise OSError(f"{e}: the login host's sshd does not allow TCP forwarding (AllowTcpForwarding), "
+                              "which disaggctl uses to reach the compute nodes from there") from None  # fmt: skip
+            raise
+
+    def probe(self, url: str, timeout_s: float) -> tuple[bool, str]:
+        try:
+            status, _ = self.request("GET", url, None, timeout_s, {})
+        except OSError as e:
+            return False, str(e)
+        return status == 200, str(status) if status == 200 else f"HTTP {status}"
+
+    def fetch(self, url: str, timeout_s: float) -> bytes:
+        status, body = self.request("GET", url, None, timeout_s, {})
+        if status != 200:
+            raise OSError(f"GET {url}: HTTP {status}")
+        return body
 
 
 def job_checks(
