@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from rich.console import Console
@@ -144,3 +145,118 @@ def test_squeue_output_decides_the_plan() -> None:
     assert b.plan(c, None, detailed_exitcode=True) == 2
     text = c.console.file.getvalue()  # type: ignore[attr-defined]
     assert "runs another script (hash oldhash)" in text and "~ cancel job 7" in text and "+ submit job" in text
+
+
+# --------------------------------------------------------------------------- status --check
+
+
+class Metrics:
+    """The nodes' HTTP as status sees it: /metrics texts and /health by URL; records every URL read."""
+
+    where = "fake nodes"
+
+    def __init__(self, texts: dict[str, str]) -> None:
+        self.texts = texts
+        self.read: list[str] = []
+
+    def probe(self, url: str, timeout_s: float) -> tuple[bool, str]:
+        self.read.append(url)
+        return True, "200"
+
+    def fetch(self, url: str, timeout_s: float) -> bytes:
+        self.read.append(url)
+        if url not in self.texts:
+            raise OSError(f"connection refused: {url}")
+        return self.texts[url].encode()
+
+    def request(self, method: str, url: str, body: bytes | None, timeout_s: float,
+                headers: object) -> tuple[int, bytes]:  # fmt: skip
+        raise AssertionError("status sends no request")
+
+
+def engine_text(success: float, external: float = 0, local: float = 0) -> str:
+    lbl = 'engine="0",model_name="tiny"'
+    return (f'vllm:request_success_total{{{lbl},finished_reason="length"}} {success}\n'
+            f'vllm:prompt_tokens_by_source_total{{{lbl},source="external_kv_transfer"}} {external}\n'
+            f'vllm:prompt_tokens_by_source_total{{{lbl},source="local_compute"}} {local}\n')  # fmt: skip
+
+
+def router_text(disagg: float, error_in_200: float = 0) -> str:
+    return (f'disaggctl_router_requests_total{{endpoint="completions",path="disaggregated",reason="x"}} {disagg}\n'
+            f"disaggctl_router_error_in_200_total {error_in_200}\n")  # fmt: skip
+
+
+STATE = ("job=7\nstate=ready\nendpoint=http://10.0.0.2:8000\nurl.prefill-0=http://10.0.0.2:8100\n"
+         "url.decode-0=http://10.0.0.3:8200\nurl.router=http://10.0.0.2:8000\n")  # fmt: skip
+
+
+def checked_status(
+    texts: dict[str, str], script_hash: str | None = None, check: bool = True
+) -> tuple[int, dict[str, object], Metrics]:
+    """`status [--check] --output json` of job 7 (running the spec's script unless `script_hash`) whose nodes
+    answer `texts`; returns the exit code, the report and the fake nodes."""
+    c = ctx()
+    c.output = "json"
+    c.options["check"] = check
+    S = cli.SEP
+    digest = script_hash or SlurmBackend()._script(c)[1]
+    row = f"7+0{S}disaggctl-fake{S}RUNNING{S}None{S}n1{S}disaggctl:{digest}:ready:http://10.0.0.2:8000{S}1:00{S}x{S}/w\n"
+
+    class Queue(Scripted):
+        def run(self, argv: list[str], input: bytes | None = None, timeout: float | None = 120) -> Result:
+            return Result(0, row, "") if argv[0] == "squeue" else super().run(argv, input, timeout)
+
+    nodes = Metrics(texts)
+    runner = Queue([""], files={"/w/fake/state.7": STATE})
+    b = SlurmBackend(runner_factory=lambda spec: runner, http_factory=lambda run: nodes, sleep=lambda s: None)
+    out = io.StringIO()
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(out):
+        rc = b.status(c)
+    return rc, json.loads(out.getvalue()), nodes
+
+
+HEALTHY = {"http://10.0.0.2:8100/metrics": engine_text(5), "http://10.0.0.3:8200/metrics": engine_text(5, 400, 5),
+           "http://10.0.0.2:8000/metrics": router_text(5)}  # fmt: skip
+
+
+def test_status_check_reads_the_jobs_metrics_at_the_state_file_urls() -> None:
+    rc, report, nodes = checked_status(HEALTHY)
+    checks = {c["name"]: c for c in report["checks"]}  # type: ignore[attr-defined]
+    assert rc == 0 and report["healthy"] is True, report
+    assert {n: c["ok"] for n, c in checks.items()} == dict.fromkeys(
+        ["prefill_handles_requests", "decode_receives_kv", "kv_transfer_failures", "error_in_200",
+         "fingerprints_match"], True), checks  # fmt: skip
+    # through the backend's node HTTP (the login host's SSH channel when there is one), at the job's URLs
+    assert set(HEALTHY) <= set(nodes.read) and "http://10.0.0.3:8200/health" in nodes.read
+
+
+def test_status_check_fails_when_prefill_handles_nothing() -> None:
+    rc, report, _ = checked_status({**HEALTHY, "http://10.0.0.2:8100/metrics": engine_text(0)})
+    checks = {c["name"]: c for c in report["checks"]}  # type: ignore[attr-defined]
+    assert rc == 1 and report["healthy"] is False
+    bad = checks["prefill_handles_requests"]
+    assert bad["ok"] is False and bad["detail"] == "router sent 5 disaggregated requests; prefill instances " \
+        "finished 0 (none on prefill-0)" and bad["instances"] == ["prefill-0"]
+    assert [n for n, c in checks.items() if c["ok"] is False] == ["prefill_handles_requests"]
+
+
+def test_status_check_unreachable_metrics_are_unknown_not_violated() -> None:
+    rc, report, _ = checked_status({"http://10.0.0.2:8000/metrics": router_text(5)})
+    checks = {c["name"]: c for c in report["checks"]}  # type: ignore[attr-defined]
+    assert rc == 0 and checks["prefill_handles_requests"]["ok"] is None and checks["decode_receives_kv"]["ok"] is None
+
+
+def test_status_check_on_a_job_running_another_script_leaves_fingerprints_unchecked() -> None:
+    rc, report, _ = checked_status(HEALTHY, script_hash="oldhash")
+    checks = {c["name"]: c for c in report["checks"]}  # type: ignore[attr-defined]
+    assert rc == 1  # drift: the job runs another script
+    assert checks["fingerprints_match"]["ok"] is None and "another script" in checks["fingerprints_match"]["detail"]
+    assert checks["prefill_handles_requests"]["ok"] is True
+
+
+def test_status_without_check_reads_no_metrics() -> None:
+    rc, report, nodes = checked_status({**HEALTHY, "http://10.0.0.2:8100/metrics": engine_text(0)}, check=False)
+    assert rc == 0 and report["checks"] == [] and not any(u.endswith("/metrics") for u in nodes.read)
+    assert "http://10.0.0.2:8100/health" in nodes.read  # /health goes through the same node HTTP

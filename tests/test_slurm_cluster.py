@@ -31,7 +31,8 @@ from disaggctl.loader import load_text
 from disaggctl.render.slurm import render_slurm, script_of
 from disaggctl.targets import OpsContext
 from disaggctl.targets.slurm import cli
-from disaggctl.targets.slurm.backend import LocalRunner, SlurmBackend, list_jobs, sbatch_test_only
+from disaggctl.targets.slurm.access import LoginHostHttp, NodeHttp
+from disaggctl.targets.slurm.backend import LocalRunner, Runner, SlurmBackend, list_jobs, node_http, sbatch_test_only
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "tests" / "infra"
@@ -426,7 +427,8 @@ def login_host(slurm_ns: dict[str, str], tmp_path_factory: pytest.TempPathFactor
 
 
 def test_submit_through_login_host_over_ssh(slurm_ns: dict[str, str], login_host: dict[str, str],
-                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     name = unique("slo")
     data = yaml.safe_load(spec_text(name, slurm_ns["vllm"]))
     data["target"]["submit"] = {"host": "127.0.0.1", "port": int(login_host["port"]), "user": "root",
@@ -434,17 +436,61 @@ def test_submit_through_login_host_over_ssh(slurm_ns: dict[str, str], login_host
     # target.submit has no known_hosts setting: keys are pinned in ~/.ssh/known_hosts, here a private HOME
     monkeypatch.setenv("HOME", str(tmp_path))
     ctx, out = make_ctx(yaml.safe_dump(data))
-    backend = SlurmBackend(poll_s=0.5)
+    used: list[NodeHttp] = []
+
+    def http(run: Runner) -> NodeHttp:
+        used.append(node_http(run))
+        return used[-1]
+
+    backend = SlurmBackend(poll_s=0.5, http_factory=http)
     try:
         assert backend.apply(ctx, None) == 0
         assert "via root@127.0.0.1" in out.getvalue(), out.getvalue()
         assert "Ready: job" in out.getvalue()
         assert backend.status(ctx) == 0
+        # status --check: the canary's request went prefill -> decode, so every invariant holds; the
+        # engines' and the router's /metrics were read from the login host (SSH channel), like /health
+        ctx.options["check"] = True
+        ctx.output = "json"
+        capsys.readouterr()
+        assert backend.status(ctx) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert {c["name"]: c["ok"] for c in report["checks"]} == dict.fromkeys(
+            ["prefill_handles_requests", "decode_receives_kv", "kv_transfer_failures", "error_in_200",
+             "fingerprints_match"], True), report["checks"]
+        assert used and all(isinstance(h, LoginHostHttp) for h in used), used
     finally:
         assert backend.destroy(ctx) == 0
     assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
     # the login host's key was pinned on first use
     assert "127.0.0.1" in (tmp_path / ".ssh" / "known_hosts").read_text()
+
+
+def test_login_host_without_tcp_forwarding_is_named(login_host: dict[str, str], tmp_path: Path) -> None:
+    """A login sshd with `AllowTcpForwarding no`: the checks through it fail with an error that names the
+    setting (no job needed: the channel is refused before any node is asked)."""
+    import socket
+
+    from disaggctl import ssh
+
+    base = Path(login_host["key"]).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "sshd_config").write_text(
+        (base / "sshd_config").read_text().replace(f"Port {login_host['port']}", f"Port {port}")
+        .replace(f"PidFile {base}/sshd.pid", f"PidFile {tmp_path}/sshd.pid") + "AllowTcpForwarding no\n")
+    subprocess.run(["/usr/sbin/sshd", "-f", str(tmp_path / "sshd_config"), "-E", str(tmp_path / "sshd.log")],
+                   check=True)
+    try:
+        wait_until(lambda: (tmp_path / "sshd.pid").exists(), 10, "sshd to start")
+        target = ssh.SshTarget(name="login", address="127.0.0.1", port=port, user="root", key=login_host["key"],
+                               known_hosts=str(tmp_path / "known_hosts"))
+        with ssh.connect(target) as conn:
+            ok, why = LoginHostHttp(conn, "root@127.0.0.1").probe("http://10.207.0.1:8000/health", 5)
+        assert not ok and "Administratively prohibited" in why and "AllowTcpForwarding" in why, why
+    finally:
+        os.kill(int((tmp_path / "sshd.pid").read_text()), 15)
 
 
 @pytest.mark.vllm
@@ -507,6 +553,48 @@ def test_cli_apply_status_destroy(slurm_ns: dict[str, str], tmp_path: Path) -> N
     finally:
         r = run("destroy", str(spec), "-y")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
+
+
+def test_status_check_names_a_violated_invariant(slurm_ns: dict[str, str], tmp_path: Path) -> None:
+    """P/D that silently is not: decode answers 200 with an error inside and loads no KV. Everything is
+    healthy (/health, the job), but `disaggctl status --check` (the real CLI) exits 1 and names the two
+    invariants the job's metrics violate; plain `status` still exits 0."""
+    name = unique("slk")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(name, slurm_ns["vllm"]).replace(
+        "decode: {replicas: 1,", "decode: {replicas: 1, env: {STANDIN_ERROR_IN_200: '1'},"))
+    ctx, out = make_ctx(spec.read_text())
+    ctx.options["skip_canary"] = True  # the canary would refuse this deployment: that is the point here
+    backend = SlurmBackend(poll_s=0.5)
+
+    def cli_run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(VENV_PY), "-m", "disaggctl.cli", *args], capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+
+    try:
+        assert backend.apply(ctx, None) == 0, out.getvalue()
+        endpoint = list_jobs(LocalRunner(), f"disaggctl-{name}")[0].tag.endpoint  # type: ignore[union-attr]
+        req = urllib.request.Request(endpoint + "/v1/completions", method="POST",
+                                     data=json.dumps({"model": "tiny", "prompt": "x" * 400, "max_tokens": 4}).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200 and b"error" in r.read()
+        r = cli_run("status", str(spec))
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = cli_run("status", str(spec), "--check")
+        text = " ".join(r.stdout.split())
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "check error_in_200 FAILED 1 answers were 200 with an error inside" in text, r.stdout
+        assert "check decode_receives_kv FAILED" in text and "decode recomputes every prompt" in text, r.stdout
+        assert "check prefill_handles_requests ok" in text, r.stdout
+        r = cli_run("status", str(spec), "--check", "--output", "json")
+        report = json.loads(r.stdout)
+        assert r.returncode == 1 and report["healthy"] is False, r.stdout + r.stderr
+        assert sorted(c["name"] for c in report["checks"] if c["ok"] is False) == ["decode_receives_kv",
+                                                                                   "error_in_200"], report
+    finally:
+        backend.destroy(ctx)
     assert list_jobs(LocalRunner(), f"disaggctl-{name}") == []
 
 

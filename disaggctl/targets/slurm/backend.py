@@ -1,7 +1,8 @@
 """The Slurm target: one heterogeneous job per deployment, driven with sbatch/squeue/scontrol/scancel.
 
 Commands run on this machine or, with `target.submit.host`, on the login host over SSH
-(disaggctl.ssh). What the cluster runs is observed from Slurm itself: jobs are found by name
+(disaggctl.ssh); HTTP to the job's processes (health gate, canary, status, `status --check`)
+then leaves from the login host too (targets/slurm/access.py). What the cluster runs is observed from Slurm itself: jobs are found by name
 (`disaggctl-<deployment>`), and the job's comment `disaggctl:<hash>:<state>:<endpoint>` carries
 the hash of the script it runs (so `plan` knows whether it matches the spec) and, once the job
 updated it, its state and endpoint. The per-instance URLs are in the job's state file in the
@@ -43,9 +44,11 @@ from disaggctl.targets.base import (
     select_processes,
 )
 from disaggctl.targets.slurm import cli
-from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit
+from disaggctl.targets.slurm.access import DirectHttp, LoginHostHttp, NodeHttp, job_checks
+from disaggctl.targets.status import ProcessStatus, StatusReport, print_status, status_exit, with_checks
 
 if TYPE_CHECKING:
+    from disaggctl import ssh
     from disaggctl.deployment import DesiredState
     from disaggctl.spec import ClusterSpec
     from disaggctl.targets import OpsContext
@@ -109,6 +112,10 @@ class SshRunner:
         self.where = f"{target.user}@{target.address}"
         self._conn = ssh.connect(target)
 
+    @property
+    def conn(self) -> ssh.Connection:
+        return self._conn
+
     def run(self, argv: list[str], input: bytes | None = None, timeout: float | None = 120) -> Result:
         r = self._conn.run(argv, input=input, timeout=timeout)
         return Result(r.rc, r.out, r.err)
@@ -116,6 +123,14 @@ class SshRunner:
 
 def runner_for(spec: ClusterSpec) -> Runner:
     return SshRunner(spec) if slurm_target(spec).submit.host else LocalRunner()
+
+
+def node_http(run: Runner) -> NodeHttp:
+    """How this operation reaches the job's processes: from the login host when commands run there
+    over SSH (the operator may reach only that host), else from this machine (targets/slurm/access.py)."""
+    if isinstance(run, SshRunner):
+        return LoginHostHttp(run.conn, run.where)
+    return DirectHttp()
 
 
 # --------------------------------------------------------------------------- observing
@@ -198,11 +213,13 @@ class SlurmBackend:
     def __init__(
         self,
         runner_factory: Callable[[ClusterSpec], Runner] = runner_for,
+        http_factory: Callable[[Runner], NodeHttp] = node_http,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         poll_s: float = 1.0,
     ) -> None:
         self._runner_factory = runner_factory
+        self._http_factory = http_factory
         self._sleep = sleep
         self._clock = clock
         self._poll_s = poll_s
@@ -271,7 +288,7 @@ class SlurmBackend:
                 self._say(ctx, f"job {job_id} already runs this spec (hash {digest})")
             with phases.step(f"job {job_id}", "ready"):
                 endpoint, urls = self.wait_ready(ctx, run, job_id)
-            self.check_health(ctx, endpoint, urls, phases)
+            self.check_health(ctx, endpoint, urls, phases, self._http_factory(run))
         if ctx.output == "json":
             ctx.console.print_json(json.dumps({"job": job_id, "endpoint": endpoint, "urls": urls}))
         else:
@@ -286,7 +303,10 @@ class SlurmBackend:
         fields: dict[str, str] = {}
         if current is not None and current.running:
             fields = cli.parse_state_file(read_file(run, f"{ctx.desired.config_dir}/state.{current.job_id}") or "")
-        report = status_report(ctx, jobs, current, fields, digest)
+        http = self._http_factory(run)
+        report = status_report(ctx, jobs, current, fields, digest, http.probe)
+        if ctx.options.get("check"):
+            report = with_checks(report, job_checks(ctx.spec, ctx.desired, current, fields, digest, http.fetch))
         print_status(ctx, report)
         return status_exit(report)
 
@@ -404,13 +424,19 @@ class SlurmBackend:
         detail = secret_files.redact(detail, self._secret_values)  # a process that printed its environment
         raise DisaggError(f"{message}; from {job.stdout or 'its output file'}:\n{detail}")
 
-    def check_health(self, ctx: OpsContext, endpoint: str, urls: dict[str, str], phases: Phases | None = None) -> None:
-        """The shared gate: every /health (at the URLs the job reported), the router, the canary."""
+    def check_health(
+        self, ctx: OpsContext, endpoint: str, urls: dict[str, str], phases: Phases | None = None,
+        http: NodeHttp | None = None,
+    ) -> None:
+        """The shared gate: every /health (at the URLs the job reported), the router, the canary; over
+        `http` (default: from this machine)."""
         from disaggctl.targets.gate import HealthGate, canary_summary
 
         if ctx.options.get("skip_canary"):
             return
-        gate = HealthGate(ctx.spec, ctx.desired, urls=urls or {"router": endpoint}, router_url=endpoint)
+        via = http or DirectHttp()
+        gate = HealthGate(ctx.spec, ctx.desired, urls=urls or {"router": endpoint}, router_url=endpoint,
+                          probe=via.probe, fetch=via.fetch, request=via.request)  # fmt: skip
         with phases.step("slurm", f"health ({len(gate.urls)})") if phases else nullcontext():
             gate.wait()
         with phases.step("slurm", "canary") if phases else nullcontext():
@@ -482,11 +508,14 @@ def _stale(saved: SavedPlan, observed: object) -> list[str]:
 
 
 def status_report(
-    ctx: OpsContext, jobs: list[cli.Job], current: cli.Job | None, fields: dict[str, str], digest: str
+    ctx: OpsContext, jobs: list[cli.Job], current: cli.Job | None, fields: dict[str, str], digest: str,
+    probe: Callable[[str, float], tuple[bool, str]] | None = None,
 ) -> StatusReport:
-    """One row per process of the newest running job (URLs from its state file), the jobs as detail."""
+    """One row per process of the newest running job (URLs from its state file, /health read with `probe`,
+    default from this machine), the jobs as detail."""
     from disaggctl.health import http_probe
 
+    probe = probe or http_probe
     tag = current.tag if current else None
     endpoint = (tag.endpoint if tag and tag.endpoint else fields.get("endpoint")) or None
     matches = bool(tag and tag.hash == digest)
@@ -495,7 +524,7 @@ def status_report(
         url = fields.get(f"url.{q.name}")
         healthy, health = None, "-"
         if url:
-            healthy, detail = http_probe(url.rstrip("/") + "/health", 5)
+            healthy, detail = probe(url.rstrip("/") + "/health", 5)
             health = "ok" if healthy else detail
         running = bool(current and current.running)
         state = current.state if current else "not deployed"
