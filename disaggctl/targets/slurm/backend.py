@@ -1,12 +1,12 @@
 """The Slurm target: one heterogeneous job per deployment, driven with sbatch/squeue/scontrol/scancel.
 
 Commands run on this machine or, with `target.submit.host`, on the login host over SSH
-(disaggctl.ssh); HTTP to the job's processes (health gate, canary, status, `status --check`)
-then leaves from the login host too (targets/slurm/access.py). What the cluster runs is observed from Slurm itself: jobs are found by name
-(`disaggctl-<deployment>`), and the job's comment `disaggctl:<hash>:<state>:<endpoint>` carries
-the hash of the script it runs (so `plan` knows whether it matches the spec) and, once the job
-updated it, its state and endpoint. The per-instance URLs are in the job's state file in the
-(shared) job folder.
+(disaggctl.ssh); HTTP to the job's processes (health gate, canary, status, `status --check`) then
+leaves from the login host too (targets/slurm/access.py). What the cluster runs is observed from
+Slurm itself: jobs are found by name (`disaggctl-<deployment>`), and the job's comment
+`disaggctl:<hash>:<state>:<endpoint>` carries the hash of the script it runs (so `plan` knows
+whether it matches the spec) and, once the job updated it, its state and endpoint. The per-instance
+URLs are in the job's state file in the (shared) job folder.
 """
 
 from __future__ import annotations
