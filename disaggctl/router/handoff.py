@@ -121,11 +121,32 @@ class Handoff:
         if held:
             pinst.kv_held += 1
         try:
-            up = await self.ups.call(self.ups.decode, ctx.path, dbody, ctx.headers)
+            try:
+                up = await self.ups.call(self.ups.decode, ctx.path, dbody, ctx.headers)
+            except UpstreamUnavailable as e:
+                if not held:
+                    raise
+                return await self.pull_failed(ctx, e)
             return await self.relay(ctx, up, DISAGG)
         finally:
             if held:
                 pinst.kv_held -= 1
+
+    async def pull_failed(self, ctx: Ctx, e: UpstreamUnavailable) -> front.Reply:
+        """Every decode tried failed a NIXL decode leg. One that answered 5xx is alive: vLLM 0.32 ends a
+        request whose KV pull failed (its prefill died, its lease expired) with HTTP 500
+        (`kv_load_failure_policy` "fail", the default; v1/core/sched/scheduler.py). It stays in
+        rotation and prefills the request itself, counted as served by decode alone (the request
+        keeps its `disaggregated` label); a decode that did not answer is out, as before."""
+        alive = [inst for inst, err in e.attempts if err.startswith("HTTP 5")]
+        if not alive:
+            raise e
+        for inst in alive:
+            self.ups.revive(inst)  # its 5xx was the pull, not the instance
+        log.warning("%s; the KV pull failed: prefilling on %s instead", e, alive[-1].name)
+        self.metrics.aggregated("decode")
+        up = await self.ups.call(self.ups.decode, ctx.path, ctx.raw, ctx.headers, only=alive[-1])
+        return await self.relay(ctx, up, LOCAL)
 
     async def prefill_only(self, ctx: Ctx, reason: str) -> front.Reply:
         """No decode instance can serve: a prefill instance runs the whole request (the client's

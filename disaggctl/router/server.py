@@ -181,7 +181,7 @@ class Router:
     async def route(self, ctx: Ctx) -> front.Reply:
         if self.decode.out(self.cfg.health_interval_s) and self.prefill_left():
             # every decode instance is out: a prefill instance serves the request alone (degraded)
-            return await self.handoff.prefill_only(ctx, "no_decode")
+            return await self.alone_on_prefill(ctx, "no_decode")
         try:
             path, reason = self.decider.decide(ctx.body, ctx.chat)
             if path == LOCAL:
@@ -194,7 +194,19 @@ class Router:
             if e.role != "decode" or not self.prefill_left():
                 raise
             log.warning("%s; serving on a prefill instance instead", e)
-            return await self.handoff.prefill_only(ctx, "decode_failed")
+            return await self.alone_on_prefill(ctx, "decode_failed")
+
+    async def alone_on_prefill(self, ctx: Ctx, reason: str) -> front.Reply:
+        """Decode is out: a prefill instance serves the request alone. When no prefill answers either
+        (both roles failed a call just now, e.g. a prefill died and a decode leg pulling from it timed
+        out), decode is tried once more, prefilling locally: its failure may be stale."""
+        try:
+            return await self.handoff.prefill_only(ctx, reason)
+        except UpstreamUnavailable as e:
+            if e.role != "prefill" or not self.decode.instances:
+                raise
+            log.warning("%s; trying decode again", e)
+            return await self.handoff.local(ctx, "prefill_failed")
 
     def prefill_left(self) -> bool:
         """A prefill instance is in rotation (it can serve whole requests when decode is out)."""

@@ -38,6 +38,10 @@ What it emulates, enough for routers and deployers to be tested without a GPU:
                                                          (a JSON answer: after half its bytes)
   --standin-error-in-200 / STANDIN_ERROR_IN_200=1       answer generation with 200 and an error (JSON body or SSE event)
   --standin-record / STANDIN_RECORD                      append every request as a JSON line to FILE
+  --standin-fail-kv-pull / STANDIN_FAIL_KV_PULL=1       a NIXL consumer given `do_remote_prefill` fails the pull as
+                                                         vLLM 0.32 does when the prefill died (kv_load_failure_policy
+                                                         "fail"): HTTP 500 "Internal server error" (streamed: a 200
+                                                         with an error event); without kv_transfer_params it serves
 - Introspection for tests: GET /standin/requests (requests seen), POST /standin/reset.
 """
 
@@ -198,6 +202,8 @@ class Engine:
             "0",
         )
         self.record_path = _flag_env(args.standin_record, "STANDIN_RECORD", str, None)
+        fail_pull = os.environ.get("STANDIN_FAIL_KV_PULL", "")
+        self.fail_kv_pull = bool(args.standin_fail_kv_pull) or fail_pull not in ("", "0")
         self.recorded: list[dict[str, Any]] = []
         self.generation_requests = 0
         self.running = 0
@@ -468,8 +474,13 @@ class Server:
         if e.fail_status:
             await conn.send(e.fail_status, _err(e.fail_status, "stand-in failure knob"))
             return True
-        if e.error_in_200:  # what users of P/D stacks report: an error inside a 200 answer
-            err = _err(500, "stand-in error-in-200 knob")
+        pull = (body.get("kv_transfer_params") or {}).get("do_remote_prefill")
+        if e.error_in_200 or (e.fail_kv_pull and pull and e.consumer):
+            # an error inside a 200 answer, or vLLM's failed KV pull (entrypoints/openai: GenerationError)
+            err = _err(500, "Internal server error" if pull else "stand-in error-in-200 knob")
+            if not e.error_in_200 and not body.get("stream"):
+                await conn.send(500, err)
+                return True
             if body.get("stream"):
                 await conn.start_stream()
                 await conn.chunk(b"data: " + err + b"\n\ndata: [DONE]\n\n")
@@ -694,6 +705,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-die-mid-stream", type=int, default=None)
     p.add_argument("--standin-error-in-200", action="store_true")
     p.add_argument("--standin-record", default=None)
+    p.add_argument("--standin-fail-kv-pull", action="store_true")
     p.add_argument("--enable-prompt-tokens-details", action="store_true")
     args, _ignored = p.parse_known_args(argv)  # every other vLLM flag is accepted and ignored
     return args
