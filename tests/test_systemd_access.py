@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -261,6 +262,37 @@ def test_a_host_removed_from_the_spec_is_cleaned_by_apply_and_destroy(env: Env) 
                       "2>/dev/null").strip() == "", h  # fmt: skip
 
 
+def _rolls_through_the_bastion_as_the_sudo_user(env: Env) -> None:
+    """A running decode's change (its env) rolls one decode at a time, each drained through the
+    router's admin API on s1's loopback (the default admin_bind), reached through the bastion's
+    SSH connection, as the non-root sudo user; only the decodes restart."""
+    from disaggctl.compile import router_admin
+
+    ctx = env.ctx(hdelay=0.2)
+    admin = router_admin(ctx.spec, ctx.desired.placement)
+    assert admin is not None and admin.host == "127.0.0.1"
+    units = [u for us in UNITS.values() for u in us]
+    pid = {u: env.show(_host_of(u), u, "MainPID") for u in units}
+    since = env.sh("s1", "date", "+%s").strip()
+    assert env.backend.apply(ctx, None) == 0, env.text
+    steps = re.findall(r"step \d+/6: (.+?) \(", env.text)
+    assert steps == ["drain decode-0", "restart decode-0", "undrain decode-0",
+                     "drain decode-1", "restart decode-1", "undrain decode-1"], env.text  # fmt: skip
+    moved = {u for u in units if env.show(_host_of(u), u, "MainPID") != pid[u]}
+    assert moved == {"disaggctl-acc-decode-0.service", "disaggctl-acc-decode-1.service"}, moved
+    journal = env.sh("s1", "journalctl", "-u", "disaggctl-acc-router.service", f"--since=@{since}", "-o", "cat")
+    events = [ln.split("disaggctl.router.admin: ", 1)[1].split(" (")[0] for ln in journal.splitlines()
+              if "router.admin: " in ln]  # fmt: skip
+    assert events == ["draining decode decode-0", "decode decode-0 back in rotation",
+                      "draining decode decode-1", "decode decode-1 back in rotation"], journal  # fmt: skip
+    assert env.sh("s1", "stat", "-c", "%a %U", admin.token_file).split() == ["600", "root"]
+    assert env.backend.plan(env.ctx(hdelay=0.2), None, detailed_exitcode=True) == 0, env.text
+
+
+def _host_of(unit: str) -> str:
+    return next(h for h, us in UNITS.items() if unit in us)
+
+
 def _operator(env: Env, name: str) -> dict[str, Path]:
     """An operator's own copies of the test key and known_hosts, at paths of their own."""
     home = env.tmp / name
@@ -291,6 +323,7 @@ def test_bastion_only_hosts_apply_status_logs_destroy(benv: Env, capsys: pytest.
     assert "canary disaggctl-canary-" in env.text and "decode received the KV" in env.text, env.text
     assert env.backend.status(env.ctx()) == 0, env.text
     assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 0
+    _rolls_through_the_bastion_as_the_sudo_user(env)
     assert env.backend.logs(env.ctx(), "router", None, False, 20) == 0
     assert "s1: " in capsys.readouterr().out
     assert env.backend.destroy(env.ctx()) == 0, env.text
