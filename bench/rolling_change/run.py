@@ -116,6 +116,15 @@ health: {{startup_timeout_s: 600, interval_s: 0.2, request_timeout_s: 60}}
         return subprocess.run([PY, "-m", "disaggctl.cli", *args, str(self.spec)], capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, env=dict(os.environ, COLUMNS="200"))  # fmt: skip
 
+    def cli_timed(self, *args: str) -> tuple[int, list[tuple[float, str]]]:
+        """Run the CLI; (exit status, each output line with the time.monotonic() it arrived)."""
+        proc = subprocess.Popen([PY, "-m", "disaggctl.cli", *args, str(self.spec)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+                                env=dict(os.environ, COLUMNS="200", PYTHONUNBUFFERED="1"))  # fmt: skip
+        assert proc.stdout is not None
+        lines = [(time.monotonic(), line.rstrip("\n")) for line in proc.stdout]
+        return proc.wait(), lines
+
 
 class OpenLoop:
     """Requests at a fixed rate until stopped; latency and outcome of each."""
@@ -125,6 +134,7 @@ class OpenLoop:
         self.interval = 1.0 / rate
         self.max_tokens = max_tokens
         self.results: list[tuple[float, bool, str]] = []  # (latency s, ok, error)
+        self.started: list[float] = []  # time.monotonic() at which each result's request was sent
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=256)
@@ -153,6 +163,7 @@ class OpenLoop:
             err = str(getattr(e, "reason", e))
         with self.lock:
             self.results.append((time.monotonic() - t0, ok, err))
+            self.started.append(t0)
 
     def _arrivals(self) -> None:
         i = 0
@@ -185,6 +196,17 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
+def trace(load: OpenLoop, steps: list[tuple[float, str]], t0: float, k: int) -> None:
+    """The k slowest requests of the rollout: when each was sent (seconds after apply started),
+    its latency, and the rollout step that was running then (a step line is printed as it ends)."""
+    ends = "; ".join(f"{t - t0:.2f} {s.split(':')[0]}" for t, s in steps)
+    print(f"steps (end, seconds after apply started): {ends}")
+    rows = sorted(zip(load.started, load.results, strict=True), key=lambda r: -r[1][0])[:k]
+    for start, (lat, ok, err) in sorted(rows):
+        running = next((line.split(" [")[0] for t, line in steps if t >= start), "after the last step")
+        print(f"  sent {start - t0:6.2f} s  {lat * 1000:5.0f} ms  {'ok' if ok else err}  during {running}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prefill", type=int, default=2)
@@ -194,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", choices=["standin", "vllm"], default="standin")
     ap.add_argument("--latency-ms", type=float, default=30.0, help="stand-in engines' time per request")
     ap.add_argument("--start-s", type=float, default=1.0, help="stand-in engines' start-up time (/health 503)")
+    ap.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="K",
+        help="print the K slowest requests of the rollout on its timeline (the step running when sent)",
+    )
     args = ap.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="dctl-rolling-"))
     dep = Deployment(folder, args.prefill, args.decode, args.engines, args.latency_ms, args.start_s)
@@ -214,13 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         load = OpenLoop(dep.router_url, args.rate)
         load.start()
         t0 = time.monotonic()
-        r = dep.cli("apply", "-y")
+        rc, out = dep.cli_timed("apply", "-y")
         rollout_s = time.monotonic() - t0
         res = load.finish()
-        steps = [line for line in r.stdout.splitlines() if line.startswith("step ")]
-        print(f"apply: rc {r.returncode} in {rollout_s:.1f} s, {len(steps)} rollout steps")
-        if r.returncode != 0:
-            print(r.stdout[-3000:], r.stderr[-2000:], sep="\n")
+        steps = [(t, line) for t, line in out if line.startswith("step ")]
+        print(f"apply: rc {rc} in {rollout_s:.1f} s, {len(steps)} rollout steps")
+        if rc != 0:
+            print("\n".join(line for _, line in out)[-4000:])
+        if args.trace:
+            trace(load, steps, t0, args.trace)
         failed = [e for _, ok, e in res if not ok]
         for err, n in sorted({e: failed.count(e) for e in failed}.items(), key=lambda x: -x[1])[:5]:
             print(f"  failed {n}x: {err}")
@@ -232,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"rolling: {len(res)} requests, {len(failed)} failed, p50 {p50:.0f} ms, p99 {p99:.0f} ms "
               f"(steady p99 {steady_p99:.0f} ms)")  # fmt: skip
-        return 0 if r.returncode == 0 else 1
+        return 0 if rc == 0 else 1
     finally:
         dep.cli("destroy", "-y")
 

@@ -71,6 +71,18 @@ class Rotation(Protocol):
     def undrain(self, names: Sequence[str]) -> None: ...
 
 
+class AdminMissing(DisaggError):
+    """The router has no admin API where the config says: nothing listens on the admin port
+    (connection refused), or it does not know the admin routes (404): a router started before the
+    admin API existed, or before its config had `admin`."""
+
+
+def _refused(e: object) -> bool:
+    """A refused connection: urllib's ConnectionRefusedError, or SshHttp's message for a
+    direct-tcpip channel the router host's sshd could not connect ("Connection refused")."""
+    return isinstance(e, ConnectionRefusedError) or "refused" in str(e).lower()
+
+
 @dataclass
 class NoRotation:
     """A router without a drain API: nothing to call; it routes around what fails."""
@@ -117,7 +129,11 @@ class AdminRotation:
         try:
             status, raw = self.request(method, self.base_url + path, data, 10.0, headers)
         except (OSError, DisaggError) as e:  # urllib's URLError is an OSError; SshHttp raises OSError
-            raise DisaggError(f"router admin {method} {path}: {getattr(e, 'reason', e)}") from None
+            why = getattr(e, "reason", e)
+            kind = AdminMissing if _refused(why) else DisaggError
+            raise kind(f"router admin {method} {path}: {why}") from None
+        if status == 404 and b"no instance" not in raw:  # the route is unknown, not the instance
+            raise AdminMissing(f"router admin {method} {path}: HTTP 404 {raw[:200]!r}")
         if status >= 400:
             raise DisaggError(f"router admin {method} {path}: HTTP {status} {raw[:200]!r}")
         try:
@@ -339,14 +355,36 @@ class RolloutRunner:
         names = list(step.instances)
         if step.op is Op.DRAIN:
             self.drained += [n for n in names if n not in self.drained]
-            self.rotation.drain(names, self.drain_timeout_s)
+            try:
+                self.rotation.drain(names, self.drain_timeout_s)
+            except AdminMissing as e:
+                self._without_admin(e, names)
         elif step.op is Op.UNDRAIN:
-            self.rotation.undrain(names)
+            try:
+                self.rotation.undrain(names)
+            except AdminMissing as e:
+                self._without_admin(e, names)
             self.drained = [n for n in self.drained if n not in names]
         else:
             self.restart(names)
             self.gate.wait(names, alive=self.alive)
             self._canary(step)
+
+    def _without_admin(self, e: AdminMissing, names: list[str]) -> None:
+        """The router has no admin API (one from before it): the rest of the rollout restarts
+        without drain, as with a router that cannot drain; said once, with what it costs."""
+        self.rotation = NoRotation(fallback=self.rotation.fallback)
+        self.drained = []  # a router without the admin API has nothing out of rotation
+        self.say(
+            f"  warning: {e}: the running router has no admin API (it was started before it had one); "
+            f"restarting without drain from {', '.join(names)} on: {self.rotation.description}; "
+            "requests open on a restarting instance can fail (restart the router first to drain)"
+            + (
+                ": the fingerprint changes, so old and new instances pair until the last one restarted"
+                if self.plan.fingerprint_change
+                else ""
+            )
+        )
 
     def _restore(self) -> None:
         if not self.drained:
