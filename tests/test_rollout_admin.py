@@ -269,3 +269,30 @@ def test_a_router_from_before_the_admin_api_rolls_without_drain_with_a_warning()
     assert "Connection refused" in warnings[0]
     assert runner.rotation.fallback and not isinstance(runner.rotation, AdminRotation)
     assert [m.split(":")[0] for m in said if m.startswith("step ")] == [f"step {n}/6" for n in range(1, 7)]
+
+
+def test_plan_time_probe_tells_a_router_without_the_admin_api(router: tuple[Router, str]) -> None:
+    _, url = router
+    assert AdminRotation(url, "").missing() is None  # 401 without the token: the admin API is there
+    closed = AdminRotation(f"http://127.0.0.1:{_closed_port()}", "")
+    assert "refused" in (closed.missing() or "").lower()
+    assert AdminRotation("http://h:1", "", request=FakeTransport([(404, b"no route")])).missing() == (
+        "GET http://h:1/admin/instances: HTTP 404"
+    )
+    # a transport failure that is not a refusal (a lost SSH link, a timeout) is left to the calls
+    assert AdminRotation("http://h:1", "", request=FakeTransport([OSError("s1: timed out")])).missing() is None
+
+
+def test_rotation_for_a_running_router_without_the_admin_api_is_no_rotation_said_so() -> None:
+    from disaggctl.targets.rollout import FALLBACK_METRIC, NoRotation, rotation_for
+    from tests.test_systemd_render import _state
+
+    desired, spec = _state()
+    metrics = (200, f'{FALLBACK_METRIC}{{role="decode"}} 0\n'.encode())
+    refused = OSError("s1: GET http://127.0.0.1:8001/admin/instances: cannot connect (Connection refused)")
+    rot = rotation_for(spec, desired, request=FakeTransport([metrics, refused]))  # type: ignore[arg-type]
+    assert isinstance(rot, NoRotation) and rot.fallback
+    assert rot.description.startswith("no router admin API answers (GET http://127.0.0.1:")
+    assert "Connection refused" in rot.description and "instances are not drained" in rot.description
+    rot = rotation_for(spec, desired, request=FakeTransport([metrics, (401, b"")]))  # type: ignore[arg-type]
+    assert isinstance(rot, AdminRotation) and rot.fallback

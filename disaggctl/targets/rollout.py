@@ -83,14 +83,17 @@ def _refused(e: object) -> bool:
     return isinstance(e, ConnectionRefusedError) or "refused" in str(e).lower()
 
 
+NO_ADMIN = (
+    "instances are not drained; the router retries what a restarting instance fails on another instance "
+    "of its role and takes it back when its /health answers"
+)
+
+
 @dataclass
 class NoRotation:
     """A router without a drain API: nothing to call; it routes around what fails."""
 
-    description: str = (
-        "the router has no admin API: instances are not drained; the router retries what a restarting "
-        "instance fails on another instance of its role and takes it back when its /health answers"
-    )
+    description: str = f"the router has no admin API: {NO_ADMIN}"
     fallback: bool = False
 
     def drain(self, names: Sequence[str], timeout_s: float) -> None:
@@ -140,6 +143,17 @@ class AdminRotation:
             return status, json.loads(raw) if raw else None
         except ValueError as e:
             raise DisaggError(f"router admin {method} {path}: {e}") from None
+
+    def missing(self) -> str | None:
+        """Why the router has no admin API here (a refused connection, a 404 for the admin route),
+        or None: it answers (401 without the token is an answer). Asks without the token, so
+        `plan` can say it before anything is read or restarted; other failures are left to the calls."""
+        try:
+            status, _ = self.request("GET", self.base_url + "/admin/instances", None, 5.0, {})
+        except (OSError, DisaggError) as e:
+            why = getattr(e, "reason", e)
+            return f"GET {self.base_url}/admin/instances: {why}" if _refused(why) else None
+        return f"GET {self.base_url}/admin/instances: HTTP 404" if status == 404 else None
 
     def states(self) -> dict[str, dict[str, object]]:
         _, body = self._call("GET", "/admin/instances")
@@ -234,8 +248,14 @@ def rotation_for(
     if host in ("0.0.0.0", "::"):  # listening everywhere: reach it at the router host's address
         host = desired.placement.router_address or "127.0.0.1"
     url = f"http://{'[' + host + ']' if ':' in host else host}:{admin.port}"
-    return AdminRotation(url, "", fallback=fallback, read_token=partial(read_token or _read_local, admin.token_file),
-                         request=via)  # fmt: skip
+    rot = AdminRotation(url, "", fallback=fallback, read_token=partial(read_token or _read_local, admin.token_file),
+                        request=via)  # fmt: skip
+    missing = rot.missing()
+    if missing is None:
+        return rot
+    # a router started before it had the admin API (an older disaggctl, or a config without admin)
+    why = f"no router admin API answers ({missing}: a router started before it had one, or none running)"
+    return NoRotation(description=f"{why}: {NO_ADMIN}", fallback=fallback)
 
 
 def _read_local(path: str) -> str:
