@@ -274,36 +274,40 @@ def main(argv: list[str] | None = None) -> int:
         dep.write(2)
         plan = dep.cli("plan")
         print("\n".join(line for line in plan.stdout.splitlines() if line.startswith(("rolling", "  "))))
-        load = OpenLoop(dep.router_url, args.rate)
-        load.start()
-        t0 = time.monotonic()
-        rc, out = dep.cli_timed("apply", "-y")
-        rollout_s = time.monotonic() - t0
-        res = load.finish()
-        # "step 3/6: ..." (local), "   4.2s step 3/6: ..." (systemd: after the phase clock)
-        steps = [(t, line[m.start() :]) for t, line in out if (m := STEP.search(line))]
-        print(f"apply: rc {rc} in {rollout_s:.1f} s, {len(steps)} rollout steps")
-        if rc != 0:
-            print("\n".join(line for _, line in out)[-4000:])
-        if args.trace:
-            trace(load, steps, t0, args.trace)
-        failed = [e for _, ok, e in res if not ok]
-        for err, n in sorted({e: failed.count(e) for e in failed}.items(), key=lambda x: -x[1])[:5]:
-            print(f"  failed {n}x: {err}")
-        lat = [lat * 1000 for lat, ok, _ in res if ok]
-        p50, p99 = pct(lat, 50), pct(lat, 99)
-        ratio = p99 / steady_p99 if steady_p99 else 0.0
-        print(
-            f"p99 during the rollout / steady: {ratio:.2f}x (target <= 3x); mean {statistics.fmean(lat or [0]):.0f} ms"
-        )
-        if len(res) < MIN_REQUESTS:
-            print(f"note: {len(res)} requests during the rollout, fewer than the {MIN_REQUESTS} the target asks for "
-                  "(raise --rate or --start-s)")  # fmt: skip
-        print(f"rolling: {len(res)} requests, {len(failed)} failed, p50 {p50:.0f} ms, p99 {p99:.0f} ms "
-              f"(steady p99 {steady_p99:.0f} ms)")  # fmt: skip
-        return 0 if rc == 0 else 1
+        return rollout(dep, args, steady_p99)
     finally:
         dep.teardown()
+
+
+def rollout(dep: Deployment, args: argparse.Namespace, steady_p99: float) -> int:
+    """`apply` of generation 2 under the open-loop load; prints the result lines (the last one
+    the `rolling:` line); the exit status of the bench."""
+    load = OpenLoop(dep.router_url, args.rate)
+    load.start()
+    t0 = time.monotonic()
+    rc, out = dep.cli_timed("apply", "-y")
+    rollout_s = time.monotonic() - t0
+    res = load.finish()
+    # "step 3/6: ..." (local), "   4.2s step 3/6: ..." (systemd: after the phase clock)
+    steps = [(t, line[m.start() :]) for t, line in out if (m := STEP.search(line))]
+    print(f"apply: rc {rc} in {rollout_s:.1f} s, {len(steps)} rollout steps")
+    if rc != 0:
+        print("\n".join(line for _, line in out)[-4000:])
+    failed = [e for _, ok, e in res if not ok]
+    for err, n in sorted({e: failed.count(e) for e in failed}.items(), key=lambda x: -x[1])[:5]:
+        print(f"  failed {n}x: {err}")
+    lat = [lat * 1000 for lat, ok, _ in res if ok]
+    p50, p99 = pct(lat, 50), pct(lat, 99)
+    ratio = p99 / steady_p99 if steady_p99 else 0.0
+    if args.trace or ratio > 3:  # over the target: show where the slow ones were sent
+        trace(load, steps, t0, args.trace or 5)
+    print(f"p99 during the rollout / steady: {ratio:.2f}x (target <= 3x); mean {statistics.fmean(lat or [0]):.0f} ms")
+    if len(res) < MIN_REQUESTS:
+        print(f"note: {len(res)} requests during the rollout, fewer than the {MIN_REQUESTS} the target asks for "
+              "(raise --rate or --start-s)")  # fmt: skip
+    print(f"rolling: {len(res)} requests, {len(failed)} failed, p50 {p50:.0f} ms, p99 {p99:.0f} ms "
+          f"(steady p99 {steady_p99:.0f} ms)")  # fmt: skip
+    return 0 if rc == 0 else 1
 
 
 def make_deployment(args: argparse.Namespace, folder: Path) -> Deployment:
