@@ -227,3 +227,72 @@ def test_a_drain_that_times_out_is_undone() -> None:
     with pytest.raises(DisaggError, match="not drained"):
         runner.run()
     assert rot.calls == [("drain", ("decode-0",)), ("undrain", ("decode-0",))]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens there once closed: connection refused
+
+
+def test_a_router_without_the_admin_api_is_told_apart_from_admin_errors(router: tuple[Router, str]) -> None:
+    from disaggctl.targets.rollout import AdminMissing
+
+    with pytest.raises(AdminMissing, match=r"router admin POST /admin/drain: .*[Rr]efused"):
+        AdminRotation(f"http://127.0.0.1:{_closed_port()}", TOKEN).drain(["decode-0"], 5)
+    # a router that answers but does not know the route (its client port, or a proxy)
+    t = FakeTransport([(404, b'{"error": {"message": "no route /admin/drain"}}')])
+    with pytest.raises(AdminMissing, match="HTTP 404"):
+        AdminRotation("http://127.0.0.1:9100", TOKEN, request=t).drain(["decode-0"], 5)
+    # the admin API's own answers stay located errors: an unknown instance, a wrong token
+    _, url = router
+    with pytest.raises(DisaggError, match="no instance decode-9") as e:
+        AdminRotation(url, TOKEN).drain(["decode-9"], 5)
+    assert not isinstance(e.value, AdminMissing)
+    with pytest.raises(DisaggError, match="HTTP 401") as e:
+        AdminRotation(url, "wrong").drain(["decode-0"], 5)
+    assert not isinstance(e.value, AdminMissing)
+
+
+def test_a_router_from_before_the_admin_api_rolls_without_drain_with_a_warning() -> None:
+    rot = AdminRotation(f"http://127.0.0.1:{_closed_port()}", TOKEN, fallback=True)
+    said: list[str] = []
+    restarted: list[list[str]] = []
+    runner = RolloutRunner(_two_decodes(), _NoGate(), rot, restarted.append, said.append)  # type: ignore[arg-type]
+    runner.run()
+    assert restarted == [["decode-0"], ["decode-1"]] and runner.drained == []
+    warnings = [m for m in said if "warning:" in m]
+    assert len(warnings) == 1, said
+    assert "no admin API" in warnings[0] and "restarting without drain from decode-0 on" in warnings[0]
+    assert "Connection refused" in warnings[0]
+    assert runner.rotation.fallback and not isinstance(runner.rotation, AdminRotation)
+    assert [m.split(":")[0] for m in said if m.startswith("step ")] == [f"step {n}/6" for n in range(1, 7)]
+
+
+def test_plan_time_probe_tells_a_router_without_the_admin_api(router: tuple[Router, str]) -> None:
+    _, url = router
+    assert AdminRotation(url, "").missing() is None  # 401 without the token: the admin API is there
+    closed = AdminRotation(f"http://127.0.0.1:{_closed_port()}", "")
+    assert "refused" in (closed.missing() or "").lower()
+    assert AdminRotation("http://h:1", "", request=FakeTransport([(404, b"no route")])).missing() == (
+        "GET http://h:1/admin/instances: HTTP 404"
+    )
+    # a transport failure that is not a refusal (a lost SSH link, a timeout) is left to the calls
+    assert AdminRotation("http://h:1", "", request=FakeTransport([OSError("s1: timed out")])).missing() is None
+
+
+def test_rotation_for_a_running_router_without_the_admin_api_is_no_rotation_said_so() -> None:
+    from disaggctl.targets.rollout import FALLBACK_METRIC, NoRotation, rotation_for
+    from tests.test_systemd_render import _state
+
+    desired, spec = _state()
+    metrics = (200, f'{FALLBACK_METRIC}{{role="decode"}} 0\n'.encode())
+    refused = OSError("s1: GET http://127.0.0.1:8001/admin/instances: cannot connect (Connection refused)")
+    rot = rotation_for(spec, desired, request=FakeTransport([metrics, refused]))  # type: ignore[arg-type]
+    assert isinstance(rot, NoRotation) and rot.fallback
+    assert rot.description.startswith("no router admin API answers (GET http://127.0.0.1:")
+    assert "Connection refused" in rot.description and "instances are not drained" in rot.description
+    rot = rotation_for(spec, desired, request=FakeTransport([metrics, (401, b"")]))  # type: ignore[arg-type]
+    assert isinstance(rot, AdminRotation) and rot.fallback

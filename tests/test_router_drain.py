@@ -291,6 +291,26 @@ def test_1p1d_rolls_either_role_with_zero_failed_requests(standin: Standin, firs
     assert metric_sum(m, "disaggctl_router_error_in_200_total") == 0
 
 
+def test_undrain_checks_a_restarted_instance_at_once_not_a_poll_interval_later(standin: Standin) -> None:
+    """An instance that failed before it was drained and restarted is health-checked by undrain:
+    it is active and takes requests from the undrain answer on (the poller runs once a minute here)."""
+    p = nixl(standin, "prefill-0", "kv_producer")
+    d0, d1 = nixl(standin, "decode-0", "kv_consumer"), nixl(standin, "decode-1", "kv_consumer")
+    r, admin = router_with_admin(standin, [p], [d0, d1], health_interval_s=60)
+    d1.stop()
+    for i in range(6):  # least_loaded rotates ties: one of these tries decode-1, fails, retries on decode-0
+        assert complete(r, LONG + str(i))[0] == 200
+    assert admin.states()["decode-1"]["state"] == "down"
+    admin.drain("decode-1")
+    admin.wait_state("decode-1", "drained")
+    d1 = nixl(standin, "decode-1", "kv_consumer", port=d1.port)
+    status, body = admin.call("POST", "/admin/undrain", {"instance": "decode-1"})
+    assert status == 200 and body["state"] == "active", body
+    for i in range(6):
+        assert complete(r, LONG + f"again {i}")[0] == 200
+    assert d1.requests(), "the restarted decode takes requests before the next health poll"
+
+
 def test_decode_killed_under_load_fails_no_whole_request(standin: Standin) -> None:
     """Not drained, just gone: calls that fail before any byte reached the client go to prefill."""
     p, d = nixl(standin, "prefill-0", "kv_producer"), nixl(standin, "decode-0", "kv_consumer")

@@ -12,6 +12,7 @@ import hmac
 import logging
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from disaggctl.router import front
@@ -56,9 +57,12 @@ def instance_entry(i: Instance) -> dict[str, Any]:
 class Admin:
     """The admin handlers and their listener."""
 
-    def __init__(self, cfg: AdminConfig, instances: list[Instance]) -> None:
+    def __init__(
+        self, cfg: AdminConfig, instances: list[Instance], check: Callable[[Instance], Awaitable[None]] | None = None
+    ) -> None:
         self.cfg = cfg
         self.instances = {i.name: i for i in instances}
+        self.health_check = check  # one health check of an instance (Upstreams.check)
         self.server: front.Server | None = None
 
     def routes(self) -> dict[str, dict[str, front.Handler]]:
@@ -139,4 +143,8 @@ class Admin:
         if inst.draining:
             log.info("%s %s back in rotation", inst.role, inst.name)
         inst.draining = False
+        if not inst.healthy and self.health_check is not None:
+            # restarted while drained, its last health poll failed: check it now rather than a poll
+            # interval later, so it takes requests (and counts as healthy) from this answer on
+            await self.health_check(inst)
         return _reply(instance_entry(inst))

@@ -143,9 +143,10 @@ class Upstreams:
                 log.exception("health poll failed")
 
     async def poll_health(self) -> None:
-        await asyncio.gather(*(self._check(i) for i in self.all()))
+        await asyncio.gather(*(self.check(i) for i in self.all()))
 
-    async def _check(self, inst: Instance) -> None:
+    async def check(self, inst: Instance) -> None:
+        """One /health call of `inst`; its answer sets `healthy` (the poller, and undrain)."""
         t = max(1.0, min(5.0, self.cfg.health_interval_s * 2))
         try:
             async with asyncio.timeout(t):

@@ -55,7 +55,7 @@ class Router:
         self.handoff = Handoff(cfg, self.ups, self.metrics)
         self.notifications: Notifications | None = None
         self.lmcache: LMCacheFlow | None = None
-        self.admin = Admin(cfg.admin, self.ups.all()) if cfg.admin is not None else None
+        self.admin = Admin(cfg.admin, self.ups.all(), self.ups.check) if cfg.admin is not None else None
         # request ids made here: a random per-process prefix and a counter (no syscall per request)
         self._rid_prefix = os.urandom(6).hex()
         self._rid_counter = itertools.count(1)

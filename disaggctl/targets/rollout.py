@@ -71,14 +71,29 @@ class Rotation(Protocol):
     def undrain(self, names: Sequence[str]) -> None: ...
 
 
+class AdminMissing(DisaggError):
+    """The router has no admin API where the config says: nothing listens on the admin port
+    (connection refused), or it does not know the admin routes (404): a router started before the
+    admin API existed, or before its config had `admin`."""
+
+
+def _refused(e: object) -> bool:
+    """A refused connection: urllib's ConnectionRefusedError, or SshHttp's message for a
+    direct-tcpip channel the router host's sshd could not connect ("Connection refused")."""
+    return isinstance(e, ConnectionRefusedError) or "refused" in str(e).lower()
+
+
+NO_ADMIN = (
+    "instances are not drained; the router retries what a restarting instance fails on another instance "
+    "of its role and takes it back when its /health answers"
+)
+
+
 @dataclass
 class NoRotation:
     """A router without a drain API: nothing to call; it routes around what fails."""
 
-    description: str = (
-        "the router has no admin API: instances are not drained; the router retries what a restarting "
-        "instance fails on another instance of its role and takes it back when its /health answers"
-    )
+    description: str = f"the router has no admin API: {NO_ADMIN}"
     fallback: bool = False
 
     def drain(self, names: Sequence[str], timeout_s: float) -> None:
@@ -117,13 +132,28 @@ class AdminRotation:
         try:
             status, raw = self.request(method, self.base_url + path, data, 10.0, headers)
         except (OSError, DisaggError) as e:  # urllib's URLError is an OSError; SshHttp raises OSError
-            raise DisaggError(f"router admin {method} {path}: {getattr(e, 'reason', e)}") from None
+            why = getattr(e, "reason", e)
+            kind = AdminMissing if _refused(why) else DisaggError
+            raise kind(f"router admin {method} {path}: {why}") from None
+        if status == 404 and b"no instance" not in raw:  # the route is unknown, not the instance
+            raise AdminMissing(f"router admin {method} {path}: HTTP 404 {raw[:200]!r}")
         if status >= 400:
             raise DisaggError(f"router admin {method} {path}: HTTP {status} {raw[:200]!r}")
         try:
             return status, json.loads(raw) if raw else None
         except ValueError as e:
             raise DisaggError(f"router admin {method} {path}: {e}") from None
+
+    def missing(self) -> str | None:
+        """Why the router has no admin API here (a refused connection, a 404 for the admin route),
+        or None: it answers (401 without the token is an answer). Asks without the token, so
+        `plan` can say it before anything is read or restarted; other failures are left to the calls."""
+        try:
+            status, _ = self.request("GET", self.base_url + "/admin/instances", None, 5.0, {})
+        except (OSError, DisaggError) as e:
+            why = getattr(e, "reason", e)
+            return f"GET {self.base_url}/admin/instances: {why}" if _refused(why) else None
+        return f"GET {self.base_url}/admin/instances: HTTP 404" if status == 404 else None
 
     def states(self) -> dict[str, dict[str, object]]:
         _, body = self._call("GET", "/admin/instances")
@@ -218,8 +248,14 @@ def rotation_for(
     if host in ("0.0.0.0", "::"):  # listening everywhere: reach it at the router host's address
         host = desired.placement.router_address or "127.0.0.1"
     url = f"http://{'[' + host + ']' if ':' in host else host}:{admin.port}"
-    return AdminRotation(url, "", fallback=fallback, read_token=partial(read_token or _read_local, admin.token_file),
-                         request=via)  # fmt: skip
+    rot = AdminRotation(url, "", fallback=fallback, read_token=partial(read_token or _read_local, admin.token_file),
+                        request=via)  # fmt: skip
+    missing = rot.missing()
+    if missing is None:
+        return rot
+    # a router started before it had the admin API (an older disaggctl, or a config without admin)
+    why = f"no router admin API answers ({missing}: a router started before it had one, or none running)"
+    return NoRotation(description=f"{why}: {NO_ADMIN}", fallback=fallback)
 
 
 def _read_local(path: str) -> str:
@@ -339,14 +375,36 @@ class RolloutRunner:
         names = list(step.instances)
         if step.op is Op.DRAIN:
             self.drained += [n for n in names if n not in self.drained]
-            self.rotation.drain(names, self.drain_timeout_s)
+            try:
+                self.rotation.drain(names, self.drain_timeout_s)
+            except AdminMissing as e:
+                self._without_admin(e, names)
         elif step.op is Op.UNDRAIN:
-            self.rotation.undrain(names)
+            try:
+                self.rotation.undrain(names)
+            except AdminMissing as e:
+                self._without_admin(e, names)
             self.drained = [n for n in self.drained if n not in names]
         else:
             self.restart(names)
             self.gate.wait(names, alive=self.alive)
             self._canary(step)
+
+    def _without_admin(self, e: AdminMissing, names: list[str]) -> None:
+        """The router has no admin API (one from before it): the rest of the rollout restarts
+        without drain, as with a router that cannot drain; said once, with what it costs."""
+        self.rotation = NoRotation(fallback=self.rotation.fallback)
+        self.drained = []  # a router without the admin API has nothing out of rotation
+        self.say(
+            f"  warning: {e}: the running router has no admin API (it was started before it had one); "
+            f"restarting without drain from {', '.join(names)} on: {self.rotation.description}; "
+            "requests open on a restarting instance can fail (restart the router first to drain)"
+            + (
+                ": the fingerprint changes, so old and new instances pair until the last one restarted"
+                if self.plan.fingerprint_change
+                else ""
+            )
+        )
 
     def _restore(self) -> None:
         if not self.drained:
