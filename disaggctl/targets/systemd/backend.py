@@ -161,7 +161,8 @@ if [ -n "$units" ] && [ "$mode" = fast ]; then
     US_IDLE=""
     # shellcheck disable=SC2086 # unit names carry no spaces
     _us $cheap
-    slow="$slow $US_IDLE"  # no main process: systemctl tells failed, restarting, stopped apart
+    # no main process: systemctl tells failed, restarting and stopped apart
+    [ -z "$US_IDLE" ] || slow="$slow$US_IDLE"
   fi
   set +f
 fi
