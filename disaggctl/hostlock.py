@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import secrets
 import socket
@@ -32,12 +33,18 @@ if TYPE_CHECKING:
 LOCK_ROOT = "/var/lib/disaggctl/locks"
 DEFAULT_STALE_AFTER_S = 6 * 3600.0  # no apply holds a lock this long
 
-# $1 lock dir; stdin: owner JSON. Prints "acquired" or "held <age_s>\n<owner json>".
+# $1 lock dir; stdin: owner JSON. Prints "acquired <before> [<stamp>] <now>" or "held <age_s>\n<owner json>".
+# <before>: the lock folder's mtime before our mkdir ("new": the folder did not exist); <stamp>: the
+# mtime of the lock's release stamp (touched by every release and break before the lock goes, read
+# after our mkdir won: no release can slip in between; absent when there is none); <now>: the mtime of
+# our owner record (the same coarse clock as the other two). See Taken.quiet_s.
 _ACQUIRE = r"""set -eu
 d=$1
-mkdir -p -m 0755 "${d%/*}"
+if [ -d "${d%/*}" ]; then w=$(stat -c %.9Y -- "${d%/*}" 2>/dev/null) || w=-; else mkdir -p -m 0755 "${d%/*}"; w=new; fi
 if mkdir -m 0755 "$d" 2>/dev/null; then
-  cat > "$d/owner.json.tmp"; mv -f "$d/owner.json.tmp" "$d/owner.json"; echo acquired
+  cat > "$d/owner.json.tmp"; mv -f "$d/owner.json.tmp" "$d/owner.json"
+  # shellcheck disable=SC2046 # one word per mtime: the stamp's (when there is one), then ours
+  echo acquired "$w" $(stat -c %.9Y -- "${d%/*}/.${d##*/}.released" "$d/owner.json" 2>/dev/null)
 else
   echo "held $(( $(date +%s) - $(stat -c %Y "$d") ))"; cat "$d/owner.json" 2>/dev/null || true
 fi
@@ -46,7 +53,14 @@ fi
 _RELEASE = r"""set -eu
 d=$1
 [ -d "$d" ] || { echo absent; exit 0; }
-if grep -qF "\"token\": \"$2\"" "$d/owner.json" 2>/dev/null; then rm -rf -- "$d"; echo released; else echo not-ours; fi
+if grep -qF "\"token\": \"$2\"" "$d/owner.json" 2>/dev/null; then
+  : > "${d%/*}/.${d##*/}.released"; rm -rf -- "$d"; echo released
+else
+  echo not-ours
+fi
+"""
+# $1 lock dir: stamp the release (see _ACQUIRE), then break the lock.
+_BREAK = r""": > "${1%/*}/.${1##*/}.released"; rm -rf -- "$1"
 """
 # $1 lock dir. Prints "absent" or "held <age_s>\n<owner json>".
 _READ = r"""d=$1
@@ -170,6 +184,27 @@ class LockHeld(DisaggError):
         super().__init__(f"{host}: deployment is locked by {who} ({state.path}); {hint}")
 
 
+@dataclass(frozen=True)
+class Taken:
+    """A lock this process took: the lock it broke first (force), and for how long before it no
+    lock in the same folder had been taken or released (the host's clock)."""
+
+    broken: LockState | None = None
+    quiet_s: float | None = None  # inf: the lock folder is new; None: unknown (nothing to rely on)
+
+
+def _quiet(words: list[str]) -> float | None:
+    """_ACQUIRE's "acquired <before> [<stamp>] <now>" -> seconds since the last lock activity."""
+    if len(words) not in (3, 4) or words[1] == "-":
+        return None
+    try:
+        now = float(words[-1])
+        last = [float(w) for w in words[2:-1]] + ([] if words[1] == "new" else [float(words[1])])
+    except ValueError:
+        return None
+    return now - max(last) if last else math.inf
+
+
 def _parse(path: str, out: str) -> LockState | None:
     head, _, rest = out.partition("\n")
     if not head.startswith("held "):
@@ -194,17 +229,28 @@ def acquire(
 
     force=True breaks a lock held by anyone (like `terraform force-unlock`) and takes it; it
     returns the broken lock's state (None when there was none)."""
+    return take(conn, path, owner, force, stale_after_s).broken
+
+
+def take(
+    conn: Connection,
+    path: str,
+    owner: LockOwner,
+    force: bool = False,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+) -> Taken:
+    """acquire(), also saying how long the lock folder had been quiet (Taken.quiet_s)."""
     broken: LockState | None = None
     for _ in range(2):
         r = conn.check(["sh", "-c", _ACQUIRE, "lock", path], input=owner.to_json().encode(), sudo=True, timeout=30)
         if r.out.startswith("acquired"):
-            return broken
+            return Taken(broken, None if broken else _quiet(r.out.split()))
         state = _parse(path, r.out)
         if state is None:
             raise DisaggError(f"{conn.name}: unexpected answer taking the lock {path}: {r.out.strip()[:200]}")
         if not force or broken is not None:
             raise LockHeld(conn.name, state, stale_reason(state, stale_after_s=stale_after_s))
-        conn.check(["rm", "-rf", "--", path], sudo=True, timeout=30)
+        conn.check(["sh", "-c", _BREAK, "unlock", path], sudo=True, timeout=30)
         broken = state
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -218,11 +264,11 @@ def release(conn: Connection, path: str, owner: LockOwner) -> bool:
 
 
 @contextmanager
-def held(conn: Connection, path: str, owner: LockOwner, force: bool = False) -> Iterator[LockState | None]:
-    """acquire() ... release(), also when the body raises."""
-    broken = acquire(conn, path, owner, force=force)
+def held(conn: Connection, path: str, owner: LockOwner, force: bool = False) -> Iterator[Taken]:
+    """take() ... release(), also when the body raises."""
+    taken = take(conn, path, owner, force=force)
     try:
-        yield broken
+        yield taken
     except BaseException:
         with suppress(Exception):  # the body's error matters more than a failed release
             release(conn, path, owner)

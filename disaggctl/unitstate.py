@@ -25,7 +25,8 @@ import base64
 from dataclasses import dataclass
 
 # Arguments: unit names (NAME.service). Prints per unit one line:
-#   <unit> <nprocs> <main pid or 0> <enabled 0|1> <base64 of the main pid's cmdline or ->
+#   <unit> <nprocs> <main pid or 0> <enabled 0|1> <base64 of the main pid's cmdline, "-" or empty>
+# and adds the units with no main process to $US_IDLE.
 # Builtins only, except base64 (once per running unit). Cgroup v2 (/sys/fs/cgroup), hybrid
 # (unified/, systemd/) and v1 named hierarchy layouts.
 UNIT_STATE_SCRIPT = r"""
@@ -52,9 +53,15 @@ for u in "$@"; do
   set +f
   for w in /etc/systemd/system/*.wants/"$u"; do [ -e "$w" ] && en=1; done
   set -f
-  cmd=-
-  if [ "$main" != 0 ]; then cmd=$(base64 -w0 < "/proc/$main/cmdline" 2>/dev/null) || cmd=-; fi
-  printf '%s %s %s %s %s\n' "$u" "$n" "$main" "$en" "${cmd:--}"
+  if [ "$main" = 0 ]; then
+    printf '%s %s 0 %s -\n' "$u" "$n" "$en"
+    US_IDLE="$US_IDLE $u"  # for a caller that sources this as a function: the units not running
+  else
+    # base64 straight to stdout: no subshell to capture it (one fork less per running unit)
+    printf '%s %s %s %s ' "$u" "$n" "$main" "$en"
+    base64 -w0 2>/dev/null < "/proc/$main/cmdline" || printf -
+    echo
+  fi
 done
 """
 
@@ -82,7 +89,7 @@ def unit_state_argv(units: list[str]) -> list[str]:
 
 
 def _cmdline(b64: str) -> tuple[str, ...] | None:
-    if b64 == "-":
+    if b64 in ("-", ""):
         return None
     raw = base64.b64decode(b64)
     if not raw:

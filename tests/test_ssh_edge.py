@@ -228,6 +228,29 @@ def test_lock_acquire_held_release(hosts: TestHosts, user: str) -> None:
         assert hostlock.read(c1, path) is None  # released on exit
 
 
+def test_lock_take_says_how_long_the_lock_folder_was_quiet(hosts: TestHosts) -> None:
+    """The lock's answer that lets apply keep what it observed while taking it (access.locked_observation)."""
+    root = f"/tmp/dctl-edge-quiet-{os.getpid()}"
+    path = hostlock.lock_path("edge-quiet", root=root)
+    a, b = _owner("disaggctl apply a.yaml"), _owner("disaggctl apply b.yaml")
+    with connect(_target(hosts, "h2", "deploy")) as c:
+        c.run(["rm", "-rf", root], sudo=True)
+        with hostlock.held(c, path, a) as first:
+            assert first.quiet_s == float("inf") and first.broken is None  # new folder: never locked
+        with hostlock.held(c, path, b) as second:  # right after a's release
+            assert second.quiet_s is not None and 0 <= second.quiet_s < 5
+            stamp = c.check(["stat", "-c", "%Y", f"{root}/.edge-quiet.lock.released"], sudo=True).out.strip()
+            assert stamp.isdigit()  # the release stamped its time beside the lock
+        time.sleep(1.2)
+        with hostlock.held(c, path, a) as third:
+            assert third.quiet_s is not None and third.quiet_s > 1.0
+        hostlock.take(c, path, a)  # left held, then broken: a break is never quiet
+        broken = hostlock.take(c, path, b, force=True)
+        assert broken.broken is not None and broken.quiet_s is None
+        assert hostlock.release(c, path, b)
+        c.run(["rm", "-rf", root], sudo=True)
+
+
 def test_stale_lock_is_reported_and_broken_only_with_force(hosts: TestHosts) -> None:
     path = hostlock.lock_path("edge-stale")
     killed = _owner("disaggctl apply killed.yaml", pid=2**22 + 12345)  # no such process here

@@ -110,3 +110,19 @@ def test_probe_skips_pure_jump_hosts() -> None:
         ]
 
     assert probe_host_names(_Spec()) == ["gpu1", "gpu2", "idle"]  # type: ignore[arg-type]
+
+
+def test_lock_quiet_time_from_the_acquire_answer() -> None:
+    from disaggctl.hostlock import _quiet
+
+    def _q(answer: str) -> float | None:
+        return _quiet(answer.split())
+
+    # "acquired <folder mtime before ours> [<release stamp>] <our owner record's mtime>"
+    assert _q("acquired 100.5 103.0") == 2.5  # no release stamp yet: the folder's time
+    assert _q("acquired 100.0 102.0 103.5") == 1.5  # the later of the two counts
+    assert _q("acquired 102.0 101.0 103.5") == 1.5
+    assert _q("acquired new 103.0") == float("inf")  # a new folder: no lock was ever there
+    assert _q("acquired new 102.0 103.0") == 1.0
+    for unknown in ("acquired - 103.0", "acquired 100.0", "acquired", "acquired x 103.0", "acquired 1 2 3 4"):
+        assert _q(unknown) is None, unknown  # nothing to rely on: observe again under the lock

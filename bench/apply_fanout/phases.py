@@ -10,11 +10,13 @@ its clock in BENCH_T0). Phases, in order:
     setup     spec + hand-built DesiredState until apply() is called
     connect   per host: SSH connect + key exchange + auth (background, overlaps render/observe)
     render    units and files for every host (while the connections come up)
+    lock      taking the deployment lock on the lock host (one command)
     observe   per host: the observe command (files' sha256/mode, unit states)
     plan      diff + printing the plan
     files     per host: pending manifest, uploads, reload, enable, start of decode (one command)
     health    /health of every started instance (the gate), liveness checks
     manifest  per host: the final manifest
+    unlock    releasing the deployment lock (one command)
     exit      after apply() returns: closing connections, interpreter exit (parent's clock)
 """
 
@@ -29,7 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PHASES = ["interp", "import", "setup", "connect", "render", "observe", "plan", "files", "health", "manifest", "exit"]
+PHASES = [
+    "interp", "import", "setup", "connect", "render", "lock", "observe", "plan", "files", "health", "manifest",
+    "unlock", "exit",
+]  # fmt: skip
 PER_HOST = {"connect", "observe", "files", "manifest"}
 
 Span = tuple[str, str, float, float]  # phase, host ("" for the whole run), start, end (s since T0)
@@ -77,6 +82,10 @@ class Recorder:
         self.wrap(b, "push_files", "files", lambda conn, *a, **kw: conn.name)
         self.wrap(b.SystemdBackend, "_wait", "health", whole)
         self.wrap(b, "write_manifest", "manifest", lambda conn, *a, **kw: conn.name)
+        from disaggctl import hostlock
+
+        self.wrap(hostlock, "take", "lock", whole)
+        self.wrap(hostlock, "release", "unlock", whole)
         from disaggctl.targets.systemd import ui
 
         self.wrap(ui, "print_plan", "plan", whole)

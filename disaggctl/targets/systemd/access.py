@@ -16,13 +16,14 @@ lock, and the hosts a deployment has ever placed files on.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from disaggctl.errors import DisaggError
-from disaggctl.hostlock import LockOwner, held, lock_path
+from disaggctl.hostlock import LockOwner, Taken, held, lock_path
 from disaggctl.ssh import Connection, HttpError, SshError, SshTarget, target_for
 from disaggctl.targets.systemd.manifest import HostAddress
 
@@ -123,7 +124,7 @@ def lock_dir(c: Context) -> str:
 
 
 @contextmanager
-def deployment_lock(hosts: Hosts, c: Context, command: str, force: bool, console: Console) -> Iterator[None]:
+def deployment_lock(hosts: Hosts, c: Context, command: str, force: bool, console: Console) -> Iterator[Taken]:
     """Hold the deployment's lock for the body; LockHeld (who, since when, from where) when taken.
     `force` (--force-unlock) breaks a lock first, saying whose."""
     name = lock_host(c)
@@ -132,11 +133,48 @@ def deployment_lock(hosts: Hosts, c: Context, command: str, force: bool, console
         why = "\n".join(hosts.errors.values())
         raise DisaggError(f"cannot take the deployment lock on {name}; nothing was changed:\n{why}")
     owner = LockOwner.here(command, c.desired.name)
-    with held(conn, lock_dir(c), owner, force=force) as broken:
+    with held(conn, lock_dir(c), owner, force=force) as taken:
+        broken = taken.broken
         if broken is not None:
             who = broken.owner.describe() if broken.owner else f"an unknown holder ({broken.age_s:.0f} s old)"
             console.print(f"[yellow]{name}: broke the deployment lock held by {who}[/yellow]")
-        yield
+        yield taken
+
+
+# an observation stands when the lock folder was quiet this much longer than the observing took:
+# file times come from the kernel's coarse clock (a tick, 1-10 ms, behind the fine one)
+QUIET_MARGIN_S = 0.05
+
+
+@contextmanager
+def locked_observation(
+    hosts: Hosts, c: Context, command: str, force: bool, console: Console
+) -> Iterator[dict[str, Observed]]:
+    """deployment_lock + observe_everything, overlapped: each declared host is observed as soon as
+    its connection is up while the lock is being taken on the lock host (no host waits for the
+    lock host's connection and lock command).
+
+    What was observed before the lock was ours stands only when nobody can have changed a host
+    meanwhile: every apply/destroy changes hosts only while holding the lock, and every lock taken
+    or released touches the lock folder (its mtime, and a release stamp read after our mkdir won).
+    So when the lock host says the folder had been quiet for longer than it has been since the
+    first observation began (measured here, up to the lock's answer: that bounds it from above
+    in the host's clock too), no other apply held the lock during any observation, and the
+    result is the same as observing under the lock. Otherwise (an apply just ended, a broken lock,
+    an old host without the times) every host is observed again, under the lock."""
+    from disaggctl.targets.systemd.backend import observe_all, observe_started
+
+    began = time.monotonic()
+    early = observe_started(hosts, c)
+    with deployment_lock(hosts, c, command, force, console) as taken:
+        window = time.monotonic() - began
+        if taken.quiet_s is not None and taken.quiet_s > window + QUIET_MARGIN_S:
+            observed = {name: f.result() for name, f in early.items()}
+        else:
+            for f in early.values():
+                f.cancel()
+            observed = observe_all(hosts, c)
+        yield observe_everything(hosts, c, declared=observed)
 
 
 def lock_command(op: str, spec_file: str) -> str:
@@ -186,12 +224,15 @@ def remembered(observed: Mapping[str, Observed]) -> dict[str, HostAddress]:
     return out
 
 
-def observe_everything(hosts: Hosts, c: Context, full: bool = False) -> dict[str, Observed]:
-    """Observe the declared hosts, then the hosts their manifests remember that the spec no longer
-    declares (reached with the remembered address, user, port and jump); `full` as in observe()."""
+def observe_everything(
+    hosts: Hosts, c: Context, full: bool = False, declared: dict[str, Observed] | None = None
+) -> dict[str, Observed]:
+    """Observe the declared hosts (unless `declared` has them already), then the hosts their
+    manifests remember that the spec no longer declares (reached with the remembered address,
+    user, port and jump); `full` as in observe()."""
     from disaggctl.targets.systemd.backend import observe_all, observe_more
 
-    observed = observe_all(hosts, c, full)
+    observed = dict(declared) if declared is not None else observe_all(hosts, c, full)
     gone = {n: a for n, a in remembered(observed).items() if n not in observed}
     if gone:
         c.removed = gone
