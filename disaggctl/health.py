@@ -37,7 +37,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from disaggctl.errors import DisaggError
 
@@ -59,6 +59,14 @@ class HealthError(DisaggError):
         self.name = name
         self.detail = detail
         super().__init__(f"{name}: {detail}")
+
+
+class HttpStatusError(HealthError):
+    """A canary call answered with an HTTP error status (kept for callers that judge by it)."""
+
+    def __init__(self, name: str, detail: str, status: int) -> None:
+        self.status = status
+        super().__init__(name, detail)
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,8 @@ class CanaryResult:
     # answer for this very request (the pair canary)
     evidence: str = "metrics"
     through: PairTarget | None = None  # the pair canary's instances
+    # failed KV pulls before this answer (the pair canary retries those, see run_pair_canary)
+    failed_pulls: tuple[str, ...] = ()
 
     @property
     def kv_transferred(self) -> bool:
@@ -252,7 +262,7 @@ def _post_json(
         raise HealthError("canary", f"POST {url} failed: {getattr(e, 'reason', e)}") from e
     if status != 200:
         detail = raw.decode(errors="replace")[:500]
-        raise HealthError("canary", f"POST {url} answered HTTP {status}: {detail}")
+        raise HttpStatusError("canary", f"POST {url} answered HTTP {status}: {detail}", status)
     try:
         data = json.loads(raw)
     except ValueError as e:
@@ -444,6 +454,14 @@ def _prefill_step(
     return {k: v for k, v in ktp.items() if k != "remote_prefill_cached_tokens"}
 
 
+# vLLM 0.32 handshakes with a prefill engine on decode's first pull from it (nixl/base_worker.py
+# `_nixl_handshake`: a zmq REQ with a 5 s receive timeout); a failed handshake fails the requests
+# waiting on it (HTTP 500, kv_load_failure_policy "fail") and the next request handshakes again.
+# So right after a restart the first pull can fail while every later one works: the pair canary
+# tries that many pulls before it judges the pair, and reports the failed ones.
+PAIR_CANARY_PULLS = 3
+
+
 def run_pair_canary(
     pair: PairTarget,
     model: str,
@@ -455,6 +473,7 @@ def run_pair_canary(
     *,
     block_size: int | None = None,
     clock: Clock = time.monotonic,
+    sleep: Sleep = time.sleep,
     request: Request = urllib_request,
 ) -> CanaryResult:
     """One request through `pair.prefill` then `pair.decode`, proven by decode's answer for it.
@@ -462,9 +481,42 @@ def run_pair_canary(
     Needs decode started with `--enable-prompt-tokens-details` (compile adds it). Raises
     HealthError naming the instance that failed: prefill kept no KV, decode answered nothing,
     or (with `require_kv_transfer`) decode loaded nothing for this request or recomputed it.
+    With NIXL a decode that answers 5xx (a failed KV pull: the first pull after a restart
+    handshakes) is tried again with a new request, up to PAIR_CANARY_PULLS pulls within
+    `timeout_s`; the failed pulls are kept in the result (`failed_pulls`).
     """
     if kv_kind not in PAIR_CANARY_KINDS:
         raise DisaggError(f"the pair canary supports {', '.join(PAIR_CANARY_KINDS)}, not {kv_kind}")
+    deadline = clock() + timeout_s
+    failed: list[str] = []
+    while True:
+        try:
+            res = _pair_once(pair, model, prompt, max_tokens, kv_kind, timeout_s, require_kv_transfer,
+                             block_size, clock, request)  # fmt: skip
+            return replace(res, failed_pulls=tuple(failed)) if failed else res
+        except HealthError as e:
+            cause = e.__cause__
+            pulled = isinstance(cause, HttpStatusError) and cause.status >= 500 and e.name == pair.decode
+            if kv_kind != "nixl" or not pulled or len(failed) + 1 >= PAIR_CANARY_PULLS or clock() >= deadline:
+                if failed:
+                    raise HealthError(e.name, f"{e.detail} (and {len(failed)} failed pull(s) before)") from e
+                raise
+            failed.append(e.detail)
+            sleep(0.5)
+
+
+def _pair_once(
+    pair: PairTarget,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    kv_kind: str,
+    timeout_s: float,
+    require_kv_transfer: bool,
+    block_size: int | None,
+    clock: Clock,
+    request: Request,
+) -> CanaryResult:
     rid = f"disaggctl-canary-{uuid.uuid4().hex[:12]}"
     text_in = f"[{rid}] {prompt}"
     if block_size:
@@ -495,6 +547,16 @@ def run_pair_canary(
         except HealthError as e:
             raise HealthError(pair.decode, f"canary {rid} via {pair.prefill}: {e.detail}") from e
     return result
+
+
+def failed_pulls_note(res: CanaryResult) -> str:
+    """"; after N failed KV pulls (...)" when the pair canary had to pull again, else ""."""
+    if not res.failed_pulls:
+        return ""
+    return (
+        f"; after {len(res.failed_pulls)} failed KV pull(s), the first: {res.failed_pulls[0][:160]} "
+        "(vLLM handshakes with a prefill on the first pull after a restart)"
+    )
 
 
 def _answer(data: dict[str, object], who: str) -> tuple[str, int, int]:

@@ -5,13 +5,14 @@ remote_prefill_cached_tokens override); tests/test_canary_vllm_source.py ties th
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
 import pytest
 
 from disaggctl.health import HealthError, PairTarget, run_canary, run_pair_canary
-from tests.plugins.standin import MODEL, Standin, post_json
+from tests.plugins.standin import MODEL, Standin, http, post_json
 
 PROMPT = "The quick brown fox jumps over the lazy dog " * 6
 DETAILS = ("--enable-prompt-tokens-details",)
@@ -118,3 +119,42 @@ def test_every_pair_canary_request_goes_through_the_given_transport(standin: Sta
     assert ("POST", pair.prefill_url + "/v1/completions") in seen
     assert ("POST", decode_url + "/v1/completions") in seen
     assert ("POST", decode_url + "/tokenize") in seen  # block_size: the prompt's length is asked
+
+
+def _failing_first_pulls(standin: Standin, n: int) -> PairTarget:
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer", args=DETAILS)
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer", args=DETAILS,
+                       env={"STANDIN_FAIL_FIRST_PULLS": str(n)})  # fmt: skip
+    return PairTarget("prefill-0", p.url, "decode-0", d.url)
+
+
+def test_a_first_failed_pull_after_a_restart_is_pulled_again_and_reported(standin: Standin) -> None:
+    # vLLM's first pull from a prefill handshakes; a failed handshake fails that request only
+    from disaggctl.health import PAIR_CANARY_PULLS, failed_pulls_note
+
+    pair = _failing_first_pulls(standin, PAIR_CANARY_PULLS - 1)
+    res = run_pair_canary(pair, MODEL, PROMPT, 4, "nixl", 30.0, sleep=lambda s: None)
+    assert res.kv_transferred and not res.recomputed
+    assert len(res.failed_pulls) == PAIR_CANARY_PULLS - 1
+    assert all("HTTP 500" in f for f in res.failed_pulls)
+    assert f"after {PAIR_CANARY_PULLS - 1} failed KV pull(s)" in failed_pulls_note(res)
+
+
+def test_pulls_that_keep_failing_fail_the_canary_naming_decode(standin: Standin) -> None:
+    from disaggctl.health import PAIR_CANARY_PULLS
+
+    pair = _failing_first_pulls(standin, PAIR_CANARY_PULLS)
+    with pytest.raises(HealthError) as e:
+        run_pair_canary(pair, MODEL, PROMPT, 4, "nixl", 30.0, sleep=lambda s: None)
+    assert e.value.name == "decode-0" and "HTTP 500" in str(e.value)
+    assert f"{PAIR_CANARY_PULLS - 1} failed pull(s) before" in str(e.value)
+
+
+def test_a_prefill_error_is_not_pulled_again(standin: Standin) -> None:
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer", args=DETAILS, env={"STANDIN_FAIL_STATUS": "500"})
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer", args=DETAILS)
+    with pytest.raises(HealthError) as e:
+        run_pair_canary(PairTarget("prefill-0", p.url, "decode-0", d.url), MODEL, PROMPT, 4, "nixl", 30.0)
+    assert e.value.name == "prefill-0" and "failed pull" not in str(e.value)
+    _, _, seen = http("GET", d.url + "/standin/requests", None, None)
+    assert [r for r in json.loads(seen) if "completions" in str(r.get("path"))] == []  # decode never asked

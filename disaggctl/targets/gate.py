@@ -25,6 +25,7 @@ from disaggctl.health import (
     PairTarget,
     Probe,
     Request,
+    failed_pulls_note,
     http_probe,
     run_canary,
     run_pair_canary,
@@ -188,6 +189,7 @@ def canary_summary(res: CanaryResult) -> str:
         return (
             f"canary {res.request_id} via {res.through.prefill} -> {res.through.decode}: {res.prompt_tokens} prompt "
             f"tokens -> {res.completion_tokens} tokens {res.text!r} in {res.latency_s:.2f} s ({kv} for this request)"
+            + failed_pulls_note(res)
         )
     return (
         f"canary: {res.prompt_tokens} prompt tokens -> {res.completion_tokens} tokens {res.text!r} "

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from disaggctl.errors import DisaggError
-from disaggctl.health import PAIR_CANARY_KINDS, HealthError
+from disaggctl.health import PAIR_CANARY_KINDS, HealthError, failed_pulls_note
 from disaggctl.targets.rolling import Op, RollInstance, RollPlan, Step
 
 if TYPE_CHECKING:
@@ -430,7 +430,10 @@ class RolloutRunner:
                 res = self.gate.pair_canary(p, d)
             except HealthError as e:
                 raise HealthError(e.name, f"canary after restarting {name}: {e.detail}") from e
-            self.say(f"  canary {res.request_id} via {p} -> {d}: KV of {res.kv_tokens:g} tokens for this request")
+            self.say(
+                f"  canary {res.request_id} via {p} -> {d}: KV of {res.kv_tokens:g} tokens for this request"
+                + failed_pulls_note(res)
+            )
 
 
 def ensure_admin_token(path: Path) -> bool:

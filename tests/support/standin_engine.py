@@ -38,6 +38,8 @@ What it emulates, enough for routers and deployers to be tested without a GPU:
                                                          (a JSON answer: after half its bytes)
   --standin-error-in-200 / STANDIN_ERROR_IN_200=1       answer generation with 200 and an error (JSON body or SSE event)
   --standin-record / STANDIN_RECORD                      append every request as a JSON line to FILE
+  --standin-fail-first-pulls N / STANDIN_FAIL_FIRST_PULLS  fail only the first N pulls that way (vLLM's first pull
+                                                         after a restart handshakes; a failed handshake fails it)
   --standin-fail-kv-pull / STANDIN_FAIL_KV_PULL=1       a NIXL consumer given `do_remote_prefill` fails the pull as
                                                          vLLM 0.32 does when the prefill died (kv_load_failure_policy
                                                          "fail"): HTTP 500 "Internal server error" (streamed: a 200
@@ -204,6 +206,7 @@ class Engine:
         self.record_path = _flag_env(args.standin_record, "STANDIN_RECORD", str, None)
         fail_pull = os.environ.get("STANDIN_FAIL_KV_PULL", "")
         self.fail_kv_pull = bool(args.standin_fail_kv_pull) or fail_pull not in ("", "0")
+        self.fail_first_pulls = _flag_env(args.standin_fail_first_pulls, "STANDIN_FAIL_FIRST_PULLS", int, 0)
         self.recorded: list[dict[str, Any]] = []
         self.generation_requests = 0
         self.running = 0
@@ -475,7 +478,10 @@ class Server:
             await conn.send(e.fail_status, _err(e.fail_status, "stand-in failure knob"))
             return True
         pull = (body.get("kv_transfer_params") or {}).get("do_remote_prefill")
-        if e.error_in_200 or (e.fail_kv_pull and pull and e.consumer):
+        first_pulls = bool(pull and e.consumer and e.fail_first_pulls > 0)
+        if first_pulls:
+            e.fail_first_pulls -= 1
+        if e.error_in_200 or first_pulls or (e.fail_kv_pull and pull and e.consumer):
             # an error inside a 200 answer, or vLLM's failed KV pull (entrypoints/openai: GenerationError)
             err = _err(500, "Internal server error" if pull else "stand-in error-in-200 knob")
             if not e.error_in_200 and not body.get("stream"):
@@ -706,6 +712,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--standin-error-in-200", action="store_true")
     p.add_argument("--standin-record", default=None)
     p.add_argument("--standin-fail-kv-pull", action="store_true")
+    p.add_argument("--standin-fail-first-pulls", type=int, default=None)
     p.add_argument("--enable-prompt-tokens-details", action="store_true")
     args, _ignored = p.parse_known_args(argv)  # every other vLLM flag is accepted and ignored
     return args
