@@ -140,8 +140,10 @@ def test_newline_in_free_text_is_rejected_naming_process() -> None:
         render_systemd(desired.model_copy(update={"processes": procs}), spec, {"HF_TOKEN": "x"})  # type: ignore[arg-type]
 
 
-def test_every_unit_passes_strict_systemd_analyze_verify(tmp_path: Path) -> None:
-    desired, spec = _state()
+@pytest.mark.parametrize("run_as", [None, "svc.vllm"])  # a dotted (LDAP) user: systemd accepts it
+def test_every_unit_passes_strict_systemd_analyze_verify(tmp_path: Path, run_as: str | None) -> None:
+    text = SPEC.replace("  kind: systemd\n", f"  kind: systemd\n  run_as: {run_as}\n") if run_as else SPEC
+    desired, spec = _state(text)
     procs = [
         p.model_copy(update={"numa_node": 0, "cpus": "0-3"}) if p.role.value != "router" else p
         for p in desired.processes
@@ -159,3 +161,5 @@ def test_every_unit_passes_strict_systemd_analyze_verify(tmp_path: Path) -> None
     out = subprocess.run(["bash", str(VERIFY), "--allow-missing-exec", *units], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("OK ") == len(units) == 6
+    if run_as:
+        assert sum(f"User={run_as}\n" in Path(u).read_text() for u in units) >= 3
