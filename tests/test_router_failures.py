@@ -114,6 +114,35 @@ def test_failed_kv_pull_is_prefilled_on_decode_which_stays_in_rotation(standin: 
     assert status == 200 and json.loads(data)["status"] == "ok"
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_streamed_failed_kv_pull_is_prefilled_on_decode_and_the_client_sees_one_clean_stream(
+    standin: Standin, chat: bool
+) -> None:
+    """Streaming, vLLM 0.32 answers a failed pull with 200 and an error event as its first event (a chat
+    stream: after its role chunk). Nothing of it reaches the client: decode prefills the request."""
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer")
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer", env={"STANDIN_FAIL_FIRST_PULLS": "1"})
+    r = standin.router(kv_kind="nixl", prefill=[p], decode=[d], health_interval_s=60)
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    prompt = {"messages": [{"role": "user", "content": LONG}]} if chat else {"prompt": LONG}
+    status, _, raw = http("POST", r.url + path, {"model": "tiny", **prompt, "max_tokens": 4, "stream": True})
+    assert status == 200
+    events = [ln[6:] for ln in raw.decode().splitlines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1]), events
+    texts = [c.get("text") or (c.get("delta") or {}).get("content") or "" for e in events[:-1]
+             for c in json.loads(e)["choices"]]  # fmt: skip
+    assert "".join(texts).strip()  # generated text reached the client
+    legs = [("kv_transfer_params" in q["body"]) for q in d.requests(path)]
+    assert legs == [True, False]  # the failed pull, then the same decode prefilling it
+    m = r.metrics()
+    assert metric_sum(m, "disaggctl_router_aggregated_fallback_total", role="decode") == 1
+    assert metric_sum(m, "disaggctl_router_errors_total") == 0
+    assert metric_sum(m, "disaggctl_router_error_in_200_total") == 0
+    # the next pull works: served disaggregated, streamed as is
+    status, _, raw = http("POST", r.url + path, {"model": "tiny", **prompt, "max_tokens": 4, "stream": True})
+    assert status == 200 and [("kv_transfer_params" in q["body"]) for q in d.requests(path)] == [True, False, True]
+
+
 def test_a_decode_failing_every_call_still_falls_to_prefill(standin: Standin) -> None:
     p = standin.engine("prefill-0", kv="nixl", role="kv_producer")
     d = standin.engine("decode-0", kv="nixl", role="kv_consumer", args=("--standin-fail-status", "500"))
@@ -280,6 +309,11 @@ def test_vllm_fails_a_request_whose_kv_pull_failed_with_http_500() -> None:
     serving = (root / "entrypoints" / "generate" / "base" / "serving.py").read_text()
     raise_if = serving.split("def _raise_if_error", 1)[1][:400]
     assert 'if finish_reason == "error":' in raise_if and 'raise GenerationError("Internal server error")' in raise_if
+    # streamed: the error is an event of a 200 stream (router: handoff.relay_pull), after a chat stream's role chunk
+    completion = (root / "entrypoints" / "openai" / "completion" / "serving.py").read_text()
+    assert 'yield f"data: {self._convert_generation_error_to_streaming_response(e)}\\n\\n"' in completion
+    chat = (root / "entrypoints" / "openai" / "chat_completion" / "serving.py").read_text()
+    assert chat.index("if first_iteration:") < chat.index("self._raise_if_error(output.finish_reason, request_id)")
     exc = (root / "exceptions.py").read_text().split("class GenerationError", 1)[1][:400]
     assert "self.status_code = HTTPStatus.INTERNAL_SERVER_ERROR" in exc
     repo = Path(__file__).parents[1]

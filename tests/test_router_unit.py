@@ -226,3 +226,21 @@ def test_config_round_trips_and_names_every_problem() -> None:
         "prefill[0].url: required field missing",
         "decode[0]: expected a JSON object, got an integer (7)",
     ]
+
+
+def test_sse_opening_judges_only_what_comes_before_generated_text() -> None:
+    from disaggctl.router.bodies import sse_opening
+
+    err = b'data: {"error": {"message": "Internal server error", "code": 500}}\n\ndata: [DONE]\n\n'
+    role = (
+        b'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}\n\n'
+    )
+    assert sse_opening(err) == "error"
+    assert sse_opening(role) == "empty"
+    assert sse_opening(role + err) == "error"
+    assert sse_opening(b'data: {"choices": [{"index": 0, "text": " fox", "finish_reason": null}]}\n\n') == "content"
+    assert sse_opening(b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n' + err) == "content"
+    assert sse_opening(b'data: {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}\n\n') == "content"
+    assert sse_opening(b'data: {"error": {"mess') == "content"  # a split event: not judged
+    assert sse_opening(b"data: [DONE]\n\n") == "content"
+    assert sse_opening(b": keep-alive\n\n" + err) == "error"

@@ -119,3 +119,38 @@ def sse_has_error(chunk: bytes) -> bool:
     if _ERROR_KEY not in chunk:
         return False
     return any(line.startswith(b"data:") and json_has_error(line[5:].strip()) for line in chunk.split(b"\n"))
+
+
+def sse_opening(chunk: bytes) -> str:
+    """What a leading chunk of an SSE answer says, before any generated text: "error" (an error
+    event), "empty" (only events without generated text or finish: a chat stream's role chunk),
+    else "content" (text, a finish, a split or unknown event: stop judging, pass it on)."""
+    if not chunk.endswith(b"\n\n"):
+        return "content"
+    for line in chunk.split(b"\n"):
+        if not line.strip() or line.startswith(b":"):
+            continue
+        payload = line[5:].strip() if line.startswith(b"data:") else b""
+        try:
+            obj = loads(payload) if payload and payload != b"[DONE]" else None
+        except JSONError:
+            obj = None
+        if not isinstance(obj, dict):
+            return "content"
+        if obj.get("error") is not None:
+            return "error"
+        if not _no_text(obj.get("choices")):
+            return "content"
+    return "empty"
+
+
+def _no_text(choices: object) -> bool:
+    if not isinstance(choices, list):
+        return False
+    for c in choices:
+        if not isinstance(c, dict) or c.get("finish_reason") is not None or c.get("text"):
+            return False
+        delta = c.get("delta")
+        if isinstance(delta, dict) and any(v for k, v in delta.items() if k != "role"):
+            return False
+    return True

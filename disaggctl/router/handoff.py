@@ -22,6 +22,7 @@ from disaggctl.router.bodies import (
     loads,
     prefill_body,
     sse_has_error,
+    sse_opening,
     with_field,
 )
 from disaggctl.router.calls import Upcall, Upstreams, UpstreamUnavailable
@@ -54,6 +55,19 @@ class Ctx:
     @property
     def path(self) -> str:
         return "/v1/chat/completions" if self.chat else "/v1/completions"
+
+
+# leading chunks of a NIXL decode stream held back while they carry no generated text (relay_pull)
+PEEK_CHUNKS = 4
+
+
+async def _chain(head: list[bytes], rest: AsyncIterator[bytes], failure: UpstreamError | None) -> AsyncIterator[bytes]:
+    for chunk in head:
+        yield chunk
+    if failure is not None:
+        raise failure
+    async for chunk in rest:
+        yield chunk
 
 
 class Handoff:
@@ -127,6 +141,8 @@ class Handoff:
                 if not held:
                     raise
                 return await self.pull_failed(ctx, e)
+            if held:
+                return await self.relay_pull(ctx, up)
             return await self.relay(ctx, up, DISAGG)
         finally:
             if held:
@@ -147,6 +163,50 @@ class Handoff:
         self.metrics.aggregated("decode")
         up = await self.ups.call(self.ups.decode, ctx.path, ctx.raw, ctx.headers, only=alive[-1])
         return await self.relay(ctx, up, LOCAL)
+
+    async def relay_pull(self, ctx: Ctx, up: Upcall) -> front.Reply:
+        """The NIXL decode leg, relayed like `relay`; but a 200 stream that opens with an error event
+        before any generated text is not passed on: vLLM 0.32 ends a streamed request whose KV pull
+        failed that way (entrypoints/generate/base/serving.py, a GenerationError as the first event;
+        a chat stream sends its role chunk first). That decode prefills the request itself, as
+        `pull_failed` does for a JSON answer, so the client sees one clean stream."""
+        resp = up.resp
+        if resp.status != 200 or not resp.headers.get("content-type", JSON_CT).startswith(SSE_CT):
+            return await self.relay(ctx, up, DISAGG)
+        parts = resp.iter_chunks()
+        head: list[bytes] = []
+        failure: UpstreamError | None = None
+        try:
+            while len(head) < PEEK_CHUNKS:
+                chunk = await parts.__anext__()
+                seen = sse_opening(chunk)
+                if seen == "error":
+                    break
+                head.append(chunk)
+                if seen == "content":
+                    break
+            else:
+                seen = "content"
+        except StopAsyncIteration:
+            seen = "content"
+        except UpstreamError as e:
+            seen, failure = "content", e
+        if seen == "error":
+            up.close()
+            log.warning("%s: its KV pull failed (an error event first): prefilling on it instead", up.inst.name)
+            self.metrics.aggregated("decode")
+            again = await self.ups.call(self.ups.decode, ctx.path, ctx.raw, ctx.headers, only=up.inst)
+            return await self.relay(ctx, again, LOCAL)
+        try:
+            out = front.StreamResponse(
+                status=200,
+                headers={"Content-Type": resp.headers.get("content-type", SSE_CT), "Cache-Control": "no-cache",
+                         "X-Request-Id": ctx.rid},
+            )  # fmt: skip
+            await out.prepare(ctx.request)
+            return await self.pump(ctx, out, up, _chain(head, parts, failure), DISAGG)
+        finally:
+            up.close()
 
     async def prefill_only(self, ctx: Ctx, reason: str) -> front.Reply:
         """No decode instance can serve: a prefill instance runs the whole request (the client's

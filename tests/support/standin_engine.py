@@ -489,6 +489,11 @@ class Server:
                 return True
             if body.get("stream"):
                 await conn.start_stream()
+                if chat and pull:  # vLLM's chat stream sends the role chunk before the error event
+                    role = {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "model": body.get("model"),
+                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None}]}  # fmt: skip
+                    await conn.chunk(b"data: " + json.dumps(role).encode() + b"\n\n")
                 await conn.chunk(b"data: " + err + b"\n\ndata: [DONE]\n\n")
                 await conn.end_stream()
             else:
