@@ -296,6 +296,9 @@ def rollout(dep: Deployment, args: argparse.Namespace, steady_p99: float) -> int
     # "step 3/6: ..." (local), "   4.2s step 3/6: ..." (systemd: after the phase clock)
     steps = [(t, line[m.start() :]) for t, line in out if (m := STEP.search(line))]
     print(f"apply: rc {rc} in {rollout_s:.1f} s, {len(steps)} rollout steps")
+    for _, line in out:  # each step's pair canary (and the pulls it needed after a restart)
+        if line.lstrip().startswith("canary "):
+            print(f"  {line.strip()[:220]}")
     if rc != 0:
         print("\n".join(line for _, line in out)[-4000:])
     failed = [e for _, ok, e in res if not ok]
