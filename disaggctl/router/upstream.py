@@ -26,6 +26,10 @@ class UpstreamError(OSError):
     """Connect error, timeout, or a connection lost before the response was complete."""
 
 
+class UpstreamRefused(UpstreamError):
+    """The connection itself failed (refused, unreachable): nothing listens there now."""
+
+
 def _expire(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
@@ -306,7 +310,7 @@ class HostPool:
                 f"connect to {self.host}:{self.port} timed out after {self.connect_timeout} s"
             ) from None
         except OSError as e:
-            raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {e.strerror or e}") from None
+            raise UpstreamRefused(f"cannot connect to {self.host}:{self.port}: {e.strerror or e}") from None
         return proto, False
 
     def close(self) -> None:

@@ -40,6 +40,8 @@ What it emulates, enough for routers and deployers to be tested without a GPU:
   --standin-record / STANDIN_RECORD                      append every request as a JSON line to FILE
   --standin-fail-first-pulls N / STANDIN_FAIL_FIRST_PULLS  fail only the first N pulls that way (vLLM's first pull
                                                          after a restart handshakes; a failed handshake fails it)
+  STANDIN_PULL_HANG_S                                    a NIXL consumer given `do_remote_prefill` answers only after
+                                                         this long (vLLM's pull from a prefill that died can hang)
   --standin-fail-kv-pull / STANDIN_FAIL_KV_PULL=1       a NIXL consumer given `do_remote_prefill` fails the pull as
                                                          vLLM 0.32 does when the prefill died (kv_load_failure_policy
                                                          "fail"): HTTP 500 "Internal server error" (streamed: a 200
@@ -207,6 +209,7 @@ class Engine:
         fail_pull = os.environ.get("STANDIN_FAIL_KV_PULL", "")
         self.fail_kv_pull = bool(args.standin_fail_kv_pull) or fail_pull not in ("", "0")
         self.fail_first_pulls = _flag_env(args.standin_fail_first_pulls, "STANDIN_FAIL_FIRST_PULLS", int, 0)
+        self.pull_hang_s = float(os.environ.get("STANDIN_PULL_HANG_S") or 0)
         self.recorded: list[dict[str, Any]] = []
         self.generation_requests = 0
         self.running = 0
@@ -478,6 +481,8 @@ class Server:
             await conn.send(e.fail_status, _err(e.fail_status, "stand-in failure knob"))
             return True
         pull = (body.get("kv_transfer_params") or {}).get("do_remote_prefill")
+        if pull and e.consumer and e.pull_hang_s:
+            await asyncio.sleep(e.pull_hang_s)
         first_pulls = bool(pull and e.consumer and e.fail_first_pulls > 0)
         if first_pulls:
             e.fail_first_pulls -= 1
