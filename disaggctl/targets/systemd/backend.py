@@ -44,12 +44,15 @@ from disaggctl.targets.base import (
 from disaggctl.targets.systemd.access import (
     SshHttp,
     deployment_lock,
+    lock_after_observation,
     lock_command,
+    lock_peek,
     locked_observation,
     observe_everything,
     set_registry,
     stale_registry,
     sudo_checked,
+    unlocked_since,
 )
 from disaggctl.targets.systemd.changes import (
     HostPlan,
@@ -352,6 +355,8 @@ class Hosts:
 
         jobs: list[tuple[Future[Connection | str], str, SshTarget | None]] = []
         for n, t in targets.items():
+            if n in self._pending:  # observed again (under the lock): the connection stands
+                continue
             fut: Future[Connection | str] = Future()
             self._pending[n] = fut
             jobs.append((fut, n, t))
@@ -647,16 +652,55 @@ class SystemdBackend:
     # ----- apply
 
     def apply(self, ctx: OpsContext, plan_file: str | None) -> int:
+        """Observe every host, then: nothing to change and nobody held the lock meanwhile ->
+        done, nothing written, no lock taken (a peek at it); else take the lock, keeping the
+        observation when the lock folder was quiet since it began. --force-unlock: the lock first."""
         console = ctx.console
+        command = lock_command("apply", ctx.loaded.file)
         with self._hosts(ctx) as hosts:
             c = self._ctx(ctx)  # rendered while the connections come up
             try:
-                # every host is observed while the lock is taken (locked_observation says why that holds)
-                with locked_observation(hosts, c, lock_command("apply", ctx.loaded.file), _force(ctx), console) as obs:
+                if _force(ctx):  # every host observed while the lock is taken (locked_observation)
+                    with locked_observation(hosts, c, command, True, console) as obs:
+                        return self._apply_locked(ctx, c, hosts, plan_file, obs)
+                began = time.monotonic()
+                observed = observe_everything(hosts, c)
+                if self._noop(ctx, c, hosts, plan_file, observed, began):
+                    return 0
+                with lock_after_observation(hosts, c, command, console, observed, began) as obs:
                     return self._apply_locked(ctx, c, hosts, plan_file, obs)
             except LockHeld as e:
                 console.print(f"[red bold]apply refused:[/red bold] {e}")
                 return 1
+
+    def _noop(
+        self, ctx: OpsContext, c: Context, hosts: Hosts, plan_file: str | None, observed: dict[str, Observed],
+        began: float,
+    ) -> bool:  # fmt: skip
+        """True (the plan printed) when every host is as the spec wants, every manifest remembers the
+        right hosts, and no apply held the lock since the observing began (access.unlocked_since):
+        nothing to write, no lock to take. LockHeld when someone holds it."""
+        from disaggctl.targets.systemd.ui import print_plan
+
+        seen = lock_peek(hosts, c)  # sent now that every host has answered; the plan is made meanwhile
+        plan = compute_plan(c, observed)
+        if plan.changed or any(h.error for h in plan.hosts):
+            return False
+        set_registry(c, observed)
+        if stale_registry(c, observed):
+            return False
+        try:
+            if not unlocked_since(c, seen.result(), began):
+                return False
+        except LockHeld:
+            raise
+        except DisaggError:  # the lock host did not answer: taking the lock says why
+            return False
+        check_saved_plan(
+            plan_file, saved_plan(ctx, c, plan), lambda s: stale_reasons(load_plan(s.target, "plan"), plan)
+        )
+        print_plan(ctx.console, plan)
+        return True
 
     def _apply_locked(
         self, ctx: OpsContext, c: Context, hosts: Hosts, plan_file: str | None, observed: dict[str, Observed]
