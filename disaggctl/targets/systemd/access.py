@@ -280,12 +280,19 @@ def observe_everything(
     return observed
 
 
+def final_registry(c: Context) -> dict[str, HostAddress]:
+    """Every declared host that runs something, as this spec reaches it (computed once)."""
+    if c.final_registry is None:
+        c.final_registry = {h: address_of(target_for(c.spec, h)) for h in c.hosts if c.rendered.for_host(h)}
+    return c.final_registry
+
+
 def set_registry(c: Context, observed: Mapping[str, Observed]) -> None:
     """What the manifests written by this apply remember: every declared host that runs something,
     every host that holds files now (pending), and a remembered host that is unreachable (it may
     still hold files: remembered until it is cleaned). A host that never held files is never
     remembered."""
-    final = {h: address_of(target_for(c.spec, h)) for h in c.hosts if c.rendered.for_host(h)}
+    final = dict(final_registry(c))
     before = remembered(observed)
     holding: dict[str, HostAddress] = {}
     for name, o in observed.items():
