@@ -15,9 +15,9 @@ from disaggctl.render import templates
 @pytest.fixture
 def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    templates.environment.cache_clear()
+    _fresh_process()
     yield tmp_path / "cache"
-    templates.environment.cache_clear()
+    _fresh_process()
 
 
 def _render(name: str = "target.j2") -> str:
@@ -55,3 +55,57 @@ def test_a_changed_template_is_compiled_again(cache_home: Path, tmp_path: Path,
     text = (root / "systemd" / "target.j2").read_text()
     (root / "systemd" / "target.j2").write_text(text.replace("[Unit]", "[Unit]\n# changed"))
     assert _render() == before.replace("[Unit]", "[Unit]\n# changed")
+
+
+def _fresh_process() -> None:
+    """What a new process starts with: no environment, no texts loaded, nothing to write."""
+    templates.environment.cache_clear()
+    templates._rendered.cache_clear()
+    templates._sources.cache_clear()
+    templates._dirty.clear()
+
+
+T = {"deployment": "d", "host": "h", "description": "x", "services": ["a.service"]}
+
+
+def test_rendered_texts_are_remembered_across_runs_without_jinja2(cache_home: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from disaggctl.render.systemd import TargetContext
+
+    _fresh_process()
+    ctx = TargetContext(**T)  # type: ignore[arg-type]
+    text = templates.render("systemd", "target.j2", t=ctx)
+    assert text == templates.environment("systemd").get_template("target.j2").render(t=ctx)
+    templates._flush()
+    stored = cache_home / "disaggctl" / "render" / "systemd.json"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    _fresh_process()
+
+    def no_jinja(*a: object, **kw: object) -> None:
+        raise AssertionError("rendered again")
+
+    with monkeypatch.context() as m:
+        m.setattr(templates, "environment", no_jinja)
+        assert templates.render("systemd", "target.j2", t=ctx) == text  # a later run: from the file
+        with pytest.raises(AssertionError, match="rendered again"):  # another context: rendered
+            templates.render("systemd", "target.j2", t=TargetContext(**{**T, "host": "h2"}))  # type: ignore[arg-type]
+    stored.write_text("{damaged")
+    _fresh_process()
+    assert templates.render("systemd", "target.j2", t=ctx) == text
+
+
+def test_a_changed_template_is_rendered_again(cache_home: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from disaggctl.render.systemd import TargetContext
+
+    root = tmp_path / "data2"
+    shutil.copytree(templates.data_dir("templates") / "systemd", root / "systemd")
+    monkeypatch.setattr(templates, "data_dir", lambda name: root)
+    _fresh_process()
+    ctx = TargetContext(**T)  # type: ignore[arg-type]
+    before = templates.render("systemd", "target.j2", t=ctx)
+    templates._flush()
+    (root / "systemd" / "target.j2").write_text((root / "systemd" / "target.j2").read_text() + "# more\n")
+    _fresh_process()
+    assert templates.render("systemd", "target.j2", t=ctx) == before + "# more\n"
+    _fresh_process()
