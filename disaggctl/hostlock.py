@@ -62,6 +62,18 @@ fi
 # $1 lock dir: stamp the release (see _ACQUIRE), then break the lock.
 _BREAK = r""": > "${1%/*}/.${1##*/}.released"; rm -rf -- "$1"
 """
+# $1 lock dir; read-only (a no-op apply takes no lock). Prints the host's time first (read before the
+# lock folder's times, so activity after it shows as newer than it), then "<mtime> <path>" for the lock
+# folder, its release stamp and the lock (those that exist; "new" when the folder does not), then
+# "@@owner" and the owner record.
+_PEEK = r"""d=$1
+date +%s.%N
+[ -d "${d%/*}" ] || echo new
+stat -c '%.9Y %n' -- "${d%/*}" "${d%/*}/.${d##*/}.released" "$d" 2>/dev/null
+echo @@owner
+cat -- "$d/owner.json" 2>/dev/null
+exit 0
+"""
 # $1 lock dir. Prints "absent" or "held <age_s>\n<owner json>".
 _READ = r"""d=$1
 [ -d "$d" ] || { echo absent; exit 0; }
@@ -210,6 +222,42 @@ def _parse(path: str, out: str) -> LockState | None:
     if not head.startswith("held "):
         return None
     return LockState(path, LockOwner.from_json(rest.strip()) if rest.strip() else None, float(head.split()[1]))
+
+
+@dataclass(frozen=True)
+class Peek:
+    """A lock looked at without taking it: who holds it (None: nobody), and for how long before
+    the look no lock in the same folder had been taken or released (the host's clock)."""
+
+    held: LockState | None
+    quiet_s: float | None  # inf: no lock was ever in that folder; None: unknown
+
+
+def _parse_peek(path: str, out: str) -> Peek:
+    times, _, owner_text = out.partition("@@owner\n")
+    lines = times.splitlines()
+    new = "new" in lines
+    try:
+        now = float(lines[0])
+        mtimes = {p: float(t) for t, _, p in (ln.partition(" ") for ln in lines[1:] if ln != "new")}
+    except (ValueError, IndexError):
+        return Peek(None, None)
+    parent, _, name = path.rpartition("/")
+    owner = LockOwner.from_json(owner_text.strip()) if owner_text.strip() else None
+    held = None
+    if path in mtimes or owner is not None:  # the lock may have appeared between stat and cat
+        held = LockState(path, owner, max(0.0, now - mtimes.get(path, now)))
+    activity = [t for p, t in mtimes.items() if p in (parent, f"{parent}/.{name}.released")]
+    quiet = now - max(activity) if activity else (math.inf if new else None)
+    return Peek(held, quiet)
+
+
+def peek(conn: Connection, path: str) -> Peek:
+    """Whether anyone holds the lock at `path`, and how long its folder has been quiet; changes
+    nothing on the host (one command). The host's time is read with its fine clock and file times
+    come from its coarse one (a tick behind at most): quiet_s may exceed the truth by that tick."""
+    r = conn.check(["sh", "-c", _PEEK, "lock-peek", path], sudo=True, timeout=30)
+    return _parse_peek(path, r.out)
 
 
 def read(conn: Connection, path: str) -> LockState | None:

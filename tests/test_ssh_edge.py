@@ -251,6 +251,31 @@ def test_lock_take_says_how_long_the_lock_folder_was_quiet(hosts: TestHosts) -> 
         c.run(["rm", "-rf", root], sudo=True)
 
 
+def test_lock_peek_sees_holder_and_activity_and_changes_nothing(hosts: TestHosts) -> None:
+    """The read-only look a no-op apply takes instead of the lock (access.unlocked_since)."""
+    root = f"/tmp/dctl-edge-peek-{os.getpid()}"
+    path = hostlock.lock_path("edge-peek", root=root)
+    a = _owner("disaggctl apply a.yaml")
+    listing = f"ls -a --full-time {root} 2>&1; stat -c '%n %y %z' {root} 2>&1"
+    with connect(_target(hosts, "h2", "deploy")) as c:
+        c.run(["rm", "-rf", root], sudo=True)
+        never = hostlock.peek(c, path)
+        assert never.held is None and never.quiet_s == float("inf")
+        assert "No such file" in c.run(["sh", "-c", listing], sudo=True).out  # nothing created
+        with hostlock.held(c, path, a):
+            seen = hostlock.peek(c, path)
+            assert seen.held is not None and seen.held.owner == a and 0 <= seen.held.age_s < 5
+            assert seen.quiet_s is not None and 0 <= seen.quiet_s < 5
+        just = hostlock.peek(c, path)  # right after the release
+        assert just.held is None and just.quiet_s is not None and 0 <= just.quiet_s < 1.0
+        time.sleep(1.2)
+        before = c.run(["sh", "-c", listing], sudo=True).out
+        later = hostlock.peek(c, path)
+        assert later.held is None and later.quiet_s is not None and later.quiet_s > 1.0
+        assert c.run(["sh", "-c", listing], sudo=True).out == before  # a peek changes nothing
+        c.run(["rm", "-rf", root], sudo=True)
+
+
 def test_stale_lock_is_reported_and_broken_only_with_force(hosts: TestHosts) -> None:
     path = hostlock.lock_path("edge-stale")
     killed = _owner("disaggctl apply killed.yaml", pid=2**22 + 12345)  # no such process here

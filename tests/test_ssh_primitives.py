@@ -126,3 +126,46 @@ def test_lock_quiet_time_from_the_acquire_answer() -> None:
     assert _q("acquired new 102.0 103.0") == 1.0
     for unknown in ("acquired - 103.0", "acquired 100.0", "acquired", "acquired x 103.0", "acquired 1 2 3 4"):
         assert _q(unknown) is None, unknown  # nothing to rely on: observe again under the lock
+
+
+def test_lock_peek_answer() -> None:
+    """hostlock.peek's answer: the host's time, then the lock folder's, the release stamp's and the
+    lock's mtimes (those that exist), then the owner record."""
+    from disaggctl.hostlock import _parse_peek
+
+    path = "/r/x.lock"
+    never = _parse_peek(path, "100.5\nnew\n@@owner\n")
+    assert never.held is None and never.quiet_s == float("inf")  # no lock was ever in that folder
+    released = _parse_peek(path, "100.5\n99.0 /r\n98.0 /r/.x.lock.released\n@@owner\n")
+    assert released.held is None and released.quiet_s == 1.5  # the later of folder and stamp
+    assert _parse_peek(path, "100.5\n98.0 /r\n99.5 /r/.x.lock.released\n@@owner\n").quiet_s == 1.0
+    # created after the host's time was read: activity newer than the look, never quiet
+    assert (_parse_peek(path, "100.5\nnew\n100.6 /r\n@@owner\n").quiet_s or 0) < 0
+    owner = LockOwner("bob", "laptop", 7, 90.0, "disaggctl apply x.yaml", "x", "t")
+    held = _parse_peek(path, f"100.5\n99.0 /r\n97.5 {path}\n@@owner\n{owner.to_json()}\n")
+    assert held.held == LockState(path, owner, 3.0)
+    # the lock appeared between the stat and the cat, or its owner record is not written yet
+    assert _parse_peek(path, f"100.5\n99.0 /r\n@@owner\n{owner.to_json()}\n").held == LockState(path, owner, 0.0)
+    assert _parse_peek(path, f"100.5\n99.0 /r\n100.0 {path}\n@@owner\n").held == LockState(path, None, 0.5)
+    for unknown in ("N\n@@owner\n", "100.5\n@@owner\n", "", "100.5\nx /r\n@@owner\n"):
+        assert _parse_peek(path, unknown) == _parse_peek(path, "")  # nothing to rely on
+        assert _parse_peek(path, unknown).quiet_s is None and _parse_peek(path, unknown).held is None
+
+
+def test_a_noop_apply_ends_unlocked_only_when_no_lock_was_held_while_it_observed() -> None:
+    import time
+    from types import SimpleNamespace
+
+    from disaggctl.hostlock import LockHeld, Peek
+    from disaggctl.targets.systemd.access import unlocked_since
+
+    c = SimpleNamespace(hosts=["s1", "s2"], rendered=SimpleNamespace(for_host=lambda h: h == "s2"))
+    began = time.monotonic() - 1.0  # observing began a second ago
+    assert unlocked_since(c, Peek(None, float("inf")), began)  # type: ignore[arg-type]
+    assert unlocked_since(c, Peek(None, 5.0), began)  # type: ignore[arg-type]
+    assert not unlocked_since(c, Peek(None, 0.5), began)  # type: ignore[arg-type]  # a lock came and went
+    assert not unlocked_since(c, Peek(None, 1.01), began)  # type: ignore[arg-type]  # within the margin
+    assert not unlocked_since(c, Peek(None, None), began)  # type: ignore[arg-type]
+    owner = LockOwner("bob", "laptop", 7, time.time() - 60, "disaggctl apply x.yaml")
+    with pytest.raises(LockHeld, match=r"^s2: deployment is locked by bob@laptop \(pid 7\)"):  # the lock host
+        unlocked_since(c, Peek(LockState("/l", owner, 60.0), 60.0), began)  # type: ignore[arg-type]

@@ -210,6 +210,37 @@ def test_the_whole_workflow_as_a_sudo_user(env: Env, capsys: pytest.CaptureFixtu
         assert env.sh(h, "sh", "-c", "ls -a /home/deploy | grep dctl || true").strip() == ""
 
 
+# every file and folder an apply could write, with its change time (ctime: any write, rename or
+# chmod moves it), and the lock folder with its release stamp
+_SNAPSHOT = ("find /var/lib/disaggctl /etc/disaggctl/acc /etc/systemd/system -path '*disaggctl*' "
+             "-printf '%p %C@ %T@\\n' 2>/dev/null | sort")  # fmt: skip
+
+
+def test_a_noop_apply_takes_no_lock_writes_nothing_and_reports_a_held_lock(env: Env) -> None:
+    from disaggctl.hostlock import LockOwner, acquire, release
+
+    env.apply_ok()
+    time.sleep(0.5)  # the last apply's release is older than the no-op's observing (else it locks: see below)
+    before = {h: env.sh(h, "sh", "-c", _SNAPSHOT) for h in ("s1", "s2")}
+    assert "/var/lib/disaggctl/locks " in before["s1"] and "/var/lib/disaggctl/acc/manifest.json" in before["s2"]
+    env.apply_ok()
+    assert "No changes." in env.text, env.text
+    assert {h: env.sh(h, "sh", "-c", _SNAPSHOT) for h in ("s1", "s2")} == before  # no lock taken, nothing written
+    # another operator holds the lock: a no-op says so (who, since when, from where) and exits 1
+    bob = LockOwner("bob", "bobs-laptop", 4242, time.time() - 30, "disaggctl apply spec.yaml", "acc", "b0b")
+    with env.conn("s1") as c:
+        acquire(c, LOCK, bob)
+        try:
+            assert env.backend.apply(env.ctx(), None) == 1, env.text
+            assert "apply refused: s1: deployment is locked by bob@bobs-laptop (pid 4242) since " in env.text
+            assert "no changes" not in env.text.lower(), env.text
+            assert '"token": "b0b"' in env.sh("s1", "cat", f"{LOCK}/owner.json")  # left as it was
+        finally:
+            assert release(c, LOCK, bob)
+    env.apply_ok()  # released: the no-op goes through again, leaving no lock
+    assert env.sh("s1", "ls", "/var/lib/disaggctl/locks").strip() == ""
+
+
 def test_two_concurrent_applies_and_a_killed_ones_lock(env: Env) -> None:
     env.apply_ok()
     env.write(hdelay=5)  # a change: the first apply restarts decode and waits >= 5 s for its /health

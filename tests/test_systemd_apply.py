@@ -9,6 +9,7 @@ to a spec; a converge of an already converged deployment is one no-op plan per h
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -26,7 +27,7 @@ from disaggctl.loader import load_text
 from disaggctl.ssh import Connection, SshTarget, connect
 from disaggctl.targets import OpsContext
 from disaggctl.targets.base import StalePlan
-from disaggctl.targets.systemd.backend import OBSERVE_SCRIPT, PUSH_SCRIPT, SystemdBackend, observe
+from disaggctl.targets.systemd.backend import OBSERVE_SCRIPT, PUSH_SCRIPT, SystemdBackend, expected_manifest, observe
 from disaggctl.targets.systemd.changes import Observed
 from tests.plugins.infra import TestHosts
 
@@ -254,7 +255,7 @@ def _unit_facts(env: Env, host: str) -> tuple[dict[str, tuple[object, ...]], dic
     with env.conn(host) as conn:
         fast, full = observe(conn, c), observe(conn, c, full=True)
         paths = [f.path for f in c.rendered.for_host(host)]
-        raw = conn.run(["sh", "-c", OBSERVE_SCRIPT, "observe", "fast", c.state_dir, *paths]).out
+        raw = conn.run(["sh", "-c", OBSERVE_SCRIPT, "observe", "fast", c.state_dir, "-", *paths]).out
 
     def facts(o: Observed) -> dict[str, tuple[object, ...]]:
         return {
@@ -288,6 +289,32 @@ def test_05b_plan_reads_running_units_from_the_cgroup_with_systemctls_answer(dep
         assert fast == full and raw.count("Id=") == len(UNITS["s1"])
     finally:
         env.sh("s1", "sh", "-c", "rmdir /run/systemd/system/disaggctl-.service.d; systemctl daemon-reload")
+
+
+def test_05c_a_converged_host_sends_no_manifest_and_a_different_one_sends_it(deployed: Env) -> None:
+    """observe passes the sha256 of the manifest this spec leaves on the host: when the host's is
+    that one, its text stays there (the plan reads the expected one); else the host sends it."""
+    env = deployed
+    c = env.backend._ctx(env.ctx())
+    path = f"{c.state_dir}/manifest.json"
+    with env.conn("s2") as conn:
+        text = conn.run(["cat", path]).out.encode()
+        assert expected_manifest(c, "s2") == text  # what apply wrote is what observe expects
+        paths = [f.path for f in c.rendered.for_host("s2")]
+        want = hashlib.sha256(text).hexdigest()
+        raw = conn.run(["sh", "-c", OBSERVE_SCRIPT, "observe", "fast", c.state_dir, want, *paths]).out
+        assert "@@manifest-as-expected\n" in raw and '"spec_hash"' not in raw
+        quiet = observe(conn, c)
+        assert quiet.manifest is not None and quiet.manifest.to_bytes() == text
+        conn.run(["sh", "-c", f"cp {path} /tmp/m.json && printf ' ' >> {path}"])  # same JSON, other bytes
+        try:
+            loud = observe(conn, c)
+            assert loud.manifest == quiet.manifest and loud.files == quiet.files
+            raw = conn.run(["sh", "-c", OBSERVE_SCRIPT, "observe", "fast", c.state_dir, want, *paths]).out
+            assert "@@manifest\n{" in raw and "@@manifest-as-expected" not in raw
+        finally:
+            conn.run(["mv", "/tmp/m.json", path])
+    assert env.backend.plan(env.ctx(), None, detailed_exitcode=True) == 0, env.text
 
 
 def test_06_saved_plan_is_refused_when_a_host_changed(deployed: Env) -> None:

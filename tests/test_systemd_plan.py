@@ -62,6 +62,14 @@ def test_parse_observe_output() -> None:
     assert not obs.units["v.service"].running and obs.units["v.service"].cmdline is None
 
 
+def test_parse_observe_takes_the_expected_manifest_when_the_host_says_so() -> None:
+    expected = b'{"deployment": "demo", "host": "s1", "spec_hash": "abc", "files": {}, "units": ["u.service"]}\n'
+    text = f"@@paths\n/x\n@@sha\n{'1' * 64}  /state/manifest.json\n{'f' * 64}  /x\n@@manifest-as-expected\n@@end\n"
+    obs = parse_observe("s1", text, expected)
+    assert obs.manifest is not None and obs.manifest.spec_hash == "abc" and obs.files["/x"].sha256 == "f" * 64
+    assert parse_observe("s1", text).manifest is None  # nothing expected: nothing to take
+
+
 def test_parse_observe_tolerates_a_mangled_manifest() -> None:
     obs = parse_observe("s1", "@@manifest\n{not json\n@@paths\n@@end\n")
     assert obs.manifest is None and obs.files == {}

@@ -10,9 +10,11 @@ its clock in BENCH_T0). Phases, in order:
     setup     spec + hand-built DesiredState until apply() is called
     connect   per host: SSH connect + key exchange + auth (background, overlaps render/observe)
     render    units and files for every host (while the connections come up)
-    lock      taking the deployment lock on the lock host (one command)
     observe   per host: the observe command (files' sha256/mode, unit states)
+    peek      a no-op's read-only look at the deployment lock (one command on the lock host, sent
+              after every observation answered, while the plan is made)
     plan      diff + printing the plan
+    lock      taking the deployment lock on the lock host (one command; a changing apply only)
     files     per host: pending manifest, uploads, reload, enable, start of decode (one command)
     health    /health of every started instance (the gate), liveness checks
     manifest  per host: the final manifest
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 PHASES = [
-    "interp", "import", "setup", "connect", "render", "lock", "observe", "plan", "files", "health", "manifest",
+    "interp", "import", "setup", "connect", "render", "observe", "peek", "plan", "lock", "files", "health", "manifest",
     "unlock", "exit",
 ]  # fmt: skip
 PER_HOST = {"connect", "observe", "files", "manifest"}
@@ -85,6 +87,9 @@ class Recorder:
         from disaggctl import hostlock
 
         self.wrap(hostlock, "take", "lock", whole)
+        from disaggctl.targets.systemd import access
+
+        self.wrap(access, "peek", "peek", whole)
         self.wrap(hostlock, "release", "unlock", whole)
         from disaggctl.targets.systemd import ui
 

@@ -271,6 +271,12 @@ def byte_compile() -> None:
 
 
 
+def _spread(results: dict[str, dict[str, dict[int, list[float]]]], tool: str, phase: str, n: int) -> str:
+    """The range of tool/floor over the repeats, each repeat against the floor's run of the same round."""
+    r = [t / f for t, f in zip(results[tool][phase][n], results["floor"][phase][n], strict=True)]
+    return f"{min(r):.2f}-{max(r):.2f}x"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", default="1,8,32")
@@ -296,8 +302,10 @@ def main() -> None:
     try:
         for n in sizes:
             hosts = all_hosts[:n]
-            for tool in tools:
-                for _ in range(a.repeats):
+            # round-robin (each repeat runs every tool once): a load that drifts over the minutes
+            # of a run (this machine is shared) weighs on every tool alike
+            for _ in range(a.repeats):
+                for tool in tools:
                     reset(hosts)
                     for phase in ("first", "noop"):
                         t0 = time.perf_counter()
@@ -322,6 +330,7 @@ def main() -> None:
     for tool in tools:
         for phase in ("first", "noop"):
             meds = [statistics.median(results[tool][phase][n]) for n in sizes]
+            floor = "floor" in results
             ratios = [
                 m / statistics.median(results["floor"][phase][n]) if "floor" in results else float("nan")
                 for m, n in zip(meds, sizes, strict=True)
@@ -331,6 +340,7 @@ def main() -> None:
                 + "".join(f"{m:>10.2f}" for m in meds)
                 + "   "
                 + " ".join(f"{r:.2f}x" for r in ratios)
+                + ("   per repeat " + "; ".join(_spread(results, tool, phase, n) for n in sizes) if floor else "")
             )
     if "disaggctl" in results:
         from phases import summarize

@@ -16,17 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from disaggctl import secrets as secret_files
 from disaggctl.deployment import DesiredState, Process, Rendered, RenderedFile
 from disaggctl.errors import DisaggError
 from disaggctl.quoting import QuotingError, systemd_env, systemd_exec, systemd_value
-from disaggctl.render.templates import environment
+from disaggctl.render.templates import render
 from disaggctl.spec import ClusterSpec, Role, SystemdTarget
-
-if TYPE_CHECKING:
-    import jinja2  # only the annotations; templates.environment imports it when rendering
 
 UNIT_DIR = "/etc/systemd/system"
 SECRETS_FILE = secret_files.FILE_NAME
@@ -77,10 +73,6 @@ def target_name(prefix: str, deployment: str) -> str:
     return f"{prefix}-{deployment}.target"
 
 
-def _env() -> jinja2.Environment:
-    return environment("systemd")
-
-
 def _cpus(cpus: str | None) -> str | None:
     """A cpulist "0-15,32-47" as CPUAffinity= wants it ("0-15 32-47")."""
     if not cpus:
@@ -129,7 +121,7 @@ def _unit(p: Process, desired: DesiredState, t: SystemdTarget, has_secrets: bool
         raise DisaggError(
             f"process {p.name} on {p.host}: {e}; systemd units are line-based, remove the newline from the spec"
         ) from None
-    return _env().get_template("service.j2").render(u=ctx)
+    return render("systemd", "service.j2", u=ctx)
 
 
 def secrets_file(names: list[str], values: Mapping[str, str] | None) -> str:
@@ -166,7 +158,7 @@ def render_systemd(desired: DesiredState, spec: ClusterSpec, secrets: Mapping[st
             services=names,
         )
         files.append(
-            RenderedFile(host=host, path=f"{UNIT_DIR}/{tname}", content=_env().get_template("target.j2").render(t=tctx))
+            RenderedFile(host=host, path=f"{UNIT_DIR}/{tname}", content=render("systemd", "target.j2", t=tctx))
         )
         units[host] = names
     return Rendered(target="systemd", files=files, units=units)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from disaggctl.errors import DisaggError
-from disaggctl.hostlock import LockOwner, Taken, held, lock_path
+from disaggctl.hostlock import LockHeld, LockOwner, Peek, Taken, held, lock_path, peek, stale_reason
 from disaggctl.ssh import Connection, HttpError, SshError, SshTarget, target_for
 from disaggctl.targets.systemd.manifest import HostAddress
 
@@ -177,6 +178,45 @@ def locked_observation(
         yield observe_everything(hosts, c, declared=observed)
 
 
+def lock_peek(hosts: Hosts, c: Context) -> Future[Peek]:
+    """The deployment lock looked at on the lock host (one read-only command), not waiting for it."""
+    name = lock_host(c)
+
+    def one(n: str) -> Peek:
+        conn = hosts.connection(n)
+        if isinstance(conn, str):
+            raise DisaggError(conn)
+        return peek(conn, lock_dir(c))
+
+    return hosts.start_each([name], one)[name]
+
+
+def unlocked_since(c: Context, seen: Peek, began: float) -> bool:
+    """Whether no apply or destroy held the deployment lock at any time from `began` (monotonic,
+    before the first observation was sent) until the peek, which was sent after every observation
+    had answered: then those observations are what observing under the lock gives, and a no-op
+    apply may end there, taking no lock. LockHeld (who, since when, from where) when someone holds
+    it: a no-op never says "no changes" over someone else's apply. False when the lock folder saw
+    activity in that window (or its times are unknown): take the lock and observe again."""
+    if seen.held is not None:
+        raise LockHeld(lock_host(c), seen.held, stale_reason(seen.held))
+    return seen.quiet_s is not None and seen.quiet_s > time.monotonic() - began + QUIET_MARGIN_S
+
+
+@contextmanager
+def lock_after_observation(
+    hosts: Hosts, c: Context, command: str, console: Console, observed: dict[str, Observed], began: float
+) -> Iterator[dict[str, Observed]]:
+    """deployment_lock for an apply that observed every host first (from `began`, monotonic): the
+    observations stand when the lock folder had been quiet since before they began (the rule of
+    locked_observation), else every host is observed again, under the lock."""
+    with deployment_lock(hosts, c, command, False, console) as taken:
+        if taken.quiet_s is not None and taken.quiet_s > time.monotonic() - began + QUIET_MARGIN_S:
+            yield observed
+        else:
+            yield observe_everything(hosts, c)
+
+
 def lock_command(op: str, spec_file: str) -> str:
     return f"disaggctl {op} {os.path.basename(spec_file)}"
 
@@ -240,12 +280,19 @@ def observe_everything(
     return observed
 
 
+def final_registry(c: Context) -> dict[str, HostAddress]:
+    """Every declared host that runs something, as this spec reaches it (computed once)."""
+    if c.final_registry is None:
+        c.final_registry = {h: address_of(target_for(c.spec, h)) for h in c.hosts if c.rendered.for_host(h)}
+    return c.final_registry
+
+
 def set_registry(c: Context, observed: Mapping[str, Observed]) -> None:
     """What the manifests written by this apply remember: every declared host that runs something,
     every host that holds files now (pending), and a remembered host that is unreachable (it may
     still hold files: remembered until it is cleaned). A host that never held files is never
     remembered."""
-    final = {h: address_of(target_for(c.spec, h)) for h in c.hosts if c.rendered.for_host(h)}
+    final = dict(final_registry(c))
     before = remembered(observed)
     holding: dict[str, HostAddress] = {}
     for name, o in observed.items():

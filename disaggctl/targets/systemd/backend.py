@@ -15,13 +15,14 @@ starts while the spec renders.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import posixpath
 import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -44,12 +45,16 @@ from disaggctl.targets.base import (
 from disaggctl.targets.systemd.access import (
     SshHttp,
     deployment_lock,
+    final_registry,
+    lock_after_observation,
     lock_command,
+    lock_peek,
     locked_observation,
     observe_everything,
     set_registry,
     stale_registry,
     sudo_checked,
+    unlocked_since,
 )
 from disaggctl.targets.systemd.changes import (
     HostPlan,
@@ -122,13 +127,11 @@ _fresh() {
   done
   return 0
 }
-mode=$1; d=$2; shift 2
-printf '@@manifest\n'
-# cat, not a `read` loop: dash reads a byte per system call, and a manifest that remembers 32
-# hosts is ~10 KB (8 ms of the host's CPU, against ~0.5 ms for one cat)
-[ -f "$d/manifest.json" ] && cat -- "$d/manifest.json"
+mode=$1; d=$2; want=$3; shift 3
+m=$d/manifest.json
+[ -f "$m" ] || m=""
 if [ -f "$d/owned" ]; then while IFS= read -r l; do set -- "$@" "$l"; done < "$d/owned"; fi
-printf '\n@@paths\n'
+printf '@@paths\n'
 units=""
 for p in "$@"; do
   printf '%s\n' "$p"
@@ -138,7 +141,18 @@ for p in "$@"; do
       case " $units " in *" ${p##*/} "*) ;; *) units="$units ${p##*/}";; esac;;
   esac
 done
-printf '@@sha\n'; [ $# -gt 0 ] && sha256sum -- "$@" 2>/dev/null
+# one sha256sum for the manifest (its line first) and every path
+sums=""
+if [ -n "$m" ] || [ $# -gt 0 ]; then sums=$(sha256sum -- ${m:+"$m"} "$@" 2>/dev/null); fi
+printf '@@sha\n%s\n' "$sums"
+# the manifest's text only when it is not the one the caller expects (its sha256 in $want): a
+# converged host sends ~10 KB less and runs no cat. cat, not a `read` loop: dash reads a byte
+# per system call (8 ms of the host's CPU for 10 KB, against ~0.5 ms for one cat)
+case $sums in
+  "$want  $m"|"$want  $m
+"*) printf '@@manifest-as-expected\n' ;;
+  *) printf '@@manifest\n'; [ -z "$m" ] || cat -- "$m"; echo ;;
+esac
 printf '@@mode\n'; [ $# -gt 0 ] && stat -c '%a %n' -- "$@" 2>/dev/null
 slow=$units
 if [ -n "$units" ] && [ "$mode" = fast ]; then
@@ -293,6 +307,7 @@ class Context:
     removed: dict[str, HostAddress] = field(default_factory=dict)  # remembered hosts the spec dropped
     registry: dict[str, HostAddress] = field(default_factory=dict)  # what the final manifests remember
     registry_pending: dict[str, HostAddress] = field(default_factory=dict)  # ... the pending ones
+    final_registry: dict[str, HostAddress] | None = None  # access.final_registry
 
     @property
     def state_dir(self) -> str:
@@ -352,6 +367,8 @@ class Hosts:
 
         jobs: list[tuple[Future[Connection | str], str, SshTarget | None]] = []
         for n, t in targets.items():
+            if n in self._pending:  # observed again (under the lock): the connection stands
+                continue
             fut: Future[Connection | str] = Future()
             self._pending[n] = fut
             jobs.append((fut, n, t))
@@ -440,13 +457,30 @@ def reload_stamp(ctx: Context) -> str:
 
 def observe(conn: Connection, ctx: Context, full: bool = False) -> Observed:
     """full: every unit's state from `systemctl show` (status); else from the cgroup where that
-    gives systemd's answer (OBSERVE_SCRIPT)."""
+    gives systemd's answer (OBSERVE_SCRIPT). The host sends its manifest only when it differs
+    from the final manifest this spec writes there (expected_manifest)."""
     paths = [f.path for f in ctx.rendered.for_host(conn.name)]
     mode = "full" if full else "fast"
-    r = conn.run(["sh", "-c", OBSERVE_SCRIPT, "observe", mode, ctx.state_dir, *paths], sudo=True, timeout=120)
+    expected = expected_manifest(ctx, conn.name)
+    want = hashlib.sha256(expected).hexdigest() if expected else "-"
+    argv = ["sh", "-c", OBSERVE_SCRIPT, "observe", mode, ctx.state_dir, want, *paths]
+    r = conn.run(argv, sudo=True, timeout=120)
     if r.rc != 0:
         raise SshError(conn.name, f"observe failed (exit {r.rc}): {r.err.strip()[:300]}")
-    return parse_observe(conn.name, r.out)
+    return parse_observe(conn.name, r.out, expected)
+
+
+def expected_manifest(ctx: Context, host: str) -> bytes | None:
+    """The final manifest an apply of this spec leaves on a host that runs something, when no
+    other host holds files (access.set_registry's registry then): what a converged host has."""
+    if not ctx.rendered.for_host(host):
+        return None
+    has_units = bool(ctx.rendered.units.get(host))
+    m = build_manifest(
+        ctx.rendered, host, ctx.desired.name, ctx.target_unit if has_units else None,
+        _owned_processes(ctx, host), ctx.digest, None, final_registry(ctx),
+    )  # fmt: skip
+    return m.to_bytes()
 
 
 def observe_more(
@@ -651,9 +685,8 @@ class SystemdBackend:
         with self._hosts(ctx) as hosts:
             c = self._ctx(ctx)  # rendered while the connections come up
             try:
-                # every host is observed while the lock is taken (locked_observation says why that holds)
-                with locked_observation(hosts, c, lock_command("apply", ctx.loaded.file), _force(ctx), console) as obs:
-                    return self._apply_locked(ctx, c, hosts, plan_file, obs)
+                with _apply_observation(ctx, c, hosts, plan_file) as obs:
+                    return 0 if obs is None else self._apply_locked(ctx, c, hosts, plan_file, obs)
             except LockHeld as e:
                 console.print(f"[red bold]apply refused:[/red bold] {e}")
                 return 1
@@ -901,6 +934,58 @@ class SystemdBackend:
 
 
 _ROLE_NAME = {0: "decode", 1: "prefill", 2: "router"}
+
+
+@contextlib.contextmanager
+def _apply_observation(
+    ctx: OpsContext, c: Context, hosts: Hosts, plan_file: str | None
+) -> Iterator[dict[str, Observed] | None]:
+    """Observe every host, then: nothing to change and nobody held the lock meanwhile -> None,
+    the no-op done, nothing written, no lock taken (_noop); else the observation, under the lock,
+    kept when the lock folder was quiet since it began (access.lock_after_observation).
+    --force-unlock: the lock is broken and taken first, the hosts observed meanwhile."""
+    command = lock_command("apply", ctx.loaded.file)
+    if _force(ctx):
+        with locked_observation(hosts, c, command, True, ctx.console) as obs:
+            yield obs
+        return
+    began = time.monotonic()
+    observed = observe_everything(hosts, c)
+    if _noop(ctx, c, hosts, plan_file, observed, began):
+        yield None
+        return
+    with lock_after_observation(hosts, c, command, ctx.console, observed, began) as obs:
+        yield obs
+
+
+def _noop(
+    ctx: OpsContext, c: Context, hosts: Hosts, plan_file: str | None, observed: dict[str, Observed], began: float
+) -> bool:
+    """True (the plan printed) when every host is as the spec wants, every manifest remembers the
+    right hosts, and no apply held the lock since the observing began (access.unlocked_since):
+    nothing to write, no lock to take. LockHeld when someone holds it."""
+    from disaggctl.targets.systemd.ui import print_plan
+
+    seen = lock_peek(hosts, c)  # sent now that every host has answered; the plan is made meanwhile
+    plan = compute_plan(c, observed)
+    if plan.changed or any(h.error for h in plan.hosts):
+        return False
+    set_registry(c, observed)
+    if stale_registry(c, observed):
+        return False
+    try:
+        if not unlocked_since(c, seen.result(), began):
+            return False
+    except LockHeld:
+        raise
+    except DisaggError:  # the lock host did not answer: taking the lock says why
+        return False
+    if plan_file:  # the plan document is built only to compare with a saved one
+        check_saved_plan(
+            plan_file, saved_plan(ctx, c, plan), lambda s: stale_reasons(load_plan(s.target, "plan"), plan)
+        )
+    print_plan(ctx.console, plan)
+    return True
 
 
 def saved_plan(ctx: OpsContext, c: Context, plan: Plan) -> SavedPlan:

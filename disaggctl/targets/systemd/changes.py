@@ -77,13 +77,14 @@ class Observed:
         return out
 
 
-def parse_observe(host: str, text: str) -> Observed:
+def parse_observe(host: str, text: str, expected: bytes | None = None) -> Observed:
     """Parse the observe script's output.
 
     Sections: @@manifest (JSON), @@paths (every path of interest), @@sha (sha256sum lines),
     @@mode (`stat -c '%a %n'` lines), @@show (`systemctl show` blocks, blank-line separated,
     each with Id=), @@cmdlines ("PID base64-of-/proc/PID/cmdline"), @@state (unitstate lines of
-    the services read from their cgroup, whose unit file systemd loaded at the last reload), @@end.
+    the services read from their cgroup, whose unit file systemd loaded at the last reload), @@end;
+    @@manifest-as-expected instead of @@manifest: the host's manifest is `expected` (same sha256).
     A path listed but absent from @@sha is missing on the host. A unit in both @@state and @@show
     (not running) takes systemctl's answer.
     """
@@ -99,6 +100,8 @@ def parse_observe(host: str, text: str) -> Observed:
     for line in text.split("\n"):
         if line.startswith("@@") and line[2:] in _SECTIONS:
             section = line[2:]
+            if section == "manifest-as-expected" and expected is not None:
+                manifest_lines = [expected.decode()]
             continue
         if section == "manifest":
             manifest_lines.append(line)
@@ -145,7 +148,7 @@ def parse_observe(host: str, text: str) -> Observed:
     return obs
 
 
-_SECTIONS = ("manifest", "paths", "sha", "mode", "show", "cmdlines", "state", "end")
+_SECTIONS = ("manifest", "manifest-as-expected", "paths", "sha", "mode", "show", "cmdlines", "state", "end")
 
 
 def _cgroup_facts(lines: list[str]) -> dict[str, UnitFact]:

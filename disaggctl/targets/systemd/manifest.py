@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,6 +72,8 @@ class Manifest(BaseModel):
     deployment: str
     host: str
     spec_hash: str = ""
+    # no time of writing (was `applied_at`, still read from older manifests): the same spec on the
+    # same hosts gives the same bytes, so observe can compare the host's manifest by its sha256
     applied_at: str = ""
     pending: bool = False  # True between the start and the end of an apply
     target_unit: str | None = None
@@ -143,7 +144,6 @@ def build_manifest(
         deployment=deployment,
         host=host,
         spec_hash=digest,
-        applied_at=datetime.now(UTC).isoformat(timespec="seconds"),
         pending=pending_extra is not None,
         target_unit=target_unit,
         files=files,
