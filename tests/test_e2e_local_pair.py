@@ -308,18 +308,26 @@ def test_killed_prefill_under_load_decode_serves_alone_then_pd_resumes(vllm_pair
 
 def resume_disaggregated(pair: VllmPair) -> None:
     """The router takes prefill back on its next health poll: a long prompt is disaggregated again and
-    decode receives its KV (not recomputed)."""
+    decode receives its KV (not recomputed). vLLM 0.32's first pull from a restarted prefill handshakes
+    with it (5 s zmq timeout; the pair canary pulls again for the same reason, docs/rolling.md): a pull
+    that fails there is recomputed on decode (the router's fallback), so up to 3 such pulls are allowed
+    and printed; a 4th, or no transfer within 60 s, fails."""
     deadline = time.monotonic() + 60
+    recomputed: list[tuple[float, float]] = []
     while True:
         dis0 = router_counts(pair)["disaggregated"]
         before = decode_counters(pair)
         status, body = pair.complete(pair.router_url, transferable_prompt(pair))
         if status == 200 and router_counts(pair)["disaggregated"] == dis0 + 1:
-            break
-        assert time.monotonic() < deadline, f"not disaggregated 60 s after prefill came back: {status} {body}"
+            kv, comp = settle(pair, before, int(body["usage"]["prompt_tokens"]))
+            if kv > 0 and comp <= 1:
+                break
+            recomputed.append((kv, comp))
+            assert len(recomputed) <= 3, f"decode did not receive the KV after the prefill restart: {recomputed}"
+        late = f"not disaggregated 60 s after prefill came back: {status} {body}; recomputed pulls {recomputed}"
+        assert time.monotonic() < deadline, late
         time.sleep(1)
-    kv, comp = settle(pair, before, int(body["usage"]["prompt_tokens"]))
-    assert kv > 0 and comp <= 1, f"decode did not receive the KV after the prefill restart: kv={kv} computed={comp}"
+    print(f"KV transferred again after the restart; pulls recomputed first (kv, computed): {recomputed}")
 
 
 def test_shared_storage_path(vllm_pair: VllmPair) -> None:
