@@ -164,12 +164,17 @@ def main(one_shot: bool = True) -> None:
     tests that call main() in-process pass False (disaggctl/gcpause.py)."""
     from disaggctl.errors import DisaggError, SpecError
 
+    argv = sys.argv[1:]
     if one_shot:
         from disaggctl.gcpause import one_shot_process
 
         one_shot_process()
+        if command_of(argv) is not None:  # a command's options are coerced through pydantic; help is not
+            from disaggctl.distinfo import no_pydantic_plugins
+
+            no_pydantic_plugins()  # none declared: skip pydantic's entry-point scan (distinfo.py)
     try:
-        app_for(sys.argv[1:])()
+        app_for(argv)()
     except SpecError as e:
         sys.stderr.write(format_spec_error(e))
         sys.exit(e.exit_code)
