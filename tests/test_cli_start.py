@@ -3,15 +3,19 @@ leave the command line's behaviour exactly as it was."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 import typer
 import typer.main
 from typer.testing import CliRunner
 
-from disaggctl import cli
+from disaggctl import cli, distinfo
+from disaggctl.compat import transfer
 
 COMMANDS = sorted(cli.COMMAND_OWNERS)
 
@@ -67,3 +71,120 @@ def test_the_console_script_imports_only_the_commands_module_it_runs() -> None:
     assert r.stdout.strip() == "['disaggctl.commands.core']"
     r = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == str(sorted(f"disaggctl.commands.{m}" for m in cli.COMMAND_MODULES))
+
+
+# -- distinfo: dist-info folders read without importlib.metadata ----------------------------------
+
+
+def _dist(root: Path, folder: str, metadata: str = "", entry_points: str | None = None) -> None:
+    d = root / folder
+    d.mkdir(parents=True)
+    if metadata:
+        (d / ("PKG-INFO" if folder.endswith(".egg-info") else "METADATA")).write_text(metadata)
+    if entry_points is not None:
+        (d / "entry_points.txt").write_text(entry_points)
+
+
+def test_nixl_version_agrees_with_importlib_metadata() -> None:
+    try:
+        expected = metadata.version("nixl")
+    except metadata.PackageNotFoundError:
+        expected = ""
+    assert distinfo.version("nixl") == expected
+    assert transfer.installed_version("nixl") == (expected or None)
+    assert distinfo.version("no-such-distribution-here") == ""
+
+
+def test_version_follows_importlib_metadata_on_a_fake_path(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _dist(a, "Fake_Dist-2.0.dist-info", "Metadata-Version: 2.1\nName: fake.dist\nVersion: 2.0\n\nVersion: 9\n")
+    _dist(b, "fake_dist-1.0.dist-info", "Metadata-Version: 2.1\nName: fake-dist\nVersion: 1.0\n")
+    _dist(b, "old_egg-0.3.egg-info", "Metadata-Version: 1.0\nName: old-egg\nVersion: 0.3rc1\n")
+    paths = [str(tmp_path / "missing"), str(a), str(b)]
+    for name in ("fake-dist", "Fake.Dist", "old_egg", "nothere"):
+        try:
+            expected = _importlib_version(name, paths)
+        except metadata.PackageNotFoundError:
+            expected = ""
+        assert distinfo.version(name, paths) == expected, name
+    assert distinfo.version("fake-dist", paths) == "2.0"  # first on the path wins, header only
+
+
+def _importlib_version(name: str, paths: list[str]) -> str:
+    dists = list(metadata.distributions(name=name, path=paths))
+    if not dists:
+        raise metadata.PackageNotFoundError(name)
+    return dists[0].version
+
+
+def test_a_zip_on_the_path_is_left_to_importlib_metadata(tmp_path: Path) -> None:
+    (tmp_path / "lib.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    paths = [str(tmp_path / "lib.zip")]
+    assert distinfo.version("nixl", paths) is None
+    assert distinfo.declares_entry_point_group("pydantic", paths) is None
+
+
+PLUGIN = '''
+class Plugin:
+    def new_schema_validator(self, *args, **kwargs):
+        print("plugin called")
+        return None, None, None
+
+
+plugin = Plugin()
+'''
+
+
+def test_entry_point_groups_agree_with_importlib_metadata(tmp_path: Path) -> None:
+    _dist(tmp_path, "tool-1.0.dist-info", "Version: 1.0\n", "[console_scripts]\ntool = tool:main\n")
+    _dist(tmp_path, "other-1.0.dist-info", "Version: 1.0\n")
+    paths = [str(tmp_path)]
+    for group in ("pydantic", "console_scripts"):
+        expected = bool(metadata.entry_points(group=group))
+        assert distinfo.declares_entry_point_group(group) is expected
+        assert distinfo.declares_entry_point_group(group, paths) is (group == "console_scripts")
+    _dist(tmp_path, "plug-1.0.dist-info", "Version: 1.0\n", "[x]\na = b\n\n [pydantic] \nplug = plug:plugin\n")
+    assert distinfo.declares_entry_point_group("pydantic", paths) is True
+
+
+def _run_console(code: str, path: Path | None = None) -> list[str]:
+    env = dict(os.environ)
+    if path is not None:
+        env["PYTHONPATH"] = str(path)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return r.stdout.split()
+
+
+CHECK = """
+import sys
+from disaggctl import distinfo
+placed = distinfo.no_pydantic_plugins()
+import pydantic
+class M(pydantic.BaseModel):
+    x: int
+M(x=1)
+print(placed, getattr(sys.modules[distinfo.LOADER], "STAND_IN", False), "importlib.metadata" in sys.modules)
+"""
+
+
+def test_the_plugin_stand_in_is_used_only_when_no_plugin_is_declared(tmp_path: Path) -> None:
+    """No distribution declares a `pydantic` entry point group: the stand-in answers, importlib.metadata
+    is never imported. One does: pydantic's own loader loads and calls the plugin."""
+    declared = bool(metadata.entry_points(group="pydantic"))
+    assert _run_console(CHECK) == ([str(not declared), str(not declared), str(declared)])
+    _dist(tmp_path, "plug-1.0.dist-info", "Version: 1.0\n", "[pydantic]\nplug = plug:plugin\n")
+    (tmp_path / "plug.py").write_text(PLUGIN)
+    assert _run_console(CHECK, tmp_path) == ["plugin", "called", "False", "False", "True"]
+
+
+def test_the_console_script_skips_importlib_metadata_and_help_skips_the_scan() -> None:
+    code = (
+        "import sys, atexit; from disaggctl import cli, distinfo;"
+        "atexit.register(lambda: print('importlib.metadata' in sys.modules, distinfo.LOADER in sys.modules));"
+        "sys.argv[1:] = {argv!r}; cli.main()"
+    )
+    if metadata.entry_points(group="pydantic"):
+        pytest.skip("a pydantic plugin is installed: the stand-in is not used")
+    spec = str(Path(__file__).resolve().parents[1] / "examples" / "local-cpu.yaml")
+    assert _run_console(code.format(argv=["validate", spec]))[-2:] == ["False", "True"]
+    assert _run_console(code.format(argv=["--help"]))[-2:] == ["False", "False"]
