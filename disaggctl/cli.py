@@ -165,13 +165,15 @@ def main(one_shot: bool = True) -> None:
     from disaggctl.errors import DisaggError, SpecError
 
     argv = sys.argv[1:]
+    command = command_of(argv)
     if one_shot:
-        from disaggctl.gcpause import one_shot_process
+        from disaggctl.gcpause import one_shot_process, parse_without_gc
 
         one_shot_process()
-        if command_of(argv) is not None:  # a command's options are coerced through pydantic; help is not
+        if command is not None:  # a command's options are coerced through pydantic; help is not
             from disaggctl.distinfo import no_pydantic_plugins
 
+            parse_without_gc(command, argv)
             no_pydantic_plugins()  # none declared: skip pydantic's entry-point scan (distinfo.py)
     try:
         app_for(argv)()

@@ -3,6 +3,7 @@ leave the command line's behaviour exactly as it was."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import typer
 import typer.main
 from typer.testing import CliRunner
 
-from disaggctl import cli, distinfo
+from disaggctl import cli, distinfo, gcpause
 from disaggctl.compat import transfer
 
 COMMANDS = sorted(cli.COMMAND_OWNERS)
@@ -188,3 +189,54 @@ def test_the_console_script_skips_importlib_metadata_and_help_skips_the_scan() -
     spec = str(Path(__file__).resolve().parents[1] / "examples" / "local-cpu.yaml")
     assert _run_console(code.format(argv=["validate", spec]))[-2:] == ["False", "True"]
     assert _run_console(code.format(argv=["--help"]))[-2:] == ["False", "False"]
+
+
+# -- gcpause: no collector while a one-shot command's process parses its command line -------------
+
+
+@pytest.mark.parametrize(
+    "argv,off",
+    [
+        (["validate", "s.yaml"], True),
+        (["render", "s.yaml", "-o", "out"], True),
+        (["schema"], True),
+        (["plan", "--offline", "s.yaml"], True),
+        (["plan", "s.yaml"], False),
+        (["apply", "s.yaml"], False),
+        (["logs", "s.yaml", "-f"], False),
+        (["router", "serve", "--config", "r.json"], False),
+        (["probe", "s.yaml"], False),
+        (["size", "--model", "m"], False),
+    ],
+)
+def test_parse_without_gc_only_for_commands_that_leave_it_off(argv: list[str], off: bool) -> None:
+    assert gc.isenabled()
+    try:
+        gcpause.parse_without_gc(argv[0], argv)
+        assert gc.isenabled() is not off
+    finally:
+        gc.enable()
+
+
+GC_CHECK = """
+import atexit, gc, sys
+import disaggctl.demo_model as dm, disaggctl.docgen as docgen
+from disaggctl import cli
+seen = []
+docgen.spec_json_schema = lambda: seen.append(gc.isenabled()) or dict()
+dm.is_built = lambda path: seen.append(gc.isenabled())
+dm.build = lambda path, force: dict(vocab_size=0, parameters=0)
+atexit.register(lambda: print("collector", *seen))
+sys.argv = ["disaggctl", *sys.argv[1:]]
+cli.main(ONE_SHOT)
+"""
+
+
+@pytest.mark.parametrize("one_shot", [True, False])
+@pytest.mark.parametrize("argv,on", [(["schema"], False), (["demo-model", "/nonexistent/m"], True)])
+def test_the_console_script_runs_one_shot_commands_without_the_collector(
+    one_shot: bool, argv: list[str], on: bool
+) -> None:
+    code = GC_CHECK.replace("ONE_SHOT", str(one_shot))
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+    assert r.stdout.split()[-2:] == ["collector", str(on or not one_shot)]
