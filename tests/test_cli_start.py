@@ -4,6 +4,7 @@ leave the command line's behaviour exactly as it was."""
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import subprocess
 import sys
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 import typer
 import typer.main
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from disaggctl import cli, distinfo, gcpause
+from disaggctl import cli, defaults, distinfo, gcpause, topology
 from disaggctl.compat import transfer
 
 COMMANDS = sorted(cli.COMMAND_OWNERS)
@@ -240,3 +242,26 @@ def test_the_console_script_runs_one_shot_commands_without_the_collector(
     code = GC_CHECK.replace("ONE_SHOT", str(one_shot))
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
     assert r.stdout.split()[-2:] == ["collector", str(on or not one_shot)]
+
+
+# -- model modules: no string annotations to evaluate, no `list` default factory ------------------
+
+MODEL_MODULES = ["disaggctl.spec", "disaggctl.deployment", "disaggctl.topology", "disaggctl.compat.report",
+                 "disaggctl.catalog"]
+
+
+@pytest.mark.parametrize("name", MODEL_MODULES)
+def test_model_modules_build_cheaply(name: str) -> None:
+    module = importlib.import_module(name)
+    assert "annotations" not in vars(module), "pydantic would evaluate every field's annotation string"
+    models = [m for m in vars(module).values()
+              if isinstance(m, type) and issubclass(m, BaseModel) and m.__module__ == name]
+    assert models
+    for model in models:
+        for field, info in model.model_fields.items():
+            assert info.default_factory is not list, f"{model.__name__}.{field}: use defaults.empty_list"
+
+
+def test_empty_list_is_a_new_list_each_time() -> None:
+    a, b = topology.HostTopology(), topology.HostTopology()
+    assert a.gpus == [] and a.gpus is not b.gpus and defaults.empty_list() is not defaults.empty_list()
