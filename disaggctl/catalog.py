@@ -5,8 +5,6 @@ tensor-parallel divisibility and memory fit, and let the sizing planner estimate
 KV-cache bytes without downloading anything.
 """
 
-from __future__ import annotations
-
 import json
 import re
 from pathlib import Path

@@ -8,14 +8,13 @@ All of it is plain data (pydantic models) so it can be dumped as JSON (`plan --o
 compared, and tested without SSH, Slurm or a GPU.
 """
 
-from __future__ import annotations
-
 import hashlib
 from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from disaggctl.compat.report import CompatReport
+from disaggctl.defaults import empty_list
 from disaggctl.spec import Role
 
 
@@ -35,7 +34,7 @@ class NodeSlot(Data):
     gpus: list[int]
     numa_node: int | None = None
     cpus: str | None = None  # cpulist of the GPUs' CPU affinity
-    nics: list[str] = Field(default_factory=list)  # UCX device names, GPU-affine
+    nics: list[str] = Field(default_factory=empty_list)  # UCX device names, GPU-affine
     gpu: str | None = None  # GPU type key (b200, h200, ...) when known
     arch: str | None = None  # "blackwell", "hopper", "cpu" when known
     nvlink_domain: str | None = None  # the host itself (HGX) or an NVL72 clique/domain name
@@ -54,8 +53,8 @@ class Instance(Data):
     http_port: int
     side_channel_port: int | None = None  # NIXL; DP rank r uses base + r
     master_port: int | None = None  # torch.distributed / DP RPC for multi-node instances
-    lmcache_init_ports: list[int] = Field(default_factory=list)  # receiver: one per TP rank
-    lmcache_alloc_ports: list[int] = Field(default_factory=list)
+    lmcache_init_ports: list[int] = Field(default_factory=empty_list)  # receiver: one per TP rank
+    lmcache_alloc_ports: list[int] = Field(default_factory=empty_list)
     lmcache_rpc_port: str | None = None  # a name, unique per instance on a host
 
     @property
@@ -77,7 +76,7 @@ class Placement(Data):
     router_admin_port: int | None = None  # the builtin router's admin listener
     # host -> port -> owner ("prefill-0 http", "router", ...): every port taken on every host
     ports: dict[str, dict[int, str]] = Field(default_factory=dict)
-    warnings: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=empty_list)
 
     def by_role(self, role: Role) -> list[Instance]:
         return [i for i in self.instances if i.role is role]
@@ -116,8 +115,8 @@ class Process(Data):
     address: str
     argv: list[str]
     env: dict[str, str] = Field(default_factory=dict)
-    files: list[str] = Field(default_factory=list)  # ConfigFile names it reads (on its host)
-    gpus: list[int] = Field(default_factory=list)
+    files: list[str] = Field(default_factory=empty_list)  # ConfigFile names it reads (on its host)
+    gpus: list[int] = Field(default_factory=empty_list)
     numa_node: int | None = None
     cpus: str | None = None
     http_port: int | None = None  # where /health answers; None for headless workers

@@ -6,8 +6,6 @@ Rules that need the whole spec live in `ClusterSpec`'s validators; rules that ne
 topology live in `placement`.
 """
 
-from __future__ import annotations
-
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -15,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from disaggctl.catalog import ModelArchitecture, lookup
+from disaggctl.defaults import empty_list
 from disaggctl.safestr import (
     AbsPath,
     Address,
@@ -222,10 +221,10 @@ class Host(Strict):
 class HostSelector(Strict):
     """Which hosts a pool may use."""
 
-    names: list[Text] = Field(default_factory=list, description="Host names; empty means any host.")
+    names: list[Text] = Field(default_factory=empty_list, description="Host names; empty means any host.")
     labels: dict[Text, Text] = Field(default_factory=dict, description="Labels every selected host must carry.")
     gpus: list[int] = Field(
-        default_factory=list, description="GPU indices the pool may use on each selected host; empty means all."
+        default_factory=empty_list, description="GPU indices the pool may use on each selected host; empty means all."
     )
 
 
@@ -257,7 +256,7 @@ class Pool(Strict):
         default=None, ge=1, description="`--kv-cache-memory-bytes`: an explicit KV size instead of a share."
     )
     extra_args: list[Text] = Field(
-        default_factory=list, description="Extra `vllm serve` arguments appended verbatim (an escape hatch)."
+        default_factory=empty_list, description="Extra `vllm serve` arguments appended verbatim (an escape hatch)."
     )
     env: dict[EnvName, Text] = Field(
         default_factory=dict, description="Extra environment for every process of the pool."
@@ -398,7 +397,7 @@ class Router(Strict):
 
 def _secrets_field() -> Any:
     return Field(
-        default_factory=list,
+        default_factory=empty_list,
         description="Environment variables (e.g. HF_TOKEN) the prefill/decode processes need: copied from the "
         "operator's environment (or `secrets_file`) into one mode-0600 file that only the engines read "
         "(never the router); never in argv, `plan` or `render` output.",
@@ -475,7 +474,7 @@ class SlurmTarget(Strict):
     container_image: ImageRef | None = Field(
         default=None, description="pyxis/enroot `--container-image` for every step."
     )
-    container_mounts: list[SlurmMount] = Field(default_factory=list, description="pyxis `--container-mounts`.")
+    container_mounts: list[SlurmMount] = Field(default_factory=empty_list, description="pyxis `--container-mounts`.")
     workdir: SlurmPath = Field(
         default="/tmp/disaggctl", description="Job working folder (logs, config files) on the nodes."
     )
@@ -571,7 +570,7 @@ class ClusterSpec(Strict):
 
     name: Name = Field(description="Deployment name: lowercase letters, digits and dashes.")
     profiles: list[Text] = Field(
-        default_factory=list,
+        default_factory=empty_list,
         description="Profiles merged under this spec, in order (hardware: h100 h200 b200 b300 gb200-nvl72 "
         "gb300-nvl72; workload: summarization chat multi-round-qa rag).",
     )

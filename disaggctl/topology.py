@@ -5,13 +5,12 @@ A topology file is JSON: `{"version": 1, "hosts": {"<host name>": HostTopology, 
 Unknown values stay `None` (a field the driver could not report), never a guess.
 """
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from disaggctl.defaults import empty_list
 from disaggctl.safestr import CpuList, Text
 
 TOPOLOGY_VERSION = 1
@@ -48,9 +47,9 @@ class Gpu(Model):
     ecc_corrected: int | None = None
     power_limit_w: float | None = None
     max_sm_clock_mhz: int | None = None
-    nvlinks: list[NvLink] = Field(default_factory=list)
+    nvlinks: list[NvLink] = Field(default_factory=empty_list)
     nvlink_peers: list[int] = Field(
-        default_factory=list, description="Indices of GPUs on this host reachable over NVLink."
+        default_factory=empty_list, description="Indices of GPUs on this host reachable over NVLink."
     )
     fabric_state: str | None = None  # "completed", "in_progress", "not_started", "not_supported"
     fabric_status: str | None = None  # "success" or an error name
@@ -106,10 +105,10 @@ class HostTopology(Model):
     hostname: str | None = None
     driver_version: str | None = None
     cuda_driver_version: str | None = None
-    gpus: list[Gpu] = Field(default_factory=list)
-    nics: list[Nic] = Field(default_factory=list)
-    problems: list[Problem] = Field(default_factory=list)
-    warnings: list[str] = Field(default_factory=list)
+    gpus: list[Gpu] = Field(default_factory=empty_list)
+    nics: list[Nic] = Field(default_factory=empty_list)
+    problems: list[Problem] = Field(default_factory=empty_list)
+    warnings: list[str] = Field(default_factory=empty_list)
     source: str | None = None  # "nvml", "nvidia-smi", "count", "capture:<file>"
 
     @property

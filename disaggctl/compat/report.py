@@ -4,11 +4,11 @@
 prefill/decode shape, how the KV moves. `plan --output json` prints it under `"compat"`.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from disaggctl.defaults import empty_list
 
 
 class _Data(BaseModel):
@@ -46,7 +46,7 @@ class TransferPlan(_Data):
     kv_bytes_per_token: float | None = None
     typical_prompt_tokens: int
     typical_prompt_bytes: float | None = None
-    links: list[LinkEstimate] = Field(default_factory=list)
+    links: list[LinkEstimate] = Field(default_factory=empty_list)
     # instance -> its NVLink domain: a prefill and a decode instance in the same domain move KV
     # over NVLink, any other pair over the NIC ("mixed": the instance spans domains)
     domains: dict[str, str] = Field(default_factory=dict)

@@ -14,10 +14,10 @@ import json
 import os
 from collections import Counter
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from disaggctl import distinfo
 from disaggctl.compat import fingerprint as fp
 from disaggctl.compat.nixl import KvModel, read_sources, tp_ratio
 from disaggctl.compat.report import CompatReport, InstanceFingerprint, LinkEstimate, TransferPlan
@@ -31,14 +31,28 @@ def environment_versions(spec: ClusterSpec) -> dict[str, str]:
     if not isinstance(spec.target, LocalTarget):
         return {}
     out: dict[str, str] = {}
-    try:
-        out["nixl"] = metadata.version("nixl")
-    except metadata.PackageNotFoundError:
+    nixl = installed_version("nixl")
+    if nixl is None:
         return out
+    out["nixl"] = nixl
     ucx = _bundled_ucx_version()
     if ucx:
         out["ucx"] = ucx
     return out
+
+
+def installed_version(name: str) -> str | None:
+    """importlib.metadata.version(name), None when not installed: read from the dist-info folders
+    on sys.path (disaggctl/distinfo.py), importlib.metadata only where that reader cannot tell."""
+    found = distinfo.version(name)
+    if found is not None:
+        return found or None
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 @lru_cache(maxsize=1)
