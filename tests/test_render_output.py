@@ -28,7 +28,7 @@ def _mode(p: Path) -> int:
 def test_writes_every_file_with_its_mode_under_a_strict_umask(tmp_path: Path) -> None:
     old = os.umask(0o077)
     try:
-        written = write_rendered(_rendered("[Unit]\n"), tmp_path)
+        written = [Path(p) for p in write_rendered(_rendered("[Unit]\n"), tmp_path)]
     finally:
         os.umask(old)
     assert written == [
@@ -48,3 +48,20 @@ def test_writing_again_replaces_changed_files_and_leaves_no_temporaries(tmp_path
     write_rendered(_rendered("new\n"), tmp_path)
     assert unit.read_text() == "new\n" and _mode(unit) == 0o644
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_writing_the_same_again_leaves_files_alone_and_a_link_is_replaced(tmp_path: Path) -> None:
+    write_rendered(_rendered("same\n"), tmp_path)
+    unit = tmp_path / "a/etc/systemd/system/x.service"
+    script = tmp_path / "a/etc/dctl/run.sh"
+    before = unit.stat().st_ino
+    os.chmod(script, 0o644)  # same bytes, another mode: replaced
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text('K="é"\n')
+    secrets = tmp_path / "b/etc/dctl/secrets.env"
+    secrets.unlink()
+    secrets.symlink_to(elsewhere)  # a link to the same bytes: replaced by the file itself
+    write_rendered(_rendered("same\n"), tmp_path)
+    assert unit.stat().st_ino == before and unit.read_text() == "same\n"
+    assert _mode(script) == 0o755 and script.read_text() == "#!/bin/sh\n"
+    assert not secrets.is_symlink() and _mode(secrets) == 0o600 and elsewhere.read_text() == 'K="é"\n'
