@@ -6,7 +6,10 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
 from disaggctl.deployment import Rendered, RenderedFile
+from disaggctl.render import output
 from disaggctl.render.output import write_rendered
 
 
@@ -65,3 +68,32 @@ def test_writing_the_same_again_leaves_files_alone_and_a_link_is_replaced(tmp_pa
     assert unit.stat().st_ino == before and unit.read_text() == "same\n"
     assert _mode(script) == 0o755 and script.read_text() == "#!/bin/sh\n"
     assert not secrets.is_symlink() and _mode(secrets) == 0o600 and elsewhere.read_text() == 'K="é"\n'
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        p.relative_to(root).as_posix(): (_mode(p), p.read_bytes() if p.is_file() else b"")
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_threads_write_the_same_tree_and_an_error_in_one_is_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [
+        RenderedFile(host=f"h{i % 7}", path=f"/etc/d{i % 3}/f{i}.conf", content=f"{i}\n" * i, mode=0o600 + (i % 2) * 4)
+        for i in range(60)
+    ]
+    rendered = Rendered(target="systemd", files=files)
+    one = write_rendered(rendered, tmp_path / "one")
+    monkeypatch.setattr(output, "PARALLEL_FROM", 2)
+    monkeypatch.setattr(output, "WORKERS", 3)
+    monkeypatch.setattr(output.os, "cpu_count", lambda: 3)
+    three = write_rendered(rendered, tmp_path / "three")
+    assert [p.replace("/three/", "/one/") for p in three] == one
+    assert _tree(tmp_path / "three") == _tree(tmp_path / "one") and len(_tree(tmp_path / "one")) == 60 + 7 * 5
+    (tmp_path / "bad" / "h5").mkdir(parents=True)
+    (tmp_path / "bad" / "h5" / "etc").write_text("not a folder")
+    with pytest.raises(FileExistsError):  # a file where a folder goes
+        write_rendered(rendered, tmp_path / "bad")
+    assert (tmp_path / "bad" / "h1" / "etc" / "d1" / "f1.conf").read_text() == "1\n"  # the other threads finished

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import subprocess
 import sys
@@ -108,16 +109,40 @@ def process_times(argv: list[str], repeat: int) -> Times:
     return Times(times)
 
 
-def write_times(path: Path, repeat: int, tmp: Path) -> tuple[Times, int, int]:
-    """`render --out`'s disk part alone: write_rendered into a new folder each time."""
+def write_times(path: Path, repeat: int, tmp: Path) -> tuple[Times, Times, int, int]:
+    """`render --out`'s disk part alone: write_rendered into a new folder each time, and the disk
+    floor: a plain Python loop making the same folders (one mkdir each, parents first) and writing
+    the same bytes to the same paths (os.open/os.write/os.close, mode at open), interleaved."""
     loaded = load_spec(path)
     rendered = render(compile_spec(loaded), loaded.spec, {})
-    times = []
+    files = [(f"{f.host}/{f.path.lstrip('/')}", f.content.encode(), f.mode) for f in rendered.files]
+    folders = sorted({os.path.dirname(p) for p, _, _ in files})
+    folders = sorted({parent for d in folders for parent in _parents(d)}, key=lambda d: d.count("/"))
+    times, floor = [], []
+    written: list[str] = []
     for i in range(repeat):
         t0 = time.perf_counter()
         written = write_rendered(rendered, tmp / f"w{i}")
         times.append(time.perf_counter() - t0)
-    return Times(times), len(written), len({p.parent for p in written})
+        t0 = time.perf_counter()
+        _plain_loop(str(tmp / f"f{i}"), folders, files)
+        floor.append(time.perf_counter() - t0)
+    return Times(times), Times(floor), len(written), len(folders)
+
+
+def _parents(folder: str) -> list[str]:
+    parts = folder.split("/")
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _plain_loop(root: str, folders: list[str], files: list[tuple[str, bytes, int]]) -> None:
+    os.mkdir(root)
+    for d in folders:
+        os.mkdir(f"{root}/{d}")
+    for rel, data, mode in files:
+        fd = os.open(f"{root}/{rel}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        os.write(fd, data)
+        os.close(fd)
 
 
 def in_process_report(results: dict[int, InProcess]) -> None:
@@ -176,8 +201,12 @@ def main() -> int:
             specs[racks].write_text(rack_spec(racks))
         measure(specs[sizes[0]], 1)  # warm-up: imports, template compilation
         in_process_report({racks: measure(path, args.repeat) for racks, path in specs.items()})
-        w, files, folders = write_times(specs[sizes[-1]], args.repeat, tmp)
-        print(f"{sizes[-1]} racks: writing {files} files in {folders} folders (render --out, the disk): {w.show()}")
+        w, floor, files, folders = write_times(specs[sizes[-1]], args.repeat, tmp)
+        print(
+            f"{sizes[-1]} racks: writing {files} files in {folders} folders (render --out, the disk): {w.show()}; "
+            f"the disk floor (a plain loop, same folders and bytes): {floor.show()}; "
+            f"x{w.median / floor.median:.2f} the floor"
+        )
         if not args.no_cli:
             cli_report(specs, args.repeat, tmp)
     return 0
