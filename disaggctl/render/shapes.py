@@ -60,7 +60,7 @@ def _walk(v: object, shape: list[object], leaves: list[str]) -> None:
     if t is str or t is int:  # not bool (type(True) is bool)
         if v:
             shape.append(t is str)
-            leaves.append(str(v))
+            leaves.append(v if t is str else str(v))  # type: ignore[arg-type]
         else:
             shape.append(repr(v))
     elif v is None or t is bool:
@@ -68,21 +68,26 @@ def _walk(v: object, shape: list[object], leaves: list[str]) -> None:
     elif isinstance(v, list | tuple) and (t is list or t is tuple):
         shape.append(len(v))
         for item in v:
-            _walk(item, shape, leaves)
-    elif dataclasses.is_dataclass(v) and not isinstance(v, type):
-        shape.append(t.__qualname__)
-        for f in _fields(t):
-            _walk(getattr(v, f), shape, leaves)
+            if type(item) is str and item:  # the common leaf, without a call
+                shape.append(True)
+                leaves.append(item)
+            else:
+                _walk(item, shape, leaves)
     else:
-        raise Unsupported(t.__name__)
+        shape.append(t.__qualname__)
+        for name in _fields(t):
+            _walk(getattr(v, name), shape, leaves)
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def _fields(t: type) -> tuple[str, ...]:
+    """A dataclass's field names; Unsupported for any other type."""
     names = _FIELDS.get(t)
     if names is None:
+        if not dataclasses.is_dataclass(t):
+            raise Unsupported(t.__name__)
         names = _FIELDS[t] = tuple(f.name for f in dataclasses.fields(t))
     return names
 
