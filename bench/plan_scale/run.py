@@ -6,7 +6,8 @@ then render), the ratios against the smaller sizes measured in the same run (lin
 `disaggctl plan --offline --output json` and `disaggctl render --out DIR` processes, against a
 bare `python -c "import typer"` start and the 1-rack run.
 Targets (issue 16): 128 racks < 1 s as a CLI process, linear in racks in-process.
-Usage: python bench/plan_scale/run.py [--repeat N] [--racks 1,16,128]
+Usage: python bench/plan_scale/run.py [--repeat N] [--racks 1,16,128] [--against OTHER/.venv/bin/disaggctl]
+Results: bench/plan_scale/README.md
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -97,16 +99,29 @@ def measure(path: Path, repeat: int) -> InProcess:
 
 
 def process_times(argv: list[str], repeat: int) -> Times:
-    """Wall times of a new process running ARGV, as a user runs it. An `{out}` in ARGV becomes a new
-    folder each run (removing the last run's 9000 folders right before a run would time the disk's
-    clean-up, not disaggctl)."""
-    times = []
+    """Wall times of a new process running ARGV, as a user runs it."""
+    return rounds({"": argv}, repeat)[""][0]
+
+
+def rounds(argvs: dict[str, list[str]], repeat: int, envs: dict[str, dict[str, str]] | None = None,
+           ) -> dict[str, tuple[Times, Times]]:  # fmt: skip
+    """Wall and CPU (user + sys) times of new processes running each ARGV, alternating within each
+    round so that they share the machine's load. An `{out}` in an ARGV becomes a new folder each run
+    (removing the last run's 9000 folders right before a run would time the disk's clean-up, not
+    disaggctl)."""
+    wall: dict[str, list[float]] = {k: [] for k in argvs}
+    cpu: dict[str, list[float]] = {k: [] for k in argvs}
     for i in range(repeat):
-        run_argv = [a.replace("{out}", f"-{i}") for a in argv]
-        t0 = time.perf_counter()
-        subprocess.run(run_argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t0)
-    return Times(times)
+        for label, argv in argvs.items():
+            run_argv = [a.replace("{out}", f"-{label}{i}") for a in argv]
+            c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            subprocess.run(run_argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=(envs or {}).get(label))  # fmt: skip
+            wall[label].append(time.perf_counter() - t0)
+            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[label].append(c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime)
+    return {k: (Times(wall[k]), Times(cpu[k])) for k in argvs}
 
 
 def write_times(path: Path, repeat: int, tmp: Path) -> tuple[Times, Times, int, int]:
@@ -163,27 +178,44 @@ def in_process_report(results: dict[int, InProcess]) -> None:
         )
 
 
-def cli_report(specs: dict[int, Path], repeat: int, tmp: Path) -> None:
-    exe = str(Path(sys.executable).with_name("disaggctl"))
+def cli_report(specs: dict[int, Path], repeat: int, tmp: Path, against: str | None) -> None:
+    """`against`: another disaggctl (e.g. main's venv) run in the same rounds, each with its own cache folder."""
+    exes = {"this": str(Path(sys.executable).with_name("disaggctl"))}
+    if against:
+        exes["against"] = against
+    envs = {label: {**os.environ, "XDG_CACHE_HOME": str(tmp / f"cache-{label}")} for label in exes}
     floor = process_times([sys.executable, "-c", "import typer"], repeat)
-    help_t = process_times([exe, "--help"], repeat)
-    print("\nCLI, a new process each run (median [min-max] s)")
+    help_t = process_times([exes["this"], "--help"], repeat)
+    print("\nCLI, a new process each run (median [min-max] s; CPU: user + sys)")
     print(f"python -c 'import typer' (the floor): {floor.show()}; disaggctl --help: {help_t.show()}")
+    if against:
+        print(f"this: {exes['this']}; against: {against} (alternating in each round)")
     base: dict[str, Times] = {}
     for racks, path in specs.items():
-        for what, argv in (
-            ("plan --offline --output json", [exe, "plan", "--offline", "--output", "json", str(path)]),
-            ("render --out DIR", [exe, "render", str(path), "--out", str(tmp / f"r{racks}") + "{out}"]),
+        for what, args in (
+            ("plan --offline --output json", ["plan", "--offline", "--output", "json", str(path)]),
+            ("render --out DIR", ["render", str(path), "--out", str(tmp / f"r{racks}") + "{out}"]),
         ):
-            t = process_times(argv, repeat)
-            base.setdefault(what, t)
-            verdict = ""
-            if racks >= 128:
-                verdict = f" ({'within' if t.median < TARGET_S else 'OVER'} the {TARGET_S:.0f} s target)"
-            print(
-                f"{racks:>4} racks `{what}`: {t.show()}; x{t.median / base[what].median:.1f} the "
-                f"{min(specs)}-rack run, +{t.median - floor.median:.2f} s over the floor{verdict}"
-            )
+            argvs = {label: [exe, *args] for label, exe in exes.items()}
+            for label, argv in argvs.items():  # warm-up: the caches a user's second run finds
+                subprocess.run([a.replace("{out}", f"-{label}-warm") for a in argv], check=True,
+                               stdout=subprocess.DEVNULL, env=envs[label])  # fmt: skip
+            measured = rounds(argvs, repeat, envs)
+            for label, (t, cpu) in measured.items():
+                key = f"{label} {what}"
+                base.setdefault(key, t)
+                verdict = ""
+                if racks >= 128:
+                    verdict = f" ({'within' if t.median < TARGET_S else 'OVER'} the {TARGET_S:.0f} s target)"
+                vs = ""
+                if label == "this" and against:
+                    o_wall, o_cpu = measured["against"]
+                    vs = f"; x{t.median / o_wall.median:.2f} against's wall, x{cpu.median / o_cpu.median:.2f} CPU"
+                print(
+                    f"{racks:>4} racks {label:>7} `{what}`: {t.show()}, CPU {cpu.median:.3f}; "
+                    f"x{t.median / base[key].median:.1f} the {min(specs)}-rack run, "
+                    f"+{t.median - floor.median:.2f} s over the floor{verdict}{vs}"
+                )
 
 
 def main() -> int:
@@ -191,6 +223,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--racks", default="1,16,128", help="comma-separated rack counts (ascending)")
     ap.add_argument("--no-cli", action="store_true", help="in-process only")
+    ap.add_argument("--against", help="another disaggctl executable to run in the same rounds (e.g. main's)")
     args = ap.parse_args()
     sizes = sorted(int(r) for r in args.racks.split(","))
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -208,7 +241,7 @@ def main() -> int:
             f"x{w.median / floor.median:.2f} the floor"
         )
         if not args.no_cli:
-            cli_report(specs, args.repeat, tmp)
+            cli_report(specs, args.repeat, tmp, args.against)
     return 0
 
 
