@@ -6,6 +6,9 @@ else `~/.cache/...`): compiling them (jinja2's lexer regexes, parsing, code gene
 ~0.2 s of CPU per run, loading them ~2 ms. jinja2 keys an entry by the template's file and checks
 its source's sha1, jinja2's and Python's versions; the folder's name adds the environment's
 options (compiled code depends on them). A cache that cannot be read or written is skipped.
+
+`render()` (the systemd units) goes through skeletons (render/shapes.py): one jinja2 render per
+shape of context, kept in the same cache folder (`render/SUBDIR.json`); filling one is a join.
 """
 
 from __future__ import annotations
