@@ -127,7 +127,8 @@ def rounds(argvs: dict[str, list[str]], repeat: int, envs: dict[str, dict[str, s
 def write_times(path: Path, repeat: int, tmp: Path) -> tuple[Times, Times, int, int]:
     """`render --out`'s disk part alone: write_rendered into a new folder each time, and the disk
     floor: a plain Python loop making the same folders (one mkdir each, parents first) and writing
-    the same bytes to the same paths (os.open/os.write/os.close, mode at open), interleaved."""
+    the same bytes to the same paths (os.open/os.write/os.close, mode at open, one thread),
+    interleaved, each first in every other repeat."""
     loaded = load_spec(path)
     rendered = render(compile_spec(loaded), loaded.spec, {})
     files = [(f"{f.host}/{f.path.lstrip('/')}", f.content.encode(), f.mode) for f in rendered.files]
@@ -136,12 +137,14 @@ def write_times(path: Path, repeat: int, tmp: Path) -> tuple[Times, Times, int, 
     times, floor = [], []
     written: list[str] = []
     for i in range(repeat):
-        t0 = time.perf_counter()
-        written = write_rendered(rendered, tmp / f"w{i}")
-        times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        _plain_loop(str(tmp / f"f{i}"), folders, files)
-        floor.append(time.perf_counter() - t0)
+        for which in ("write", "floor") if i % 2 == 0 else ("floor", "write"):  # neither always first
+            t0 = time.perf_counter()
+            if which == "write":
+                written = write_rendered(rendered, tmp / f"w{i}")
+                times.append(time.perf_counter() - t0)
+            else:
+                _plain_loop(str(tmp / f"f{i}"), folders, files)
+                floor.append(time.perf_counter() - t0)
     return Times(times), Times(floor), len(written), len(folders)
 
 
