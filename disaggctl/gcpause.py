@@ -1,4 +1,4 @@
-"""Pause the cyclic garbage collector while a spec is loaded and compiled.
+"""Pause the cyclic garbage collector while a spec is loaded, compiled and rendered.
 
 Loading and compiling 9216 GPUs makes about a million objects that all live on (the plan), and
 no garbage cycles worth collecting: the collector's generation passes re-scan that growing heap

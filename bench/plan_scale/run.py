@@ -6,13 +6,16 @@ then render), the ratios against the smaller sizes measured in the same run (lin
 `disaggctl plan --offline --output json` and `disaggctl render --out DIR` processes, against a
 bare `python -c "import typer"` start and the 1-rack run.
 Targets (issue 16): 128 racks < 1 s as a CLI process, linear in racks in-process.
-Usage: python bench/plan_scale/run.py [--repeat N] [--racks 1,16,128]
+Usage: python bench/plan_scale/run.py [--repeat N] [--racks 1,16,128] [--against OTHER/.venv/bin/disaggctl]
+Results: bench/plan_scale/README.md
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -96,28 +99,68 @@ def measure(path: Path, repeat: int) -> InProcess:
 
 
 def process_times(argv: list[str], repeat: int) -> Times:
-    """Wall times of a new process running ARGV, as a user runs it. An `{out}` in ARGV becomes a new
-    folder each run (removing the last run's 9000 folders right before a run would time the disk's
-    clean-up, not disaggctl)."""
-    times = []
+    """Wall times of a new process running ARGV, as a user runs it."""
+    return rounds({"": argv}, repeat)[""][0]
+
+
+def rounds(argvs: dict[str, list[str]], repeat: int, envs: dict[str, dict[str, str]] | None = None,
+           ) -> dict[str, tuple[Times, Times]]:  # fmt: skip
+    """Wall and CPU (user + sys) times of new processes running each ARGV, alternating within each
+    round so that they share the machine's load. An `{out}` in an ARGV becomes a new folder each run
+    (removing the last run's 9000 folders right before a run would time the disk's clean-up, not
+    disaggctl)."""
+    wall: dict[str, list[float]] = {k: [] for k in argvs}
+    cpu: dict[str, list[float]] = {k: [] for k in argvs}
     for i in range(repeat):
-        run_argv = [a.replace("{out}", f"-{i}") for a in argv]
-        t0 = time.perf_counter()
-        subprocess.run(run_argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t0)
-    return Times(times)
+        for label, argv in argvs.items():
+            run_argv = [a.replace("{out}", f"-{label}{i}") for a in argv]
+            c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            subprocess.run(run_argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=(envs or {}).get(label))  # fmt: skip
+            wall[label].append(time.perf_counter() - t0)
+            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[label].append(c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime)
+    return {k: (Times(wall[k]), Times(cpu[k])) for k in argvs}
 
 
-def write_times(path: Path, repeat: int, tmp: Path) -> tuple[Times, int, int]:
-    """`render --out`'s disk part alone: write_rendered into a new folder each time."""
+def write_times(path: Path, repeat: int, tmp: Path) -> tuple[Times, Times, int, int]:
+    """`render --out`'s disk part alone: write_rendered into a new folder each time, and the disk
+    floor: a plain Python loop making the same folders (one mkdir each, parents first) and writing
+    the same bytes to the same paths (os.open/os.write/os.close, mode at open, one thread),
+    interleaved, each first in every other repeat."""
     loaded = load_spec(path)
     rendered = render(compile_spec(loaded), loaded.spec, {})
-    times = []
+    files = [(f"{f.host}/{f.path.lstrip('/')}", f.content.encode(), f.mode) for f in rendered.files]
+    folders = sorted({os.path.dirname(p) for p, _, _ in files})
+    folders = sorted({parent for d in folders for parent in _parents(d)}, key=lambda d: d.count("/"))
+    times, floor = [], []
+    written: list[str] = []
     for i in range(repeat):
-        t0 = time.perf_counter()
-        written = write_rendered(rendered, tmp / f"w{i}")
-        times.append(time.perf_counter() - t0)
-    return Times(times), len(written), len({p.parent for p in written})
+        for which in ("write", "floor") if i % 2 == 0 else ("floor", "write"):  # neither always first
+            t0 = time.perf_counter()
+            if which == "write":
+                written = write_rendered(rendered, tmp / f"w{i}")
+                times.append(time.perf_counter() - t0)
+            else:
+                _plain_loop(str(tmp / f"f{i}"), folders, files)
+                floor.append(time.perf_counter() - t0)
+    return Times(times), Times(floor), len(written), len(folders)
+
+
+def _parents(folder: str) -> list[str]:
+    parts = folder.split("/")
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _plain_loop(root: str, folders: list[str], files: list[tuple[str, bytes, int]]) -> None:
+    os.mkdir(root)
+    for d in folders:
+        os.mkdir(f"{root}/{d}")
+    for rel, data, mode in files:
+        fd = os.open(f"{root}/{rel}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        os.write(fd, data)
+        os.close(fd)
 
 
 def in_process_report(results: dict[int, InProcess]) -> None:
@@ -138,27 +181,44 @@ def in_process_report(results: dict[int, InProcess]) -> None:
         )
 
 
-def cli_report(specs: dict[int, Path], repeat: int, tmp: Path) -> None:
-    exe = str(Path(sys.executable).with_name("disaggctl"))
+def cli_report(specs: dict[int, Path], repeat: int, tmp: Path, against: str | None) -> None:
+    """`against`: another disaggctl (e.g. main's venv) run in the same rounds, each with its own cache folder."""
+    exes = {"this": str(Path(sys.executable).with_name("disaggctl"))}
+    if against:
+        exes["against"] = against
+    envs = {label: {**os.environ, "XDG_CACHE_HOME": str(tmp / f"cache-{label}")} for label in exes}
     floor = process_times([sys.executable, "-c", "import typer"], repeat)
-    help_t = process_times([exe, "--help"], repeat)
-    print("\nCLI, a new process each run (median [min-max] s)")
+    help_t = process_times([exes["this"], "--help"], repeat)
+    print("\nCLI, a new process each run (median [min-max] s; CPU: user + sys)")
     print(f"python -c 'import typer' (the floor): {floor.show()}; disaggctl --help: {help_t.show()}")
+    if against:
+        print(f"this: {exes['this']}; against: {against} (alternating in each round)")
     base: dict[str, Times] = {}
     for racks, path in specs.items():
-        for what, argv in (
-            ("plan --offline --output json", [exe, "plan", "--offline", "--output", "json", str(path)]),
-            ("render --out DIR", [exe, "render", str(path), "--out", str(tmp / f"r{racks}") + "{out}"]),
+        for what, args in (
+            ("plan --offline --output json", ["plan", "--offline", "--output", "json", str(path)]),
+            ("render --out DIR", ["render", str(path), "--out", str(tmp / f"r{racks}") + "{out}"]),
         ):
-            t = process_times(argv, repeat)
-            base.setdefault(what, t)
-            verdict = ""
-            if racks >= 128:
-                verdict = f" ({'within' if t.median < TARGET_S else 'OVER'} the {TARGET_S:.0f} s target)"
-            print(
-                f"{racks:>4} racks `{what}`: {t.show()}; x{t.median / base[what].median:.1f} the "
-                f"{min(specs)}-rack run, +{t.median - floor.median:.2f} s over the floor{verdict}"
-            )
+            argvs = {label: [exe, *args] for label, exe in exes.items()}
+            for label, argv in argvs.items():  # warm-up: the caches a user's second run finds
+                subprocess.run([a.replace("{out}", f"-{label}-warm") for a in argv], check=True,
+                               stdout=subprocess.DEVNULL, env=envs[label])  # fmt: skip
+            measured = rounds(argvs, repeat, envs)
+            for label, (t, cpu) in measured.items():
+                key = f"{label} {what}"
+                base.setdefault(key, t)
+                verdict = ""
+                if racks >= 128:
+                    verdict = f" ({'within' if t.median < TARGET_S else 'OVER'} the {TARGET_S:.0f} s target)"
+                vs = ""
+                if label == "this" and against:
+                    o_wall, o_cpu = measured["against"]
+                    vs = f"; x{t.median / o_wall.median:.2f} against's wall, x{cpu.median / o_cpu.median:.2f} CPU"
+                print(
+                    f"{racks:>4} racks {label:>7} `{what}`: {t.show()}, CPU {cpu.median:.3f}; "
+                    f"x{t.median / base[key].median:.1f} the {min(specs)}-rack run, "
+                    f"+{t.median - floor.median:.2f} s over the floor{verdict}{vs}"
+                )
 
 
 def main() -> int:
@@ -166,6 +226,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--racks", default="1,16,128", help="comma-separated rack counts (ascending)")
     ap.add_argument("--no-cli", action="store_true", help="in-process only")
+    ap.add_argument("--against", help="another disaggctl executable to run in the same rounds (e.g. main's)")
     args = ap.parse_args()
     sizes = sorted(int(r) for r in args.racks.split(","))
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -176,10 +237,14 @@ def main() -> int:
             specs[racks].write_text(rack_spec(racks))
         measure(specs[sizes[0]], 1)  # warm-up: imports, template compilation
         in_process_report({racks: measure(path, args.repeat) for racks, path in specs.items()})
-        w, files, folders = write_times(specs[sizes[-1]], args.repeat, tmp)
-        print(f"{sizes[-1]} racks: writing {files} files in {folders} folders (render --out, the disk): {w.show()}")
+        w, floor, files, folders = write_times(specs[sizes[-1]], args.repeat, tmp)
+        print(
+            f"{sizes[-1]} racks: writing {files} files in {folders} folders (render --out, the disk): {w.show()}; "
+            f"the disk floor (a plain loop, same folders and bytes): {floor.show()}; "
+            f"x{w.median / floor.median:.2f} the floor"
+        )
         if not args.no_cli:
-            cli_report(specs, args.repeat, tmp)
+            cli_report(specs, args.repeat, tmp, args.against)
     return 0
 
 

@@ -6,20 +6,22 @@ else `~/.cache/...`): compiling them (jinja2's lexer regexes, parsing, code gene
 ~0.2 s of CPU per run, loading them ~2 ms. jinja2 keys an entry by the template's file and checks
 its source's sha1, jinja2's and Python's versions; the folder's name adds the environment's
 options (compiled code depends on them). A cache that cannot be read or written is skipped.
+
+`render()` (the systemd units) goes through skeletons (render/shapes.py): one jinja2 render per
+shape of context, kept in the same cache folder (`render/SUBDIR.json`); filling one is a join.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from disaggctl.render import shapes
 from disaggctl.resources import data_dir
 
 if TYPE_CHECKING:
@@ -74,34 +76,39 @@ def _bytecode_cache(options: str) -> jinja2.BytecodeCache | None:
     return _Quiet(str(folder))
 
 
-# --------------------------------------------------------------------------- rendered-text cache
+# --------------------------------------------------------------------------- skeletons
 
 
 def render(subdir: str, name: str, **context: object) -> str:
-    """environment(subdir).get_template(name).render(**context), remembered in the operator's cache
-    folder (`.../disaggctl/render/SUBDIR.json`) under a sha256 of everything the text depends on:
-    every template of the folder, the environment's options, jinja2's version, and the context's
-    repr (dataclasses of plain values). An apply that renders what it rendered before (a no-op,
-    a re-plan) does not import jinja2 (~50 ms of CPU). Contexts whose repr is not plain data
-    (`<... at 0x...>`) are rendered every time. For templates without secret values only."""
-    text = repr(sorted(context.items()))
-    if " at 0x" in text:
+    """environment(subdir).get_template(name).render(**context), filled into the skeleton of the
+    context's shape (disaggctl/render/shapes.py) when there is one: in memory, or in the operator's
+    cache folder (`.../disaggctl/render/SUBDIR.json`). jinja2 is imported and run only for a shape
+    not seen before (then once with placeholders, once with the values, compared) or a context
+    shapes.py does not flatten. For templates without secret values only."""
+    try:
+        shape, leaves = shapes.flatten(context)
+    except shapes.Unsupported:
         return environment(subdir).get_template(name).render(**context)
-    key = hashlib.sha256(f"{_sources(subdir)}\0{name}\0{text}".encode()).hexdigest()
-    cache = _rendered(subdir)
-    hit = cache.get(key)
-    if hit is not None:
-        return hit
-    out = environment(subdir).get_template(name).render(**context)
-    cache[key] = out
-    if not _dirty:
-        atexit.register(_flush)
-    _dirty.add(subdir)
-    return out
+    known = _skeletons(subdir)
+    parts = known.get(name, shape, len(leaves))
+    if parts:
+        return shapes.fill(parts, leaves)
+    template = environment(subdir).get_template(name)
+    text = template.render(**context)
+    if parts is None:
+        known.put(name, shape, _skeleton(template, context, leaves, text))
+    return text
 
 
-_KEEP = 1024  # texts kept per folder (the newest; ~1.5 KB each for a unit)
-_dirty: set[str] = set()
+def _skeleton(template: jinja2.Template, context: dict[str, object], leaves: list[str], text: str) -> shapes.Parts:
+    """The shape's skeleton when it fills into exactly `text`, else [] (rendered whole from now on)."""
+    try:
+        parts = shapes.split(template.render(**shapes.placeholders(context)))
+    except Exception:  # a template doing arithmetic or calls on a value: not a skeleton template
+        return []
+    if not shapes.valid(parts, len(leaves)) or shapes.fill(parts, leaves) != text:
+        return []
+    return parts
 
 
 @cache
@@ -115,30 +122,6 @@ def _sources(subdir: str) -> str:
     return h.hexdigest()
 
 
-def _render_file(subdir: str) -> Path:
-    return _cache_home() / "render" / f"{subdir}.json"
-
-
 @cache
-def _rendered(subdir: str) -> dict[str, str]:
-    try:
-        data = json.loads(_render_file(subdir).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
-
-
-def _flush() -> None:
-    for subdir in sorted(_dirty):
-        items = list(_rendered(subdir).items())[-_KEEP:]
-        path = _render_file(subdir)
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(dict(items), f)
-            os.replace(tmp, path)
-    _dirty.clear()
+def _skeletons(subdir: str) -> shapes.Skeletons:
+    return shapes.Skeletons(_cache_home() / "render" / f"{subdir}.json", lambda: _sources(subdir))
