@@ -40,7 +40,7 @@ def test_first_call_loads_the_real_library_then_the_cache_answers(lib: Path, mon
     version = transfer._cached_ucx_version(lib)
     assert version and version[0].isdigit() and version.count(".") >= 2, version  # e.g. 1.23.0, from UCX itself
     saved = json.loads(transfer._ucx_cache_file().read_text())
-    assert saved["version"] == version and str(lib) in saved["key"]
+    assert saved["libraries"][str(lib)]["version"] == version
 
     def no_load(_: Path) -> str | None:
         raise AssertionError("the cache should have answered")
@@ -69,3 +69,26 @@ def test_an_unusable_cache_is_only_slower(lib: Path, tmp_path: Path, monkeypatch
     transfer._ucx_cache_file().parent.mkdir(parents=True)
     transfer._ucx_cache_file().write_text("{not json")
     assert transfer._cached_ucx_version(lib) == first
+
+
+def test_environments_side_by_side_keep_their_entries(lib: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two venvs (two libucp paths) used in turn: each is loaded once, not on every switch."""
+    other = lib.with_name("libucp-other.so")
+    shutil.copy2(lib, other)
+    calls: list[Path] = []
+    monkeypatch.setattr(transfer, "_load_ucx_version", lambda p: calls.append(p) or f"1.0.{len(calls)}")
+    first, second = transfer._cached_ucx_version(lib), transfer._cached_ucx_version(other)
+    assert [transfer._cached_ucx_version(p) for p in (lib, other, lib)] == [first, second, first]
+    assert calls == [lib, other] and first != second
+
+
+def test_the_oldest_libraries_are_dropped(lib: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transfer, "_load_ucx_version", lambda p: "1.2.3")
+    paths = []
+    for i in range(transfer.UCX_CACHE_ENTRIES + 2):
+        p = lib.with_name(f"libucp-{i}.so")
+        p.write_bytes(b"x")
+        paths.append(p)
+        transfer._cached_ucx_version(p)
+    saved = json.loads(transfer._ucx_cache_file().read_text())["libraries"]
+    assert list(saved) == [str(p) for p in paths[-transfer.UCX_CACHE_ENTRIES :]]

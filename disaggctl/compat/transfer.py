@@ -74,28 +74,39 @@ def _ucx_cache_file() -> Path:
     return Path(base) / "disaggctl" / "ucx-version.json"
 
 
+UCX_CACHE_ENTRIES = 16  # libraries remembered (one per environment: several venvs side by side)
+
+
 def _cached_ucx_version(lib: Path) -> str | None:
     """Loading libucp initialises UCX: ~0.4 s of (mostly system) CPU on every validate/plan of a local NIXL
-    spec. Its answer is kept in the user's cache folder, keyed by the library's path, size and mtime: a
-    reinstalled wheel is asked again. The cache is an optimisation only: unreadable or unwritable, it is ignored."""
+    spec. Its answer is kept in the user's cache folder per library path (up to UCX_CACHE_ENTRIES, so
+    environments side by side do not evict each other), with the library's size and mtime: a reinstalled
+    wheel is asked again. The cache is an optimisation only: unreadable or unwritable, it is ignored."""
     try:
         st = lib.stat()
     except OSError:
         return None
-    key = f"{lib}:{st.st_size}:{st.st_mtime_ns}"
+    path, stamp = str(lib), f"{st.st_size}:{st.st_mtime_ns}"
     cache = _ucx_cache_file()
+    entries: dict[str, dict[str, str]] = {}
     try:
         saved = json.loads(cache.read_text())
-        if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("version"), str):
-            return str(saved["version"])
+        if isinstance(saved, dict) and isinstance(saved.get("libraries"), dict):
+            entries = {k: v for k, v in saved["libraries"].items() if isinstance(v, dict)}
+        hit = entries.get(path, {})
+        if hit.get("stamp") == stamp and isinstance(hit.get("version"), str):
+            return str(hit["version"])
     except (OSError, ValueError):
         pass
     version = _load_ucx_version(lib)
     if version is not None:
+        entries.pop(path, None)
+        entries[path] = {"stamp": stamp, "version": version}  # newest last; the oldest are dropped
+        kept = dict(list(entries.items())[-UCX_CACHE_ENTRIES:])
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"key": key, "version": version}))
+            tmp.write_text(json.dumps({"libraries": kept}))
             os.replace(tmp, cache)
         except OSError:
             pass
