@@ -528,11 +528,11 @@ def _make_instance(ctx: _Ctx, role: Role, pool: Pool, r: int, slots: Slots) -> I
         numas = {st.gpu(g).numa_node for g in gpus}
         gpu_type, arch = _gpu_identity(st, g0, isinstance(spec.target, LocalTarget) and spec.target.cpu)
         nodes.append(
-            NodeSlot(
+            NodeSlot.trusted(
                 host=st.spec.name,
                 address=st.spec.addr,
                 node_rank=rank,
-                gpus=gpus,
+                gpus=list(gpus),
                 numa_node=g0.numa_node if len(numas) == 1 else None,
                 cpus=g0.cpu_affinity if len({st.gpu(g).cpu_affinity for g in gpus}) == 1 else None,
                 nics=_nics_for(st, gpus),
@@ -541,7 +541,7 @@ def _make_instance(ctx: _Ctx, role: Role, pool: Pool, r: int, slots: Slots) -> I
                 nvlink_domain=st.domain,
             )
         )
-    return Instance(
+    return Instance.trusted(
         name=name,
         role=role,
         index=r,
