@@ -9,32 +9,17 @@ compared, and tested without SSH, Slurm or a GPU.
 """
 
 import hashlib
-from typing import Any, Self, TypeVar
+from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from disaggctl.compat.report import CompatReport
+from disaggctl.compat.report import CompatReport, FrozenData
 from disaggctl.defaults import empty_list
 from disaggctl.spec import Role
 
 
-class Data(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @classmethod
-    def trusted(cls, **values: Any) -> Self:
-        """The model of already-typed values, every field given, without validation: the same model
-        as `cls(**values)` (fields, set fields, equality, dumps) for values of the fields' types. For
-        compile's loops (10,000 NodeSlots, Instances and Processes at 9216 GPUs)."""
-        fields = cls.__pydantic_fields__
-        if values.keys() != fields.keys():
-            raise TypeError(f"{cls.__name__}.trusted: fields {sorted(values.keys() ^ fields.keys())}")
-        model = cls.__new__(cls)
-        object.__setattr__(model, "__dict__", {k: values[k] for k in fields})
-        object.__setattr__(model, "__pydantic_fields_set__", set(fields))
-        object.__setattr__(model, "__pydantic_extra__", None)
-        object.__setattr__(model, "__pydantic_private__", None)
-        return model
+class Data(FrozenData):
+    """The models passed between the stages (frozen, strict; `trusted` for compile's loops)."""
 
 
 # --------------------------------------------------------------------------- placement
