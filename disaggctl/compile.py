@@ -158,10 +158,20 @@ def _flag(argv: list[str], name: str, value: object | None) -> None:
         argv += [name, str(value)]
 
 
+ServeMemo = dict[tuple[Any, ...], Any]
+
+
 def serve_args(
-    spec: ClusterSpec, inst: Instance, node: NodeSlot, vllm_bin: str, attention_backend: str | None = None
+    spec: ClusterSpec,
+    inst: Instance,
+    node: NodeSlot,
+    vllm_bin: str,
+    attention_backend: str | None = None,
+    memo: ServeMemo | None = None,
 ) -> list[str]:
-    """The `vllm serve` argv of one node of an instance (`attention_backend`: pinned for the pair)."""
+    """The `vllm serve` argv of one node of an instance (`attention_backend`: pinned for the pair).
+    `memo` (one per spec, compile's loop): the flags that are the same for a pool's instances, and
+    the `--kv-transfer-config` JSON, built once per pool / distinct config instead of per process."""
     pool: Pool = spec.pool(inst.role)
     m = spec.model
     argv = [vllm_bin, "serve", m.path]
@@ -199,6 +209,33 @@ def serve_args(
             ]
         if headless:
             argv.append("--headless")
+    if memo is None:
+        argv += _pool_flags(spec, pool, attention_backend)
+        argv += ["--kv-transfer-config", _kv_json(spec, inst), *pool.extra_args]
+        return argv
+    pool_key = ("pool", inst.role, attention_backend)
+    flags = memo.get(pool_key)
+    if flags is None:
+        flags = memo[pool_key] = _pool_flags(spec, pool, attention_backend)
+    argv += flags
+    # what kv_transfer_config reads of the instance
+    kv_key = ("kv", inst.role, inst.lmcache_rpc_port, inst.name if spec.kv_offload.enabled else None)
+    kv = memo.get(kv_key)
+    if kv is None:
+        kv = memo[kv_key] = _kv_json(spec, inst)
+    argv += ["--kv-transfer-config", kv, *pool.extra_args]
+    return argv
+
+
+def _kv_json(spec: ClusterSpec, inst: Instance) -> str:
+    return json.dumps(kv_transfer_config(spec, inst), separators=(",", ":"))
+
+
+def _pool_flags(spec: ClusterSpec, pool: Pool, attention_backend: str | None) -> list[str]:
+    """The flags after the parallelism ones, before `--kv-transfer-config`: the model's and the
+    pool's (the same for every instance of a pool)."""
+    m = spec.model
+    argv: list[str] = []
     if pool.expert_parallel:
         argv.append("--enable-expert-parallel")
     if m.dtype != "auto":
@@ -224,8 +261,6 @@ def serve_args(
         argv.append("--enable-prefix-caching" if pool.enable_prefix_caching else "--no-enable-prefix-caching")
     if pool.enforce_eager:
         argv.append("--enforce-eager")
-    argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(spec, inst), separators=(",", ":"))]
-    argv += list(pool.extra_args)
     return argv
 
 
@@ -365,6 +400,7 @@ def compile_placement(spec: ClusterSpec, placement: Placement) -> DesiredState:
     processes: list[Process] = []
     files: dict[str, list[ConfigFile]] = {}
     backend, note = pinned_backend(spec, placement)
+    memo: ServeMemo = {}
     if note:
         placement = placement.model_copy(update={"warnings": [*placement.warnings, note]})
     for inst in placement.instances:
@@ -379,13 +415,13 @@ def compile_placement(spec: ClusterSpec, placement: Placement) -> DesiredState:
                     bucket.append(cf)
                 file_names.append(cf.name)
             processes.append(
-                Process(
+                Process.trusted(
                     name=name,
                     instance=inst.name,
                     role=inst.role,
                     host=node.host,
                     address=node.address,
-                    argv=serve_args(spec, inst, node, vllm_bin, backend),
+                    argv=serve_args(spec, inst, node, vllm_bin, backend, memo),
                     env=serve_env(spec, inst, node, cfg_dir, lm is not None),
                     files=file_names,
                     gpus=list(node.gpus),

@@ -11,15 +11,15 @@ compared, and tested without SSH, Slurm or a GPU.
 import hashlib
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from disaggctl.compat.report import CompatReport
+from disaggctl.compat.report import CompatReport, FrozenData
 from disaggctl.defaults import empty_list
 from disaggctl.spec import Role
 
 
-class Data(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Data(FrozenData):
+    """The models passed between the stages (frozen, strict; `trusted` for compile's loops)."""
 
 
 # --------------------------------------------------------------------------- placement

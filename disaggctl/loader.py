@@ -67,6 +67,7 @@ def _loc(file: str, mark: Any) -> Location:
 # libyaml when it is there: about 4x faster on big specs (the 128-rack GB200 spec)
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_STR_TAG = "tag:yaml.org,2002:str"
 _CLOSE = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
 
 
@@ -129,6 +130,8 @@ class _Builder:
         return self._scalar(node, path, loc)
 
     def _scalar(self, node: yaml.Node, path: Path_, loc: Location) -> Any:
+        if node.tag == _STR_TAG:  # most values: what SafeConstructor gives a str scalar, without its lookups
+            return node.value
         try:
             return self.constructor.construct_object(node, deep=True)
         except yaml.YAMLError as e:

@@ -235,6 +235,7 @@ class _Ctx:
     issues: IssueList
     warnings: list[str]
     problems: dict[tuple[int, int | None], list[Problem]] = field(default_factory=dict)  # by (id(topo), GPUs)
+    gpu_facts: dict[tuple[object, ...], GpuFacts] = field(default_factory=dict)  # _gpu_facts
 
 
 def _candidates(ctx: _Ctx, pool: Pool) -> list[HostState]:
@@ -524,24 +525,22 @@ def _make_instance(ctx: _Ctx, role: Role, pool: Pool, r: int, slots: Slots) -> I
         alloc_ports = list(range(base_a, base_a + tp))
     nodes = []
     for rank, (st, gpus) in enumerate(slots):
-        g0 = st.gpu(gpus[0])
-        numas = {st.gpu(g).numa_node for g in gpus}
-        gpu_type, arch = _gpu_identity(st, g0, isinstance(spec.target, LocalTarget) and spec.target.cpu)
+        numa, cpus, nics, gpu_type, arch = _gpu_facts(ctx, st, gpus)
         nodes.append(
-            NodeSlot(
+            NodeSlot.trusted(
                 host=st.spec.name,
                 address=st.spec.addr,
                 node_rank=rank,
-                gpus=gpus,
-                numa_node=g0.numa_node if len(numas) == 1 else None,
-                cpus=g0.cpu_affinity if len({st.gpu(g).cpu_affinity for g in gpus}) == 1 else None,
-                nics=_nics_for(st, gpus),
+                gpus=list(gpus),
+                numa_node=numa,
+                cpus=cpus,
+                nics=list(nics),
                 gpu=gpu_type,
                 arch=arch,
                 nvlink_domain=st.domain,
             )
         )
-    return Instance(
+    return Instance.trusted(
         name=name,
         role=role,
         index=r,
@@ -558,6 +557,30 @@ def _make_instance(ctx: _Ctx, role: Role, pool: Pool, r: int, slots: Slots) -> I
         if isinstance(kv, LmcacheTransfer)
         else None,
     )
+
+
+GpuFacts = tuple[int | None, str | None, list[str], str | None, str | None]
+
+
+def _gpu_facts(ctx: _Ctx, st: HostState, gpus: list[int]) -> GpuFacts:
+    """(NUMA node, CPU list, NICs, GPU type, architecture) of a node's GPUs: what its topology and
+    the host's `gpu` say, computed once per distinct (topology, host gpu, GPUs) - hosts of a spec
+    without probed topologies share one."""
+    key = (id(st.topo), st.spec.gpu, tuple(gpus))
+    facts = ctx.gpu_facts.get(key)
+    if facts is None:
+        spec = ctx.spec
+        g0 = st.gpu(gpus[0])
+        numas = {st.gpu(g).numa_node for g in gpus}
+        gpu_type, arch = _gpu_identity(st, g0, isinstance(spec.target, LocalTarget) and spec.target.cpu)
+        facts = ctx.gpu_facts[key] = (
+            g0.numa_node if len(numas) == 1 else None,
+            g0.cpu_affinity if len({st.gpu(g).cpu_affinity for g in gpus}) == 1 else None,
+            _nics_for(st, gpus),
+            gpu_type,
+            arch,
+        )
+    return facts
 
 
 def _common_port(slots: Slots, base: int, owner: str, count: int) -> int:

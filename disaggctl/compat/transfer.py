@@ -137,7 +137,7 @@ def fingerprints(spec: ClusterSpec, placement: Placement, processes: list[Proces
             continue
         vllm, extra, digest = fp.factors(proc.argv, inst.head.arch, mla, versions, memo)
         out.append(
-            InstanceFingerprint(
+            InstanceFingerprint.trusted(
                 instance=inst.name,
                 role=inst.role.value,
                 fingerprint=digest,
