@@ -209,10 +209,7 @@ def serve_args(
             ]
         if headless:
             argv.append("--headless")
-    if memo is None:
-        argv += _pool_flags(spec, pool, attention_backend)
-        argv += ["--kv-transfer-config", _kv_json(spec, inst), *pool.extra_args]
-        return argv
+    memo = {} if memo is None else memo
     pool_key = ("pool", inst.role, attention_backend)
     flags = memo.get(pool_key)
     if flags is None:
