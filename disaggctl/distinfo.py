@@ -86,6 +86,20 @@ def version(name: str, paths: list[str] | None = None) -> str | None:
     return ""
 
 
+def installed_version(name: str) -> str | None:
+    """importlib.metadata.version(name), None when not installed: from the folders on sys.path
+    (`version`), importlib.metadata only where that reader cannot tell."""
+    found = version(name)
+    if found is not None:
+        return found or None
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def declares_entry_point_group(group: str, paths: list[str] | None = None) -> bool | None:
     """Whether any distribution on paths declares entry points of `group`; None: cannot tell."""
     folders = _folders(sys.path if paths is None else paths)

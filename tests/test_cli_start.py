@@ -18,7 +18,6 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from disaggctl import cli, defaults, distinfo, gcpause, topology
-from disaggctl.compat import transfer
 
 COMMANDS = sorted(cli.COMMAND_OWNERS)
 
@@ -94,7 +93,7 @@ def test_nixl_version_agrees_with_importlib_metadata() -> None:
     except metadata.PackageNotFoundError:
         expected = ""
     assert distinfo.version("nixl") == expected
-    assert transfer.installed_version("nixl") == (expected or None)
+    assert distinfo.installed_version("nixl") == (expected or None)
     assert distinfo.version("no-such-distribution-here") == ""
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
-import os
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +22,7 @@ from disaggctl.compat.nixl import KvModel, read_sources, tp_ratio
 from disaggctl.compat.report import CompatReport, InstanceFingerprint, LinkEstimate, TransferPlan
 from disaggctl.compat.spec_rules import kv_model
 from disaggctl.deployment import Instance, Placement, Process
+from disaggctl.resources import cache_dir, write_cache_json
 from disaggctl.spec import ClusterSpec, LocalTarget, Role
 
 
@@ -31,7 +31,7 @@ def environment_versions(spec: ClusterSpec) -> dict[str, str]:
     if not isinstance(spec.target, LocalTarget):
         return {}
     out: dict[str, str] = {}
-    nixl = installed_version("nixl")
+    nixl = distinfo.installed_version("nixl")
     if nixl is None:
         return out
     out["nixl"] = nixl
@@ -39,20 +39,6 @@ def environment_versions(spec: ClusterSpec) -> dict[str, str]:
     if ucx:
         out["ucx"] = ucx
     return out
-
-
-def installed_version(name: str) -> str | None:
-    """importlib.metadata.version(name), None when not installed: read from the dist-info folders
-    on sys.path (disaggctl/distinfo.py), importlib.metadata only where that reader cannot tell."""
-    found = distinfo.version(name)
-    if found is not None:
-        return found or None
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 @lru_cache(maxsize=1)
@@ -70,8 +56,7 @@ def _bundled_ucx_version() -> str | None:
 
 
 def _ucx_cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "disaggctl" / "ucx-version.json"
+    return cache_dir() / "ucx-version.json"
 
 
 UCX_CACHE_ENTRIES = 16  # libraries remembered (one per environment: several venvs side by side)
@@ -103,13 +88,7 @@ def _cached_ucx_version(lib: Path) -> str | None:
         entries.pop(path, None)
         entries[path] = {"stamp": stamp, "version": version}  # newest last; the oldest are dropped
         kept = dict(list(entries.items())[-UCX_CACHE_ENTRIES:])
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"libraries": kept}))
-            os.replace(tmp, cache)
-        except OSError:
-            pass
+        write_cache_json(cache, {"libraries": kept})
     return version
 
 

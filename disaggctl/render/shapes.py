@@ -28,10 +28,11 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from disaggctl.resources import write_cache_json
 
 FORMAT = 2  # of the cache file; 1 (disaggctl before skeletons) held whole texts
 KEEP = 256  # skeletons kept per folder, the newest
@@ -190,10 +191,4 @@ class Skeletons:
             return
         self._dirty = False
         items = list(self._load().items())[-KEEP:]
-        with contextlib.suppress(OSError):
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": FORMAT, "skeletons": dict(items)}, f, separators=(",", ":"))
-            os.replace(tmp, self.path)
+        write_cache_json(self.path, {"format": FORMAT, "skeletons": dict(items)})

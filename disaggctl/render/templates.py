@@ -16,13 +16,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import os
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from disaggctl.render import shapes
-from disaggctl.resources import data_dir
+from disaggctl.resources import cache_dir, data_dir
 
 if TYPE_CHECKING:
     import jinja2
@@ -30,11 +29,6 @@ if TYPE_CHECKING:
 
 _OPTIONS: dict[str, Any] = {"keep_trailing_newline": True, "trim_blocks": True, "lstrip_blocks": True,
                             "autoescape": False}  # fmt: skip
-
-
-def _cache_home() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "disaggctl"
 
 
 @cache
@@ -68,7 +62,7 @@ def _bytecode_cache(options: str) -> jinja2.BytecodeCache | None:
             with contextlib.suppress(OSError):  # a read-only or full cache folder: next run compiles again
                 super().dump_bytecode(bucket)
 
-    folder = _cache_home() / "jinja2" / hashlib.sha256(options.encode()).hexdigest()[:16]
+    folder = cache_dir() / "jinja2" / hashlib.sha256(options.encode()).hexdigest()[:16]
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:
@@ -124,4 +118,4 @@ def _sources(subdir: str) -> str:
 
 @cache
 def _skeletons(subdir: str) -> shapes.Skeletons:
-    return shapes.Skeletons(_cache_home() / "render" / f"{subdir}.json", lambda: _sources(subdir))
+    return shapes.Skeletons(cache_dir() / "render" / f"{subdir}.json", lambda: _sources(subdir))
