@@ -185,10 +185,9 @@ def test_the_console_script_skips_importlib_metadata_and_help_skips_the_scan() -
         "atexit.register(lambda: print('importlib.metadata' in sys.modules, distinfo.LOADER in sys.modules));"
         "sys.argv[1:] = {argv!r}; cli.main()"
     )
-    if metadata.entry_points(group="pydantic"):
-        pytest.skip("a pydantic plugin is installed: the stand-in is not used")
+    declared = bool(metadata.entry_points(group="pydantic"))  # then pydantic's own loader scans, as it should
     spec = str(Path(__file__).resolve().parents[1] / "examples" / "local-cpu.yaml")
-    assert _run_console(code.format(argv=["validate", spec]))[-2:] == ["False", "True"]
+    assert _run_console(code.format(argv=["validate", spec]))[-2:] == [str(declared), "True"]
     assert _run_console(code.format(argv=["--help"]))[-2:] == ["False", "False"]
 
 
