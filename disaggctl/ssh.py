@@ -39,6 +39,7 @@ if "paramiko" not in sys.modules and "invoke" not in sys.modules:
 import paramiko
 
 from disaggctl.errors import DisaggError
+from disaggctl.sshcrypto import KEYS, transport
 
 if TYPE_CHECKING:
     from disaggctl.spec import ClusterSpec
@@ -284,18 +285,21 @@ def _client(target: SshTarget, sock: paramiko.Channel | None) -> paramiko.SSHCli
     for kind, key in _HOST_KEYS.lookup(path, target.host_key_name).items():
         pinned.add(target.host_key_name, kind, key)
     client.set_missing_host_key_policy(_PinPolicy(target))
+    pkey = KEYS.load(target.key) if target.key else None  # parsed once per process (sshcrypto)
     try:
         client.connect(
             target.address,
             target.port,
             username=target.user,
-            key_filename=target.key,
+            pkey=pkey,
+            key_filename=None if pkey is not None else target.key,
             allow_agent=True,
             look_for_keys=target.key is None,
             timeout=target.connect_timeout,
             banner_timeout=target.connect_timeout,
             auth_timeout=target.connect_timeout,
             sock=sock,
+            transport_factory=transport,
         )
     except paramiko.BadHostKeyException as e:
         client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import paramiko
@@ -11,6 +12,7 @@ import pytest
 
 from disaggctl.errors import DisaggError
 from disaggctl.ssh import HostKeyError, SshError, SshTarget, connect, fingerprint, parse_jump, run_on_hosts, target_for
+from disaggctl.sshcrypto import KEYS
 from tests.plugins.infra import TestHosts
 
 pytestmark = pytest.mark.infra
@@ -97,6 +99,24 @@ def test_jump_host(ssh_hosts: TestHosts) -> None:
     t = SshTarget(**{**_target(ssh_hosts, "h5").__dict__, "jump": jump})
     with connect(t) as c:
         assert c.run(["hostname"]).out.strip() == "h5"
+
+
+def test_connections_share_one_parsed_key_and_speak_aes_gcm(ssh_hosts: TestHosts) -> None:
+    targets = [_target(ssh_hosts, f"h{i}") for i in (1, 2, 3)]
+    jumped = SshTarget(**{**_target(ssh_hosts, "h5").__dict__, "jump": targets[0]})
+    res = run_on_hosts([*targets, jumped], lambda c: c.client.get_transport(), max_workers=4)
+    kinds = {h: (r.value.local_cipher, r.value.remote_cipher) for h, r in res.items() if r.value is not None}
+    assert kinds == {h: ("aes128-gcm@openssh.com",) * 2 for h in ("h1", "h2", "h3", "h5")}
+    key = KEYS.load(str(ssh_hosts.key))
+    assert key is not None and KEYS.load(str(ssh_hosts.key)) is key  # parsed once for all of them
+
+
+def test_a_key_with_a_passphrase_fails_as_before(ssh_hosts: TestHosts, tmp_path: Path) -> None:
+    enc = tmp_path / "enc_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "pw", "-f", str(enc)], check=True)
+    t = SshTarget(**{**_target(ssh_hosts, "h1").__dict__, "key": str(enc)})
+    with pytest.raises(SshError, match=r"h1: authentication as root failed: .*encrypted"):
+        connect(t, attempts=1)
 
 
 def test_unreachable_host_does_not_abort_others(ssh_hosts: TestHosts) -> None:
