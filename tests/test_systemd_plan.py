@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+from pathlib import Path
 
 from disaggctl.deployment import DesiredState, Rendered
 from disaggctl.render.systemd import render_systemd
 from disaggctl.targets.base import Action
+from disaggctl.targets.systemd.backend import OBSERVE_SCRIPT
 from disaggctl.targets.systemd.changes import (
     FileFact,
     Observed,
@@ -181,3 +184,23 @@ def test_lmcache_prefill_restart_restarts_decode_peers() -> None:
     restarted = {c.process: c.reason for h in plan.hosts for c in h.units_with(Action.RESTART)}
     assert restarted["prefill-0"].startswith("not running")
     assert restarted["decode-0"] == restarted["decode-1"] == "peers with restarted prefill-0 (lmcache)"
+
+
+def test_observe_script_hashes_each_path_once_and_adds_the_owned_ones_not_named(tmp_path: Path) -> None:
+    """The owned list repeats the paths the spec names (a converged host): each is read once; an
+    owned path the spec no longer names (to delete) is added. Run by the host's sh, here locally."""
+    state = tmp_path / "state"
+    state.mkdir()
+    a, b, gone, odd = (tmp_path / n for n in ("a.conf", "b.conf", "gone.conf", "x y*.conf"))
+    for f in (a, b, gone, odd):
+        f.write_text(f.name)
+    (state / "owned").write_text("".join(f"{p}\n" for p in sorted(map(str, (a, b, gone, odd)))))
+    out = subprocess.run(
+        ["sh", "-c", OBSERVE_SCRIPT, "observe", "fast", str(state), "-", str(a), str(b), str(odd)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    sha = out.split("@@sha\n", 1)[1].split("@@", 1)[0].splitlines()
+    assert sorted(line.split("  ", 1)[1] for line in sha if line) == sorted(map(str, (a, b, gone, odd)))
+    obs = parse_observe("h", out)
+    assert set(obs.files) == {str(p) for p in (a, b, gone, odd)}
+    assert all(f.sha256 for f in obs.files.values()) and obs.files[str(odd)].mode == 0o644

@@ -130,7 +130,17 @@ _fresh() {
 mode=$1; d=$2; want=$3; shift 3
 m=$d/manifest.json
 [ -f "$m" ] || m=""
-if [ -f "$d/owned" ]; then while IFS= read -r l; do set -- "$@" "$l"; done < "$d/owned"; fi
+# the owned paths the caller did not name (on a converged host it named them all): each file is
+# hashed and stat'ed once
+nl='
+'
+seen=$nl
+for p in "$@"; do seen=$seen$p$nl; done
+if [ -f "$d/owned" ]; then
+  while IFS= read -r l; do
+    case $seen in *"$nl$l$nl"*) ;; *) set -- "$@" "$l"; seen=$seen$l$nl ;; esac
+  done < "$d/owned"
+fi
 printf '@@paths\n'
 units=""
 for p in "$@"; do
